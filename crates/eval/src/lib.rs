@@ -1,0 +1,1 @@
+//! Benchmarks and reports: multiple-choice log-likelihood, generative math, win rate, perplexity.

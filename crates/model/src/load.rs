@@ -1,0 +1,359 @@
+//! Building a [`Transformer`] from named tensors, and turning one back into HF-named tensors.
+//!
+//! Names are transformers' own (`model.layers.N.self_attn.q_proj.weight`, GPT-2's
+//! `transformer.h.N.attn.c_attn.weight`, …), so what we save loads in transformers and what
+//! transformers saves loads here. HF `nn.Linear` weights are `[out, in]`; Burn's `Linear`
+//! keeps `[in, out]`, so matrices are transposed on the way in and out. GPT-2's Conv1D is
+//! already `[in, out]`, and its fused `c_attn` is split into q/k/v here and fused on save.
+
+use burn::module::Param;
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+
+use crate::config::{Architecture, HfHead, ModelConfig};
+use crate::error::{ModelError, Result};
+use crate::transformer::{Attention, Block, Mlp, Norm, Transformer, rope_inv_freq};
+use crate::weights::{HostTensor, TensorMap, WeightSource};
+
+/// Which heads to build besides the trunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Heads {
+    /// The language-model head (tied or `lm_head.weight`).
+    pub lm: bool,
+    /// `score.weight`: loaded if present, else freshly initialised (a new reward head).
+    pub score: bool,
+    /// `v_head.summary.{weight,bias}`: loaded if present, else freshly initialised.
+    pub value: bool,
+}
+
+impl Heads {
+    pub const LM: Heads = Heads { lm: true, score: false, value: false };
+}
+
+/// Where the trunk's tensors live in HF names.
+fn prefix(arch: Architecture) -> &'static str {
+    match arch {
+        Architecture::Gpt2 => "transformer",
+        _ => "model",
+    }
+}
+
+struct Loader<'a, B: Backend> {
+    src: &'a mut dyn WeightSource,
+    device: &'a B::Device,
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        self.src.load_shaped(name, shape)
+    }
+
+    fn param1(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 1>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
+    }
+
+    fn param2(t: HostTensor, device: &B::Device) -> Param<Tensor<B, 2>> {
+        Param::from_tensor(Tensor::from_data(TensorData::new(t.data, t.shape), device))
+    }
+
+    fn vector(&mut self, name: &str, n: usize) -> Result<Param<Tensor<B, 1>>> {
+        let t = self.host(name, &[n])?;
+        Ok(Self::param1(t, self.device))
+    }
+
+    /// An HF `nn.Linear` (`[out, in]` weight, optional `[out]` bias).
+    fn linear(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
+        let w = self.host(&format!("{name}.weight"), &[d_out, d_in])?.transposed();
+        let bias = if bias { Some(self.vector(&format!("{name}.bias"), d_out)?) } else { None };
+        Ok(Linear { weight: Self::param2(w, self.device), bias })
+    }
+
+    /// A GPT-2 Conv1D (`[in, out]` weight and `[out]` bias).
+    fn conv1d(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear<B>> {
+        let w = self.host(&format!("{name}.weight"), &[d_in, d_out])?;
+        let b = self.vector(&format!("{name}.bias"), d_out)?;
+        Ok(Linear { weight: Self::param2(w, self.device), bias: Some(b) })
+    }
+
+    fn norm(&mut self, name: &str, n: usize, eps: f64, layer_norm: bool) -> Result<Norm<B>> {
+        Ok(Norm {
+            weight: self.vector(&format!("{name}.weight"), n)?,
+            bias: if layer_norm { Some(self.vector(&format!("{name}.bias"), n)?) } else { None },
+            eps,
+            center: layer_norm,
+        })
+    }
+}
+
+/// A fresh linear layer `[d_in, d_out]` with N(0, std²) weights, as transformers
+/// initialises new heads (`initializer_range` 0.02), and a zero bias if asked.
+pub fn new_head<B: Backend>(d_in: usize, d_out: usize, bias: bool, seed: u64, device: &B::Device) -> Linear<B> {
+    // A small deterministic generator: the head must not depend on global RNG state, so
+    // two runs with one seed start identically.
+    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    };
+    let std = 0.02;
+    let w: Vec<f32> = (0..d_in * d_out)
+        .map(|_| {
+            // Box–Muller
+            let (u1, u2) = (uniform(), uniform());
+            (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        })
+        .collect();
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), device)),
+        bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
+    }
+}
+
+/// Build the network from HF-named tensors.
+pub fn build<B: Backend>(
+    config: &ModelConfig,
+    src: &mut dyn WeightSource,
+    heads: Heads,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    let c = config;
+    let arch = c.architecture;
+    let p = prefix(arch);
+    let gpt2 = arch == Architecture::Gpt2;
+    let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
+    let mut l = Loader::<B> { src, device };
+
+    let embed_name = if gpt2 { format!("{p}.wte.weight") } else { format!("{p}.embed_tokens.weight") };
+    let embed_tokens = Loader::<B>::param2(l.host(&embed_name, &[c.vocab_size, h])?, device);
+    let position_embeddings = if gpt2 {
+        let t = l.host(&format!("{p}.wpe.weight"), &[c.max_position_embeddings, h])?;
+        Some(Loader::<B>::param2(t, device))
+    } else {
+        None
+    };
+
+    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    for i in 0..c.num_hidden_layers {
+        let block = if gpt2 {
+            let n = format!("{p}.h.{i}");
+            let c_attn = l.host(&format!("{n}.attn.c_attn.weight"), &[h, 3 * h])?;
+            let c_attn_b = l.host(&format!("{n}.attn.c_attn.bias"), &[3 * h])?;
+            // Conv1D [in, 3*out]: q, k, v are column blocks; the bias is three row blocks.
+            let cols = |j: usize| {
+                let mut w = Vec::with_capacity(h * h);
+                for r in 0..h {
+                    w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
+                }
+                Linear {
+                    weight: Loader::<B>::param2(HostTensor::new(vec![h, h], w), device),
+                    bias: Some(Loader::<B>::param1(c_attn_b.rows(j * h, h), device)),
+                }
+            };
+            Block {
+                input_layernorm: l.norm(&format!("{n}.ln_1"), h, c.norm_eps, true)?,
+                self_attn: Attention {
+                    q_proj: cols(0),
+                    k_proj: cols(1),
+                    v_proj: cols(2),
+                    o_proj: l.conv1d(&format!("{n}.attn.c_proj"), h, h)?,
+                    q_norm: None,
+                    k_norm: None,
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_attention_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: l.norm(&format!("{n}.ln_2"), h, c.norm_eps, true)?,
+                mlp: Mlp {
+                    gate_proj: None,
+                    up_proj: l.conv1d(&format!("{n}.mlp.c_fc"), h, c.intermediate_size)?,
+                    down_proj: l.conv1d(&format!("{n}.mlp.c_proj"), c.intermediate_size, h)?,
+                },
+            }
+        } else {
+            let n = format!("{p}.layers.{i}");
+            let a = format!("{n}.self_attn");
+            let m = format!("{n}.mlp");
+            let qk_norm = |l: &mut Loader<B>, which: &str| -> Result<Option<Norm<B>>> {
+                if c.qk_norm {
+                    l.norm(&format!("{a}.{which}"), c.head_dim, c.norm_eps, false).map(Some)
+                } else {
+                    Ok(None)
+                }
+            };
+            Block {
+                input_layernorm: l.norm(&format!("{n}.input_layernorm"), h, c.norm_eps, false)?,
+                self_attn: Attention {
+                    q_proj: l.linear(&format!("{a}.q_proj"), h, q_out, c.attention_bias)?,
+                    k_proj: l.linear(&format!("{a}.k_proj"), h, kv_out, c.attention_bias)?,
+                    v_proj: l.linear(&format!("{a}.v_proj"), h, kv_out, c.attention_bias)?,
+                    o_proj: l.linear(&format!("{a}.o_proj"), q_out, h, c.attention_out_bias)?,
+                    q_norm: qk_norm(&mut l, "q_norm")?,
+                    k_norm: qk_norm(&mut l, "k_norm")?,
+                    n_heads: c.num_attention_heads,
+                    n_kv_heads: c.num_key_value_heads,
+                    head_dim: c.head_dim,
+                },
+                post_attention_layernorm: l.norm(&format!("{n}.post_attention_layernorm"), h, c.norm_eps, false)?,
+                mlp: Mlp {
+                    gate_proj: Some(l.linear(&format!("{m}.gate_proj"), h, c.intermediate_size, c.mlp_bias)?),
+                    up_proj: l.linear(&format!("{m}.up_proj"), h, c.intermediate_size, c.mlp_bias)?,
+                    down_proj: l.linear(&format!("{m}.down_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                },
+            }
+        };
+        layers.push(block);
+    }
+    let norm = if gpt2 {
+        l.norm(&format!("{p}.ln_f"), h, c.norm_eps, true)?
+    } else {
+        l.norm(&format!("{p}.norm"), h, c.norm_eps, false)?
+    };
+
+    let lm_head =
+        if heads.lm && !c.tie_word_embeddings { Some(l.linear("lm_head", h, c.vocab_size, false)?) } else { None };
+    let score = if heads.score {
+        Some(if l.src.contains("score.weight") {
+            l.linear("score", h, c.num_labels, false)?
+        } else {
+            new_head(h, c.num_labels, false, 0x5C0E, device)
+        })
+    } else {
+        None
+    };
+    let value_head = if heads.value {
+        Some(if l.src.contains("v_head.summary.weight") {
+            l.linear("v_head.summary", h, 1, true)?
+        } else {
+            new_head(h, 1, true, 0x7A1E, device)
+        })
+    } else {
+        None
+    };
+    let inv_freq = rope_inv_freq(c).map(|v| {
+        let n = v.len();
+        Tensor::from_data(TensorData::new(v, [n]), device)
+    });
+    Ok(Transformer {
+        embed_tokens,
+        position_embeddings,
+        layers,
+        norm,
+        lm_head,
+        score,
+        value_head,
+        inv_freq,
+        config: c.clone(),
+    })
+}
+
+fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let data =
+        t.into_data().convert::<f32>().to_vec::<f32>().map_err(|e| ModelError::tensor("<export>", format!("{e:?}")))?;
+    Ok(HostTensor::new(shape, data))
+}
+
+/// Every tensor of the network under its HF name, ready for `save_safetensors`.
+/// Tied checkpoints omit `lm_head.weight`, as transformers does.
+pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<TensorMap> {
+    let c = &model.config;
+    let p = prefix(c.architecture);
+    let gpt2 = c.architecture == Architecture::Gpt2;
+    let mut out = TensorMap::default();
+    let mut put = |name: String, t: HostTensor| {
+        out.0.insert(name, t);
+    };
+    let linear = |put: &mut dyn FnMut(String, HostTensor), name: &str, l: &Linear<B>, transpose: bool| -> Result<()> {
+        let w = to_host(l.weight.val())?;
+        put(format!("{name}.weight"), if transpose { w.transposed() } else { w });
+        if let Some(b) = &l.bias {
+            put(format!("{name}.bias"), to_host(b.val())?);
+        }
+        Ok(())
+    };
+    let norm = |put: &mut dyn FnMut(String, HostTensor), name: &str, n: &Norm<B>| -> Result<()> {
+        put(format!("{name}.weight"), to_host(n.weight.val())?);
+        if let Some(b) = &n.bias {
+            put(format!("{name}.bias"), to_host(b.val())?);
+        }
+        Ok(())
+    };
+
+    if gpt2 {
+        put(format!("{p}.wte.weight"), to_host(model.embed_tokens.val())?);
+        if let Some(wpe) = &model.position_embeddings {
+            put(format!("{p}.wpe.weight"), to_host(wpe.val())?);
+        }
+    } else {
+        put(format!("{p}.embed_tokens.weight"), to_host(model.embed_tokens.val())?);
+    }
+    for (i, layer) in model.layers.iter().enumerate() {
+        let a = &layer.self_attn;
+        if gpt2 {
+            let n = format!("{p}.h.{i}");
+            norm(&mut put, &format!("{n}.ln_1"), &layer.input_layernorm)?;
+            // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
+            let (q, k, v) =
+                (to_host(a.q_proj.weight.val())?, to_host(a.k_proj.weight.val())?, to_host(a.v_proj.weight.val())?);
+            let (rows, cols) = (q.shape[0], q.shape[1]);
+            let mut w = Vec::with_capacity(rows * cols * 3);
+            for r in 0..rows {
+                for part in [&q, &k, &v] {
+                    w.extend_from_slice(&part.data[r * cols..(r + 1) * cols]);
+                }
+            }
+            put(format!("{n}.attn.c_attn.weight"), HostTensor::new(vec![rows, 3 * cols], w));
+            let biases = [&a.q_proj, &a.k_proj, &a.v_proj]
+                .iter()
+                .map(|l| l.bias.as_ref().map(|b| to_host(b.val())).transpose())
+                .collect::<Result<Option<Vec<_>>>>()?
+                .ok_or_else(|| ModelError::tensor(format!("{n}.attn.c_attn.bias"), "GPT-2 attention needs biases"))?;
+            put(format!("{n}.attn.c_attn.bias"), HostTensor::concat_rows(&biases));
+            linear(&mut put, &format!("{n}.attn.c_proj"), &a.o_proj, false)?;
+            norm(&mut put, &format!("{n}.ln_2"), &layer.post_attention_layernorm)?;
+            linear(&mut put, &format!("{n}.mlp.c_fc"), &layer.mlp.up_proj, false)?;
+            linear(&mut put, &format!("{n}.mlp.c_proj"), &layer.mlp.down_proj, false)?;
+        } else {
+            let n = format!("{p}.layers.{i}");
+            norm(&mut put, &format!("{n}.input_layernorm"), &layer.input_layernorm)?;
+            linear(&mut put, &format!("{n}.self_attn.q_proj"), &a.q_proj, true)?;
+            linear(&mut put, &format!("{n}.self_attn.k_proj"), &a.k_proj, true)?;
+            linear(&mut put, &format!("{n}.self_attn.v_proj"), &a.v_proj, true)?;
+            linear(&mut put, &format!("{n}.self_attn.o_proj"), &a.o_proj, true)?;
+            if let Some(qn) = &a.q_norm {
+                norm(&mut put, &format!("{n}.self_attn.q_norm"), qn)?;
+            }
+            if let Some(kn) = &a.k_norm {
+                norm(&mut put, &format!("{n}.self_attn.k_norm"), kn)?;
+            }
+            norm(&mut put, &format!("{n}.post_attention_layernorm"), &layer.post_attention_layernorm)?;
+            if let Some(g) = &layer.mlp.gate_proj {
+                linear(&mut put, &format!("{n}.mlp.gate_proj"), g, true)?;
+            }
+            linear(&mut put, &format!("{n}.mlp.up_proj"), &layer.mlp.up_proj, true)?;
+            linear(&mut put, &format!("{n}.mlp.down_proj"), &layer.mlp.down_proj, true)?;
+        }
+    }
+    norm(&mut put, &format!("{p}.{}", if gpt2 { "ln_f" } else { "norm" }), &model.norm)?;
+    match head {
+        HfHead::CausalLm => {
+            if let Some(lm) = &model.lm_head {
+                linear(&mut put, "lm_head", lm, true)?;
+            }
+            if let Some(v) = &model.value_head {
+                linear(&mut put, "v_head.summary", v, true)?;
+            }
+        }
+        HfHead::SequenceClassification => {
+            let score = model
+                .score
+                .as_ref()
+                .ok_or_else(|| ModelError::tensor("score.weight", "the model was built without a score head"))?;
+            linear(&mut put, "score", score, true)?;
+        }
+    }
+    Ok(out)
+}

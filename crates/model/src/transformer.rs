@@ -1,0 +1,398 @@
+//! The decoder-only transformer: one module for the Llama family (Llama, Mistral, Qwen2,
+//! Qwen3, SmolLM) and GPT-2, written once for any Burn backend.
+//!
+//! ```text
+//! h = embed(ids) [+ wpe(pos)]                       GPT-2 learns absolute positions
+//! for each block:
+//!     h = h + o(attn(rope(q(norm1 h)), rope(k(..)), v(..)))   causal, GQA, per-segment
+//!     h = h + mlp(norm2 h)                           SwiGLU (Llama) or gelu_new (GPT-2)
+//! logits = lm_head(norm h)                           or h @ embedᵀ when tied
+//! ```
+//!
+//! Attention is restricted by *segment ids*: a query sees keys at or before it with the same
+//! segment id. Left padding is segment 0 (pads only see pads, so no row is empty and real
+//! tokens never see pads); packed sequences are segments 1, 2, …
+
+use burn::module::{Module, Param};
+use burn::nn::Linear;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::{attention, embedding};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
+
+use crate::config::{ModelConfig, RopeScaling};
+
+/// RMSNorm (Llama) or LayerNorm with bias (GPT-2), over the last dimension.
+#[derive(Module, Debug)]
+pub struct Norm<B: Backend> {
+    pub weight: Param<Tensor<B, 1>>,
+    /// Present for LayerNorm only.
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub eps: f64,
+    /// Subtract the mean first (LayerNorm) or not (RMSNorm).
+    pub center: bool,
+}
+
+impl<B: Backend> Norm<B> {
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = if self.center { x.clone() - x.mean_dim(D - 1) } else { x };
+        let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
+        let y = (x / rms) * self.weight.val().unsqueeze();
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// Multi-head attention with grouped key/value heads and rotary (or no) positions.
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    /// Qwen3's RMSNorm over each head of q and k.
+    pub q_norm: Option<Norm<B>>,
+    pub k_norm: Option<Norm<B>>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The feed-forward block: `down(act(gate x) * up x)` (SwiGLU) when there is a gate,
+/// else `down(gelu_new(up x))` (GPT-2).
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Option<Linear<B>>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let h = match &self.gate_proj {
+            Some(gate) => activation::silu(gate.forward(x.clone())) * self.up_proj.forward(x),
+            None => gelu_new(self.up_proj.forward(x)),
+        };
+        self.down_proj.forward(h)
+    }
+}
+
+/// GPT-2's tanh approximation of GELU.
+pub fn gelu_new<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let c = (2.0f64 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * c;
+    x * (inner.tanh() + 1.0) * 0.5
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: Norm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: Norm<B>,
+    pub mlp: Mlp<B>,
+}
+
+/// Keys and values of the positions seen so far, per layer, for incremental decoding.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    /// `[batch, kv_heads, len, head_dim]` per layer, before the GQA repeat.
+    layers: Vec<Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    /// Segment id of every cached position, `[batch, len]`.
+    segments: Option<Tensor<B, 2, Int>>,
+    len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: vec![None; n_layers], segments: None, len: 0 }
+    }
+
+    /// Positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// A batch of token ids with their positions and segment ids, all `[batch, seq]`.
+#[derive(Debug, Clone)]
+pub struct TokenBatch<B: Backend> {
+    pub input_ids: Tensor<B, 2, Int>,
+    pub positions: Tensor<B, 2, Int>,
+    pub segments: Tensor<B, 2, Int>,
+}
+
+impl<B: Backend> TokenBatch<B> {
+    /// One unpadded sequence.
+    pub fn single(ids: &[u32], device: &B::Device) -> Self {
+        Self::left_padded(&[ids.to_vec()], 0, device)
+    }
+
+    /// Sequences left-padded to a common length (for generation). Positions count real
+    /// tokens only, so each row sees exactly what it would alone.
+    pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32, device: &B::Device) -> Self {
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * width);
+        let mut pos = Vec::with_capacity(seqs.len() * width);
+        let mut seg = Vec::with_capacity(seqs.len() * width);
+        for s in seqs {
+            let pad = width - s.len();
+            ids.extend(std::iter::repeat_n(pad_id as i64, pad).chain(s.iter().map(|&t| t as i64)));
+            pos.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as i64));
+            seg.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, s.len())));
+        }
+        Self::from_host(ids, pos, seg, [seqs.len(), width], device)
+    }
+
+    /// Sequences right-padded to a common length (for training and scoring).
+    pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &B::Device) -> Self {
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(seqs.len() * width);
+        let mut pos = Vec::with_capacity(seqs.len() * width);
+        let mut seg = Vec::with_capacity(seqs.len() * width);
+        for s in seqs {
+            let pad = width - s.len();
+            ids.extend(s.iter().map(|&t| t as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
+            pos.extend((0..s.len() as i64).chain(std::iter::repeat_n(0, pad)));
+            seg.extend(std::iter::repeat_n(1, s.len()).chain(std::iter::repeat_n(0, pad)));
+        }
+        Self::from_host(ids, pos, seg, [seqs.len(), width], device)
+    }
+
+    /// The next token of each row during decoding, continuing `positions` (`[batch]`).
+    pub fn next_tokens(ids: &[u32], positions: &[i64], device: &B::Device) -> Self {
+        let b = ids.len();
+        Self::from_host(ids.iter().map(|&t| t as i64).collect(), positions.to_vec(), vec![1; b], [b, 1], device)
+    }
+
+    pub fn from_host(ids: Vec<i64>, pos: Vec<i64>, seg: Vec<i64>, shape: [usize; 2], device: &B::Device) -> Self {
+        let t = |v: Vec<i64>| Tensor::<B, 2, Int>::from_data(TensorData::new(v, shape), device);
+        TokenBatch { input_ids: t(ids), positions: t(pos), segments: t(seg) }
+    }
+
+    pub fn dims(&self) -> [usize; 2] {
+        self.input_ids.dims()
+    }
+}
+
+/// The whole network: embeddings, blocks, final norm, and the heads it was built with.
+#[derive(Module, Debug)]
+pub struct Transformer<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// GPT-2's learned absolute positions `[max_positions, hidden]`.
+    pub position_embeddings: Option<Param<Tensor<B, 2>>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: Norm<B>,
+    /// `None` when the output projection is tied to `embed_tokens`.
+    pub lm_head: Option<Linear<B>>,
+    /// Sequence-classification head (`score.weight`, no bias): the reward model.
+    pub score: Option<Linear<B>>,
+    /// Scalar value head with bias (TRL's `v_head.summary`): a PPO critic on this trunk.
+    pub value_head: Option<Linear<B>>,
+    /// RoPE inverse frequencies `[head_dim / 2]`; `None` for GPT-2.
+    pub inv_freq: Option<Tensor<B, 1>>,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl<B: Backend> Transformer<B> {
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm). With a cache, the
+    /// batch continues the cached positions and its keys/values are appended.
+    pub fn forward_hidden(&self, batch: &TokenBatch<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let [b, t] = batch.dims();
+        let device = batch.input_ids.device();
+        let mut h = embedding(self.embed_tokens.val(), batch.input_ids.clone());
+        if let Some(wpe) = &self.position_embeddings {
+            h = h + embedding(wpe.val(), batch.positions.clone());
+        }
+        let rope = self.inv_freq.as_ref().map(|inv| rope_cos_sin(inv.clone(), batch.positions.clone()));
+
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let key_segments = match cache.as_ref().and_then(|c| c.segments.clone()) {
+            Some(s) => Tensor::cat(vec![s, batch.segments.clone()], 1),
+            None => batch.segments.clone(),
+        };
+        let mask = attention_mask::<B>(
+            batch.segments.clone(),
+            key_segments.clone(),
+            past,
+            self.config.num_attention_heads,
+            &device,
+        );
+
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(h.clone());
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            let a = layer.self_attn.forward(x, rope.as_ref(), mask.clone(), layer_cache);
+            h = h + a;
+            let x = layer.post_attention_layernorm.forward(h.clone());
+            h = h + layer.mlp.forward(x);
+        }
+        if let Some(c) = cache {
+            c.segments = Some(key_segments);
+            c.len = past + t;
+        }
+        debug_assert_eq!(h.dims()[0], b);
+        self.norm.forward(h)
+    }
+
+    /// Next-token logits `[batch, seq, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(head) => head.forward(hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let w = self.embed_tokens.val();
+                let v = w.dims()[0];
+                hidden.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
+            }
+        }
+    }
+
+    /// Logits for a batch (no cache).
+    pub fn forward(&self, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(batch, None))
+    }
+
+    /// Score-head outputs `[batch, seq, num_labels]`; `None` if built without one.
+    pub fn scores(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+        self.score.as_ref().map(|s| s.forward(hidden))
+    }
+
+    /// Value-head outputs `[batch, seq]`; `None` if built without one.
+    pub fn values(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
+        self.value_head.as_ref().map(|v| v.forward(hidden).squeeze_dim(2))
+    }
+
+    pub fn new_cache(&self) -> KvCache<B> {
+        KvCache::new(self.layers.len())
+    }
+}
+
+/// `cos` and `sin` of every position's rotary angles, `[batch, 1, seq, head_dim]`.
+/// Computed in f32 as transformers does (it disables autocast for this step), so the
+/// angles match a float64 reference run to f32 rounding.
+fn rope_cos_sin<B: Backend>(inv_freq: Tensor<B, 1>, positions: Tensor<B, 2, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let [b, t] = positions.dims();
+    let half = inv_freq.dims()[0];
+    let freqs = positions.float().reshape([b, t, 1]) * inv_freq.reshape([1, 1, half]);
+    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+    (emb.clone().cos(), emb.sin())
+}
+
+/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = [-x2, x1]` (the non-interleaved
+/// layout of HF checkpoints).
+fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.clone().narrow(3, d / 2, d / 2);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos.clone() + rotated * sin.clone()
+}
+
+/// Boolean mask `[batch, heads, q, k]`, `true` where attention is *not* allowed: a key
+/// after the query, or in another segment.
+fn attention_mask<B: Backend>(
+    query_segments: Tensor<B, 2, Int>,
+    key_segments: Tensor<B, 2, Int>,
+    past: usize,
+    heads: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let [b, tq] = query_segments.dims();
+    let tk = key_segments.dims()[1];
+    let q_idx =
+        Tensor::<B, 1, Int>::arange(past as i64..(past + tq) as i64, device).reshape([1, tq, 1]).expand([b, tq, tk]);
+    let k_idx = Tensor::<B, 1, Int>::arange(0..tk as i64, device).reshape([1, 1, tk]).expand([b, tq, tk]);
+    let future = k_idx.greater(q_idx);
+    let qs = query_segments.reshape([b, tq, 1]).expand([b, tq, tk]);
+    let ks = key_segments.reshape([b, 1, tk]).expand([b, tq, tk]);
+    let other_segment = qs.not_equal(ks);
+    future.bool_or(other_segment).unsqueeze_dim::<4>(1).expand([b, heads, tq, tk])
+}
+
+impl<B: Backend> Attention<B> {
+    fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        rope: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
+        mask: Tensor<B, 4, Bool>,
+        cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
+    ) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let split = |y: Tensor<B, 3>, n: usize, norm: Option<&Norm<B>>| {
+            let y = y.reshape([b, t, n, hd]);
+            let y = match norm {
+                Some(norm) => norm.forward(y),
+                None => y,
+            };
+            y.swap_dims(1, 2)
+        };
+        let mut q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref());
+        let mut k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref());
+        let v = split(self.v_proj.forward(x), nkv, None);
+        if let Some((cos, sin)) = rope {
+            q = apply_rope(q, cos, sin);
+            k = apply_rope(k, cos, sin);
+        }
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(vec![pk, k], 2), Tensor::cat(vec![pv, v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
+    }
+}
+
+/// GQA: each key/value head serves `groups` consecutive query heads.
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, n, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, n, groups, t, d]).reshape([b, n * groups, t, d])
+}
+
+/// RoPE inverse frequencies for a config, in f32 as transformers computes them.
+pub fn rope_inv_freq(config: &ModelConfig) -> Option<Vec<f32>> {
+    let rope = config.rope.as_ref()?;
+    let d = config.head_dim;
+    let base = rope.theta as f32;
+    let inv: Vec<f32> = (0..d / 2).map(|i| 1.0 / base.powf((2 * i) as f32 / d as f32)).collect();
+    Some(match &rope.scaling {
+        RopeScaling::Default => inv,
+        RopeScaling::Linear { factor } => inv.iter().map(|f| f / *factor as f32).collect(),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let old = *original_max_position_embeddings as f32;
+            let (low_wavelen, high_wavelen) = (old / lo, old / hi);
+            inv.iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f32::consts::PI / f;
+                    let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                    let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                    if medium {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * scaled / factor + smooth * scaled
+                    } else {
+                        scaled
+                    }
+                })
+                .collect()
+        }
+    })
+}

@@ -1,0 +1,7 @@
+//! Trainers for each alignment stage and the `align` command.
+//!
+//! Stage trainers arrive with their issues; today this crate holds the inference commands
+//! the stages build on: [`score`] (completion log-probs, comparable with the reference
+//! harness) and generation through align-rollout.
+
+pub mod score;

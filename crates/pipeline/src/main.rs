@@ -1,0 +1,144 @@
+//! The `align` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use align_model::backend::{Cpu, DeviceKind};
+use align_model::burn::tensor::backend::Backend;
+use align_model::{ChatMessage, Heads, load_pretrained};
+use align_pipeline::score::{read_rows, score_rows};
+use align_rollout::{SamplingConfig, generate};
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "align", version, about = "LLM alignment training: SFT, reward models, DPO/ORPO, PPO, GRPO")]
+struct Cli {
+    /// cpu, or cuda in a build with `--features cuda`
+    #[arg(long, global = true, default_value = "cpu")]
+    device: DeviceKind,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Complete a prompt with a model (greedy unless --temperature > 0).
+    Generate {
+        /// A GGUF file or an HF directory (config.json, safetensors, tokenizer.json)
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user turn with the model's chat template
+        #[arg(long)]
+        chat: bool,
+        /// System message (with --chat)
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// 0 = off
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Per-token log-probs of each `{prompt, completion}` row of a JSONL file.
+    Score {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Output JSONL (default: stdout)
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.device {
+        DeviceKind::Cpu => run::<Cpu>(cli.command, &Default::default()),
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda => run::<align_model::backend::Cuda>(cli.command, &Default::default()),
+        #[cfg(not(feature = "cuda"))]
+        DeviceKind::Cuda => bail!("this build has no CUDA support: rebuild with `--features cuda`"),
+    }
+}
+
+fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
+    match command {
+        Command::Generate { model, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } => {
+            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+            let text = if chat {
+                let template = m
+                    .tokenizer
+                    .chat_template
+                    .as_ref()
+                    .with_context(|| format!("{}: the model has no chat template", model.display()))?;
+                let mut messages = Vec::new();
+                if let Some(s) = system {
+                    messages.push(ChatMessage::new("system", s));
+                }
+                messages.push(ChatMessage::new("user", prompt));
+                template.render(&messages, true, None)?
+            } else {
+                prompt
+            };
+            let ids = m.tokenizer.encode(&text, !chat)?;
+            if ids.is_empty() {
+                bail!("the prompt encodes to no tokens");
+            }
+            let stop: Vec<u32> = m
+                .tokenizer
+                .eos_token_id
+                .into_iter()
+                .chain(m.model.config.eos_token_ids.iter().copied())
+                .chain(m.tokenizer.token_to_id("<|im_end|>").filter(|_| chat))
+                .collect();
+            let cfg = SamplingConfig {
+                temperature,
+                top_k,
+                top_p,
+                max_new_tokens,
+                min_new_tokens: 0,
+                stop_token_ids: stop,
+                seed,
+            };
+            let pad = m.tokenizer.pad_token_id.or(m.tokenizer.eos_token_id).unwrap_or(0);
+            let start = std::time::Instant::now();
+            let out = generate(&m.model, &[ids], pad, &cfg);
+            let secs = start.elapsed().as_secs_f64();
+            let c = &out[0];
+            println!("{}", m.tokenizer.decode(&c.tokens, true)?);
+            tracing::info!(tokens = c.tokens.len(), seconds = format!("{secs:.2}"), "generated");
+        }
+        Command::Score { model, data, out, batch_size } => {
+            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+            let rows = read_rows(&data)?;
+            let scored = score_rows(&m.model, &m.tokenizer, &rows, batch_size)?;
+            let mut w: Box<dyn Write> = match &out {
+                Some(p) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(p).with_context(|| format!("{}", p.display()))?,
+                )),
+                None => Box::new(std::io::stdout().lock()),
+            };
+            for r in &scored {
+                writeln!(w, "{}", serde_json::to_string(r)?)?;
+            }
+            w.flush()?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,132 @@
+//! `align score`: per-token log-probs of completions given prompts.
+//!
+//! Tokenisation follows TRL's DPOTrainer (and `ref_logprobs.py`): prompt and
+//! prompt+completion are tokenised separately without special tokens, and the completion
+//! starts at their common prefix, so a BPE merge across the boundary is handled the same
+//! way.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use align_model::burn::tensor::backend::Backend;
+use align_model::burn::tensor::{Int, Tensor, TensorData};
+use align_model::{TokenBatch, Tokenizer, Transformer};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// One `{prompt, completion}` input row.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ScoreRow {
+    pub prompt: String,
+    pub completion: String,
+}
+
+/// What `align score` writes per row.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredRow {
+    pub prompt: String,
+    pub completion: String,
+    pub input_ids: Vec<u32>,
+    pub prompt_len: usize,
+    pub completion_ids: Vec<u32>,
+    pub completion_logprobs: Vec<f32>,
+    pub completion_logprob_sum: f64,
+}
+
+/// Read `{prompt, completion}` JSONL; every bad line is an error naming file, line and field.
+pub fn read_rows(path: &Path) -> Result<Vec<ScoreRow>> {
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let mut rows = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let n = i + 1;
+        let line = line.with_context(|| format!("{}:{n}: reading", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}:{n}: invalid JSON", path.display()))?;
+        let field = |k: &str| -> Result<String> {
+            match v.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(other) => bail!("{}:{n}: field `{k}`: expected a string, found {other}", path.display()),
+                None => bail!("{}:{n}: field `{k}` is missing", path.display()),
+            }
+        };
+        let row = ScoreRow { prompt: field("prompt")?, completion: field("completion")? };
+        if row.prompt.is_empty() || row.completion.is_empty() {
+            bail!(
+                "{}:{n}: field `{}` is empty",
+                path.display(),
+                if row.prompt.is_empty() { "prompt" } else { "completion" }
+            );
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// Token ids of prompt+completion and where the completion starts.
+pub fn tokenize_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<(Vec<u32>, usize)> {
+    let p = tok.encode(prompt, false)?;
+    let full = tok.encode(&format!("{prompt}{completion}"), false)?;
+    let plen = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
+    if plen == 0 || plen >= full.len() {
+        bail!("prompt/completion split is degenerate (prompt_len {plen}, total {})", full.len());
+    }
+    Ok((full, plen))
+}
+
+/// Log-probs of `ids[t]` for `t >= prompt_len`, for a batch of sequences.
+pub fn completion_logprobs<B: Backend>(
+    model: &Transformer<B>,
+    seqs: &[(Vec<u32>, usize)],
+    pad_id: u32,
+) -> Vec<Vec<f32>> {
+    let device = model.embed_tokens.val().device();
+    let ids: Vec<Vec<u32>> = seqs.iter().map(|(s, _)| s.clone()).collect();
+    let batch = TokenBatch::<B>::right_padded(&ids, pad_id, &device);
+    let [b, t] = batch.dims();
+    let logits = model.forward(&batch).narrow(1, 0, t - 1);
+    // targets: the next token at each position (padding positions gather a pad id, unused)
+    let mut targets = Vec::with_capacity(b * (t - 1));
+    for s in &ids {
+        targets.extend((1..t).map(|j| *s.get(j).unwrap_or(&pad_id) as i64));
+    }
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
+    let lp: Vec<f32> = align_losses::token_logprobs(logits, targets, 1.0)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 log-probs");
+    seqs.iter()
+        .enumerate()
+        .map(|(i, (s, plen))| (plen - 1..s.len() - 1).map(|j| lp[i * (t - 1) + j]).collect())
+        .collect()
+}
+
+/// Score every row, `batch_size` at a time.
+pub fn score_rows<B: Backend>(
+    model: &Transformer<B>,
+    tok: &Tokenizer,
+    rows: &[ScoreRow],
+    batch_size: usize,
+) -> Result<Vec<ScoredRow>> {
+    let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let seqs = chunk.iter().map(|r| tokenize_pair(tok, &r.prompt, &r.completion)).collect::<Result<Vec<_>>>()?;
+        let lps = completion_logprobs(model, &seqs, pad);
+        for ((r, (ids, plen)), lp) in chunk.iter().zip(seqs).zip(lps) {
+            out.push(ScoredRow {
+                prompt: r.prompt.clone(),
+                completion: r.completion.clone(),
+                completion_ids: ids[plen..].to_vec(),
+                completion_logprob_sum: lp.iter().map(|&x| x as f64).sum(),
+                completion_logprobs: lp,
+                prompt_len: plen,
+                input_ids: ids,
+            });
+        }
+    }
+    Ok(out)
+}

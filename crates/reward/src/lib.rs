@@ -1,0 +1,1 @@
+//! Turning text into scalar rewards: reward-model scorers, rule rewards and their combinations.
