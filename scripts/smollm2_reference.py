@@ -5,7 +5,7 @@ with it in float64.
 
 Usage:
     $VENV/bin/python scripts/smollm2_reference.py --gguf PATH.gguf --peer ../shared/peer \
-        --hf-out DIR --out fixtures/smollm2/reference.json
+        --hf-out DIR [--out fixtures/smollm2/reference.json]
 DIR receives the dequantised float32 HF checkpoint (not committed; `cargo xtask bench`
 can use it for the HF generate baseline).
 """
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--gguf", required=True)
     ap.add_argument("--peer", required=True)
     ap.add_argument("--hf-out", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="reference JSON to write (omit to only convert)")
     args = ap.parse_args()
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,8 +47,20 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     os.makedirs(args.hf_out, exist_ok=True)
-    model.save_pretrained(args.hf_out, safe_serialization=True)
+    # transformers refuses to save a GGUF-loaded model; the dequantised weights are plain
+    # float32 tensors, so move them into a fresh model of the same config and save that.
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise SystemExit(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
+    fresh.tie_weights()
+    fresh.save_pretrained(args.hf_out, safe_serialization=True)
     tok.save_pretrained(args.hf_out)
+    if not args.out:
+        return
     texts = os.path.join(os.path.dirname(os.path.abspath(args.out)), "texts.jsonl")
     with open(texts, "w") as fh:
         for r in TEXTS:

