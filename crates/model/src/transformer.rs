@@ -72,11 +72,21 @@ pub struct Mlp<B: Backend> {
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = match &self.gate_proj {
-            Some(gate) => activation::silu(gate.forward(x.clone())) * self.up_proj.forward(x),
-            None => gelu_new(self.up_proj.forward(x)),
+            Some(gate) => activation::silu(linear(gate, x.clone())) * linear(&self.up_proj, x),
+            None => gelu_new(linear(&self.up_proj, x)),
         };
-        self.down_proj.forward(h)
+        linear(&self.down_proj, h)
     }
+}
+
+/// A linear layer over `[batch, seq, d]` as one 2-D matmul: Burn backends run a 3-D
+/// input as one small matmul per batch row, re-reading the weight each time (6x slower
+/// for batch-8 decoding on CPU).
+pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, t, d] = x.dims();
+    let y = layer.forward(x.reshape([b * t, d]));
+    let n = y.dims()[1];
+    y.reshape([b, t, n])
 }
 
 /// GPT-2's tanh approximation of GELU.
@@ -217,13 +227,7 @@ impl<B: Backend> Transformer<B> {
             Some(s) => Tensor::cat(vec![s, batch.segments.clone()], 1),
             None => batch.segments.clone(),
         };
-        let mask = attention_mask::<B>(
-            batch.segments.clone(),
-            key_segments.clone(),
-            past,
-            self.config.num_attention_heads,
-            &device,
-        );
+        let mask = attention_mask::<B>(batch.segments.clone(), key_segments.clone(), past, &device);
 
         for (i, layer) in self.layers.iter().enumerate() {
             let x = layer.input_layernorm.forward(h.clone());
@@ -244,7 +248,7 @@ impl<B: Backend> Transformer<B> {
     /// Next-token logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
-            Some(head) => head.forward(hidden),
+            Some(head) => linear(head, hidden),
             None => {
                 let [b, t, d] = hidden.dims();
                 let w = self.embed_tokens.val();
@@ -261,12 +265,12 @@ impl<B: Backend> Transformer<B> {
 
     /// Score-head outputs `[batch, seq, num_labels]`; `None` if built without one.
     pub fn scores(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
-        self.score.as_ref().map(|s| s.forward(hidden))
+        self.score.as_ref().map(|s| linear(s, hidden))
     }
 
     /// Value-head outputs `[batch, seq]`; `None` if built without one.
     pub fn values(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
-        self.value_head.as_ref().map(|v| v.forward(hidden).squeeze_dim(2))
+        self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2))
     }
 
     pub fn new_cache(&self) -> KvCache<B> {
@@ -295,13 +299,12 @@ fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4
     x * cos.clone() + rotated * sin.clone()
 }
 
-/// Boolean mask `[batch, heads, q, k]`, `true` where attention is *not* allowed: a key
+/// Boolean mask `[batch, 1, q, k]`, `true` where attention is *not* allowed: a key
 /// after the query, or in another segment.
 fn attention_mask<B: Backend>(
     query_segments: Tensor<B, 2, Int>,
     key_segments: Tensor<B, 2, Int>,
     past: usize,
-    heads: usize,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
     let [b, tq] = query_segments.dims();
@@ -313,7 +316,7 @@ fn attention_mask<B: Backend>(
     let qs = query_segments.reshape([b, tq, 1]).expand([b, tq, tk]);
     let ks = key_segments.reshape([b, 1, tk]).expand([b, tq, tk]);
     let other_segment = qs.not_equal(ks);
-    future.bool_or(other_segment).unsqueeze_dim::<4>(1).expand([b, heads, tq, tk])
+    future.bool_or(other_segment).reshape([b, 1, tq, tk])
 }
 
 impl<B: Backend> Attention<B> {
@@ -334,9 +337,9 @@ impl<B: Backend> Attention<B> {
             };
             y.swap_dims(1, 2)
         };
-        let mut q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref());
-        let mut k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref());
-        let v = split(self.v_proj.forward(x), nkv, None);
+        let mut q = split(linear(&self.q_proj, x.clone()), nh, self.q_norm.as_ref());
+        let mut k = split(linear(&self.k_proj, x.clone()), nkv, self.k_norm.as_ref());
+        let v = split(linear(&self.v_proj, x), nkv, None);
         if let Some((cos, sin)) = rope {
             q = apply_rope(q, cos, sin);
             k = apply_rope(k, cos, sin);
@@ -352,19 +355,16 @@ impl<B: Backend> Attention<B> {
             }
             None => (k, v),
         };
-        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default());
-        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
+        // GQA without copying keys/values: the `groups` query heads that share a kv head
+        // (heads kv*groups .. kv*groups+groups, as transformers' repeat_kv pairs them) are
+        // stacked along the query axis and attend to that kv head once.
+        let groups = nh / nkv;
+        let tk = k.dims()[2];
+        let q = q.reshape([b, nkv, groups * t, hd]);
+        let mask = mask.unsqueeze_dim::<5>(2).expand([b, nkv, groups, t, tk]).reshape([b, nkv, groups * t, tk]);
+        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()).reshape([b, nh, t, hd]);
+        linear(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
-}
-
-/// GQA: each key/value head serves `groups` consecutive query heads.
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, n, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, n, groups, t, d]).reshape([b, n * groups, t, d])
 }
 
 /// RoPE inverse frequencies for a config, in f32 as transformers computes them.

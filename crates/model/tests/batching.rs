@@ -12,11 +12,8 @@ const TOL: f32 = 2e-5;
 
 fn models() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.join("config.json").exists())
-        .collect();
+    let mut v: Vec<PathBuf> =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.join("config.json").exists()).collect();
     v.sort();
     v
 }
@@ -103,7 +100,11 @@ fn kv_cache_decoding_matches_full_forward() {
             let h = m.forward_hidden(&TokenBatch::next_tokens(&next, &pos, &dev), Some(&mut cache));
             let (out, [_, _, vocab]) = host(m.logits(h));
             for r in 0..seqs.len() {
-                assert_close(&out[r * vocab..][..vocab], &singles[r][step], &format!("{} cached step {step} row {r}", dir.display()));
+                assert_close(
+                    &out[r * vocab..][..vocab],
+                    &singles[r][step],
+                    &format!("{} cached step {step} row {r}", dir.display()),
+                );
             }
         }
     }

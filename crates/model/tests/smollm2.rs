@@ -29,7 +29,8 @@ fn gguf_path() -> PathBuf {
 #[test]
 fn smollm2_logprobs_match_transformers_on_the_dequantised_gguf() {
     let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/reference.json")).unwrap(),
+        &std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/smollm2/reference.json"))
+            .unwrap(),
     )
     .unwrap();
     let device = Default::default();
@@ -43,7 +44,8 @@ fn smollm2_logprobs_match_transformers_on_the_dequantised_gguf() {
         let (p, comp) = (row["prompt"].as_str().unwrap(), row["completion"].as_str().unwrap());
         assert_eq!(m.tokenizer.encode(&format!("{p}{comp}"), false).unwrap(), ids, "tokens of {p:?}");
         let plen = row["prompt_len"].as_u64().unwrap() as usize;
-        let logp: Vec<f32> = log_softmax(m.model.forward(&TokenBatch::single(&ids, &device)), 2).into_data().to_vec().unwrap();
+        let logp: Vec<f32> =
+            log_softmax(m.model.forward(&TokenBatch::single(&ids, &device)), 2).into_data().to_vec().unwrap();
         let v = c.vocab_size;
         for (k, want) in row["completion_logprobs"].as_array().unwrap().iter().enumerate() {
             let pos = plen + k;
@@ -74,12 +76,15 @@ fn smollm2_answers_paris() {
     let mut out = Vec::new();
     for step in 0..24 {
         let t = h.dims()[1];
-        let next = m.model.logits(h.narrow(1, t - 1, 1)).argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap()[0] as u32;
+        let next = m.model.logits(h.narrow(1, t - 1, 1)).argmax(2).into_data().convert::<i64>().to_vec::<i64>().unwrap()
+            [0] as u32;
         if next == end {
             break;
         }
         out.push(next);
-        h = m.model.forward_hidden(&TokenBatch::next_tokens(&[next], &[(ids.len() + step) as i64], &device), Some(&mut cache));
+        h = m
+            .model
+            .forward_hidden(&TokenBatch::next_tokens(&[next], &[(ids.len() + step) as i64], &device), Some(&mut cache));
     }
     let text = m.tokenizer.decode(&out, true).unwrap();
     assert!(text.contains("Paris"), "{text:?}");

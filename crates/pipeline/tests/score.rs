@@ -14,19 +14,25 @@ fn score_matches_reference_logprobs() {
     let rows = read_rows(&root.join("texts.jsonl")).unwrap();
     for name in ["llama-untied", "qwen2-tied-legacy-rope", "gpt2", "qwen3"] {
         let dir = root.join(name);
-        let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let reference: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
         let m = load_pretrained::<Cpu>(&dir, Heads::LM, &Default::default()).unwrap();
         let scored = score_rows(&m.model, &m.tokenizer, &rows, 4).unwrap();
         for (ours, want) in scored.iter().zip(reference["rows"].as_array().unwrap()) {
             assert_eq!(ours.prompt_len as u64, want["prompt_len"].as_u64().unwrap(), "{name}");
             let ids: Vec<u64> = ours.input_ids.iter().map(|&x| x as u64).collect();
-            let want_ids: Vec<u64> = want["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+            let want_ids: Vec<u64> =
+                want["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
             assert_eq!(ids, want_ids, "{name}");
             for (a, b) in ours.completion_logprobs.iter().zip(want["completion_logprobs"].as_array().unwrap()) {
                 assert!((*a as f64 - b.as_f64().unwrap()).abs() < 1e-4, "{name}: {a} vs {b}");
             }
             let sum = want["completion_logprob_sum"].as_f64().unwrap();
-            assert!((ours.completion_logprob_sum - sum).abs() < 1e-3, "{name}: sum {} vs {sum}", ours.completion_logprob_sum);
+            assert!(
+                (ours.completion_logprob_sum - sum).abs() < 1e-3,
+                "{name}: sum {} vs {sum}",
+                ours.completion_logprob_sum
+            );
         }
     }
 }
