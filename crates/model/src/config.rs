@@ -295,7 +295,7 @@ impl ModelConfig {
                 self.hidden_act, self.architecture
             )));
         }
-        if self.rope.is_some() && self.head_dim % 2 != 0 {
+        if self.rope.is_some() && !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::config(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {

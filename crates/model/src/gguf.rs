@@ -361,7 +361,7 @@ fn tensor_bytes(info: &GgufTensorInfo, ty: GgmlType) -> Option<usize> {
     let (block, bytes) = ty.block();
     let n = info.dims.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))?;
     // Quantised rows are whole blocks.
-    if info.dims[0] as usize % block != 0 {
+    if !(info.dims[0] as usize).is_multiple_of(block) {
         return None;
     }
     (n / block).checked_mul(bytes)

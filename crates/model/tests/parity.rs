@@ -106,3 +106,31 @@ fn save_pretrained_round_trips_with_hf_names() {
         std::fs::remove_dir_all(&out).ok();
     }
 }
+
+/// A reward model: a new score head on a causal LM, saved in the
+/// `…ForSequenceClassification` layout (`score.weight`, `architectures`, `num_labels`) and
+/// loaded back with the same head and the same scores; a value head likewise.
+#[test]
+fn score_and_value_heads_round_trip() {
+    let device = Default::default();
+    let dir = fixtures().join("models/llama-untied");
+    let heads = Heads { lm: false, score: true, value: true };
+    let m = load_pretrained::<Cpu>(&dir, heads, &device).unwrap();
+    assert!(m.model.lm_head.is_none());
+    let out = std::env::temp_dir().join(format!("align-rm-{}", std::process::id()));
+    save_pretrained(&m.model, None, HfHead::SequenceClassification, &out).unwrap();
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"][0], "LlamaForSequenceClassification");
+    assert_eq!(cfg["num_labels"], 1);
+    std::fs::copy(dir.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+    let back = load_pretrained::<Cpu>(&out, Heads { lm: false, score: true, value: false }, &device).unwrap();
+    let ids: Vec<u32> = (3..30).collect();
+    let batch = TokenBatch::single(&ids, &device);
+    let a: Vec<f32> = m.model.scores(m.model.forward_hidden(&batch, None)).unwrap().into_data().to_vec().unwrap();
+    let b: Vec<f32> = back.model.scores(back.model.forward_hidden(&batch, None)).unwrap().into_data().to_vec().unwrap();
+    assert_eq!(a, b);
+    assert!(a.iter().any(|x| x.abs() > 1e-4), "a fresh score head is not all zeros");
+    let v = m.model.values(m.model.forward_hidden(&batch, None)).unwrap();
+    assert_eq!(v.dims(), [1, ids.len()]);
+    std::fs::remove_dir_all(&out).ok();
+}

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use align_model::backend::{Cpu, DeviceKind};
 use align_model::burn::tensor::backend::Backend;
-use align_model::{ChatMessage, Heads, load_pretrained};
+use align_model::{ChatMessage, Heads, HfHead, load_pretrained, save_pretrained};
 use align_pipeline::score::{read_rows, score_rows};
 use align_rollout::{SamplingConfig, generate};
 use anyhow::{Context, Result, bail};
@@ -47,6 +47,14 @@ enum Command {
         max_new_tokens: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Write a model (GGUF or HF directory) as an HF directory transformers loads:
+    /// config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json.
+    Convert {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Per-token log-probs of each `{prompt, completion}` row of a JSONL file.
     Score {
@@ -123,6 +131,11 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             let c = &out[0];
             println!("{}", m.tokenizer.decode(&c.tokens, true)?);
             tracing::info!(tokens = c.tokens.len(), seconds = format!("{secs:.2}"), "generated");
+        }
+        Command::Convert { model, out } => {
+            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+            save_pretrained(&m.model, Some(&m.tokenizer), HfHead::CausalLm, &out)?;
+            tracing::info!(out = %out.display(), "wrote HF checkpoint");
         }
         Command::Score { model, data, out, batch_size } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;
