@@ -75,3 +75,32 @@ fn qwen3_tokenizer_json_and_chat_template() {
         assert_eq!(got, case["rendered"].as_str().unwrap(), "conversation {name}");
     }
 }
+
+/// Every `fixtures/chat_templates/NAME.jinja` renders each conversation of
+/// `NAME.expected.json` exactly as transformers does (Llama 3, Qwen2 from GGUF metadata).
+#[test]
+fn chat_templates_render_like_transformers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/chat_templates");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "jinja") {
+            continue;
+        }
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(path.with_extension("expected.json")).unwrap()).unwrap();
+        let t = align_model::ChatTemplate::new(
+            &std::fs::read_to_string(&path).unwrap(),
+            expected["bos_token"].as_str().map(str::to_string),
+            expected["eos_token"].as_str().map(str::to_string),
+        )
+        .unwrap();
+        for case in expected["cases"].as_array().unwrap() {
+            let messages: Vec<ChatMessage> = serde_json::from_value(case["messages"].clone()).unwrap();
+            let got = t.render(&messages, case["add_generation_prompt"].as_bool().unwrap(), None).unwrap();
+            assert_eq!(got, case["rendered"].as_str().unwrap(), "{}", path.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "{n} cases");
+}
