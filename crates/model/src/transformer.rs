@@ -146,30 +146,30 @@ impl<B: Backend> TokenBatch<B> {
     /// Sequences left-padded to a common length (for generation). Positions count real
     /// tokens only, so each row sees exactly what it would alone.
     pub fn left_padded(seqs: &[Vec<u32>], pad_id: u32, device: &B::Device) -> Self {
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * width);
-        let mut pos = Vec::with_capacity(seqs.len() * width);
-        let mut seg = Vec::with_capacity(seqs.len() * width);
-        for s in seqs {
-            let pad = width - s.len();
-            ids.extend(std::iter::repeat_n(pad_id as i64, pad).chain(s.iter().map(|&t| t as i64)));
-            pos.extend(std::iter::repeat_n(0, pad).chain(0..s.len() as i64));
-            seg.extend(std::iter::repeat_n(0, pad).chain(std::iter::repeat_n(1, s.len())));
-        }
-        Self::from_host(ids, pos, seg, [seqs.len(), width], device)
+        Self::padded(seqs, pad_id, true, device)
     }
 
     /// Sequences right-padded to a common length (for training and scoring).
     pub fn right_padded(seqs: &[Vec<u32>], pad_id: u32, device: &B::Device) -> Self {
+        Self::padded(seqs, pad_id, false, device)
+    }
+
+    /// Padding is segment 0 at position 0; each sequence is segment 1 from position 0.
+    fn padded(seqs: &[Vec<u32>], pad_id: u32, left: bool, device: &B::Device) -> Self {
         let width = seqs.iter().map(Vec::len).max().unwrap_or(0);
-        let mut ids = Vec::with_capacity(seqs.len() * width);
-        let mut pos = Vec::with_capacity(seqs.len() * width);
-        let mut seg = Vec::with_capacity(seqs.len() * width);
+        let (mut ids, mut pos, mut seg) = (Vec::new(), Vec::new(), Vec::new());
         for s in seqs {
             let pad = width - s.len();
-            ids.extend(s.iter().map(|&t| t as i64).chain(std::iter::repeat_n(pad_id as i64, pad)));
-            pos.extend((0..s.len() as i64).chain(std::iter::repeat_n(0, pad)));
-            seg.extend(std::iter::repeat_n(1, s.len()).chain(std::iter::repeat_n(0, pad)));
+            let mut row_ids: Vec<i64> = s.iter().map(|&t| t as i64).collect();
+            let mut row_pos: Vec<i64> = (0..s.len() as i64).collect();
+            let mut row_seg = vec![1i64; s.len()];
+            let at = if left { 0 } else { s.len() };
+            row_ids.splice(at..at, std::iter::repeat_n(pad_id as i64, pad));
+            row_pos.splice(at..at, std::iter::repeat_n(0, pad));
+            row_seg.splice(at..at, std::iter::repeat_n(0, pad));
+            ids.extend(row_ids);
+            pos.extend(row_pos);
+            seg.extend(row_seg);
         }
         Self::from_host(ids, pos, seg, [seqs.len(), width], device)
     }
@@ -214,7 +214,7 @@ impl<B: Backend> Transformer<B> {
     /// Final hidden states `[batch, seq, hidden]` (after the last norm). With a cache, the
     /// batch continues the cached positions and its keys/values are appended.
     pub fn forward_hidden(&self, batch: &TokenBatch<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let [b, t] = batch.dims();
+        let t = batch.dims()[1];
         let device = batch.input_ids.device();
         let mut h = embedding(self.embed_tokens.val(), batch.input_ids.clone());
         if let Some(wpe) = &self.position_embeddings {
@@ -241,7 +241,6 @@ impl<B: Backend> Transformer<B> {
             c.segments = Some(key_segments);
             c.len = past + t;
         }
-        debug_assert_eq!(h.dims()[0], b);
         self.norm.forward(h)
     }
 
