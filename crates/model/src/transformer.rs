@@ -227,7 +227,17 @@ impl<B: Backend> Transformer<B> {
             Some(s) => Tensor::cat(vec![s, batch.segments.clone()], 1),
             None => batch.segments.clone(),
         };
+        let c = &self.config;
         let mask = attention_mask::<B>(batch.segments.clone(), key_segments.clone(), past, &device);
+        // Built once for all layers, in the grouped-query layout `Attention` uses.
+        let groups = c.num_attention_heads / c.num_key_value_heads;
+        let [b, _, _, tk] = mask.dims();
+        let mask = mask.unsqueeze_dim::<5>(2).expand([b, c.num_key_value_heads, groups, t, tk]).reshape([
+            b,
+            c.num_key_value_heads,
+            groups * t,
+            tk,
+        ]);
 
         for (i, layer) in self.layers.iter().enumerate() {
             let x = layer.input_layernorm.forward(h.clone());
@@ -323,6 +333,7 @@ impl<B: Backend> Attention<B> {
         &self,
         x: Tensor<B, 3>,
         rope: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
+        // `[batch, kv_heads, groups * seq, keys]`, built once per forward.
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
@@ -358,9 +369,7 @@ impl<B: Backend> Attention<B> {
         // (heads kv*groups .. kv*groups+groups, as transformers' repeat_kv pairs them) are
         // stacked along the query axis and attend to that kv head once.
         let groups = nh / nkv;
-        let tk = k.dims()[2];
         let q = q.reshape([b, nkv, groups * t, hd]);
-        let mask = mask.unsqueeze_dim::<5>(2).expand([b, nkv, groups, t, tk]).reshape([b, nkv, groups * t, tk]);
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()).reshape([b, nh, t, hd]);
         linear(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
