@@ -1,1 +1,29 @@
-//! Rows on disk to token batches: readers, schemas, chat formatting, loss masks, padding and packing.
+//! Rows on disk to token batches: readers, schemas, chat formatting, loss masks, padding
+//! and packing.
+//!
+//! ```text
+//! RecordReader (JSONL / JSON / Parquet, files, dirs, globs)  -> Record {location, fields}
+//!   -> Example (schema or adapter, validated)                 -> ExampleTokenizer
+//!   -> Tokenized (ids + loss mask / prompt-completion split)  -> pad_right / pad_left / pack
+//!   -> HostBatch -> align_model::TokenBatch;  Loader decides the order.
+//! ```
+
+pub mod adapters;
+pub mod batch;
+pub mod dataset;
+pub mod error;
+pub mod loader;
+pub mod schema;
+pub mod source;
+pub mod tokenize;
+
+pub use adapters::{Adapter, MultipleChoice};
+pub use batch::{HostBatch, pack, pack_best_fit_decreasing, pad_left, pad_right};
+pub use dataset::{DatasetConfig, SkipReport, load_examples};
+pub use error::{DataError, Location, Result};
+pub use loader::{Loader, LoaderState};
+pub use schema::{ColumnMap, Content, Example, SchemaKind};
+pub use source::{Record, RecordReader};
+pub use tokenize::{
+    ChatFormat, ExampleTokenizer, Formatter, TokenizeConfig, Tokenized, TokenizedSequence, Truncation, TruncationStats,
+};

@@ -209,6 +209,12 @@ impl Tokenizer {
             .to_vec())
     }
 
+    /// Token ids with the byte range of `text` each token came from.
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let e = self.inner.encode(text, add_special).map_err(|e| ModelError::Tokenizer(format!("encoding: {e}")))?;
+        Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner.decode(ids, skip_special).map_err(|e| ModelError::Tokenizer(format!("decoding: {e}")))
     }

@@ -1,0 +1,89 @@
+//! A dataset as a stage configures it: where the rows are, how to read them, and what to
+//! do with bad ones.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::adapters::Adapter;
+use crate::error::{DataError, Result};
+use crate::schema::{ColumnMap, Example, SchemaKind, map_columns};
+use crate::source::RecordReader;
+
+/// `[data]` of a stage config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// A file, a directory of shards, or a glob (`data/*.parquet`).
+    pub path: PathBuf,
+    /// Schema of the rows. Default auto (decided per row from its columns).
+    #[serde(default)]
+    pub schema: SchemaKind,
+    /// TRL column name -> column in the file, e.g. `prompt = "question"`. Default none.
+    #[serde(default)]
+    pub columns: ColumnMap,
+    /// A built-in adapter (PIQA, GSM8K) instead of a schema. Default none.
+    #[serde(default)]
+    pub adapter: Option<Adapter>,
+    /// Skip rows that fail validation (counted and reported) instead of stopping. Default false.
+    #[serde(default)]
+    pub skip_invalid: bool,
+    /// Read at most this many rows. Default all.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl DatasetConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DatasetConfig {
+            path: path.into(),
+            schema: SchemaKind::Auto,
+            columns: ColumnMap::new(),
+            adapter: None,
+            skip_invalid: false,
+            limit: None,
+        }
+    }
+}
+
+/// Rows skipped under `skip_invalid`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SkipReport {
+    pub skipped: usize,
+    /// The first few reasons, with their locations.
+    pub first_reasons: Vec<String>,
+}
+
+/// Read and validate every row. A bad row is an error naming file, line and field, unless
+/// `skip_invalid`, when it is counted (and its reason kept among the first five).
+pub fn load_examples(cfg: &DatasetConfig) -> Result<(Vec<Example>, SkipReport)> {
+    let mut out = Vec::new();
+    let mut report = SkipReport::default();
+    for record in RecordReader::open(&cfg.path)? {
+        if cfg.limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+        let parsed = record.and_then(|mut r| {
+            map_columns(&mut r.fields, &cfg.columns);
+            match cfg.adapter {
+                Some(a) => a.apply(&r),
+                None => Example::from_record(&r, cfg.schema),
+            }
+        });
+        match parsed {
+            Ok(e) => out.push(e),
+            // File-level errors (unreadable file, bad Parquet) stop even with skip_invalid.
+            Err(e @ DataError::Row { .. }) if cfg.skip_invalid => {
+                report.skipped += 1;
+                if report.first_reasons.len() < 5 {
+                    report.first_reasons.push(e.to_string());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if report.skipped > 0 {
+        tracing::warn!(path = %cfg.path.display(), skipped = report.skipped, first = ?report.first_reasons, "skipped invalid rows");
+    }
+    Ok((out, report))
+}

@@ -1,0 +1,376 @@
+//! Examples to token ids with loss masks.
+//!
+//! - `text`: every token is trained on; EOS appended.
+//! - plain prompt/completion (and preference, unpaired): prompt and prompt+completion are
+//!   tokenised separately and split at their common prefix (TRL), the completion gets EOS
+//!   appended as an id, and only completion tokens are trained on. The mask comes from the
+//!   structure, not from `id != pad`, so EOS stays in the loss when `pad == eos`.
+//! - conversations: the chat format renders the whole conversation; assistant turns
+//!   (including their end-of-turn marker) are trained on, located by rendering prefixes.
+
+use align_model::{ChatMessage, ChatTemplate, Tokenizer};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::schema::{Content, Example};
+
+/// How conversations become text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChatFormat {
+    /// The model's own chat template (tokenizer_config.json or GGUF metadata).
+    #[default]
+    Template,
+    /// No markup: each turn's content followed by "\n\n"; the generation prompt is empty.
+    Standard,
+    /// `<|{role}|>\n{content}\n` per turn; generation prompt `<|assistant|>\n`.
+    RoleMarkers,
+    /// `### {Role}:\n{content}\n\n` per turn (Role capitalised: System, User, Assistant);
+    /// generation prompt `### Assistant:\n`.
+    TurnMarkers,
+}
+
+/// Renders conversations in one [`ChatFormat`].
+pub struct Formatter<'a> {
+    pub format: ChatFormat,
+    pub template: Option<&'a ChatTemplate>,
+}
+
+impl Formatter<'_> {
+    pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        let turn = |m: &ChatMessage| match self.format {
+            ChatFormat::Standard => format!("{}\n\n", m.content),
+            ChatFormat::RoleMarkers => format!("<|{}|>\n{}\n", m.role, m.content),
+            _ => {
+                let mut role = m.role.clone();
+                if let Some(f) = role.get_mut(0..1) {
+                    f.make_ascii_uppercase();
+                }
+                format!("### {role}:\n{}\n\n", m.content)
+            }
+        };
+        let generation = match self.format {
+            ChatFormat::Standard => "",
+            ChatFormat::RoleMarkers => "<|assistant|>\n",
+            _ => "### Assistant:\n",
+        };
+        match self.format {
+            ChatFormat::Template => {
+                let t = self.template.ok_or_else(|| {
+                    DataError::Config("chat_format = \"template\" but the tokenizer has no chat template".into())
+                })?;
+                Ok(t.render(messages, add_generation_prompt, None)?)
+            }
+            _ => {
+                let mut s: String = messages.iter().map(turn).collect();
+                if add_generation_prompt {
+                    s.push_str(generation);
+                }
+                Ok(s)
+            }
+        }
+    }
+
+    /// The rendered conversation as pieces, `true` where an assistant turn is.
+    pub fn pieces(&self, messages: &[ChatMessage]) -> Result<Vec<(String, bool)>> {
+        let full = self.render(messages, false)?;
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        for (i, m) in messages.iter().enumerate() {
+            if m.role != "assistant" {
+                continue;
+            }
+            let before = self.render(&messages[..i], true)?;
+            let through = self.render(&messages[..=i], false)?;
+            if !through.starts_with(&before) || !full.starts_with(&through) || before.len() < done {
+                return Err(DataError::Config(format!(
+                    "the chat format does not render conversations prefix by prefix (at message {i}), so \
+                     assistant tokens cannot be located; use chat_format = \"role_markers\" or another named format"
+                )));
+            }
+            pieces.push((full[done..before.len()].to_string(), false));
+            pieces.push((full[before.len()..through.len()].to_string(), true));
+            done = through.len();
+        }
+        if done < full.len() {
+            pieces.push((full[done..].to_string(), false));
+        }
+        Ok(pieces)
+    }
+}
+
+/// Truncation applied while tokenising.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Truncation {
+    /// Keep the first tokens (drop the end).
+    KeepStart,
+    /// Keep the last tokens (drop the beginning) — TRL's default for prompts.
+    #[default]
+    KeepEnd,
+}
+
+/// Tokenisation settings (documented defaults).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenizeConfig {
+    /// Longest sequence (prompt + completion); `None` = no limit. Default 1024.
+    pub max_length: Option<usize>,
+    /// Longest prompt, truncated first; `None` = no limit. Default 512.
+    pub max_prompt_length: Option<usize>,
+    /// Which end of the prompt survives truncation. Default keep_end.
+    pub prompt_truncation: Truncation,
+    /// How conversations are rendered. Default template.
+    pub chat_format: ChatFormat,
+    /// Append EOS to plain-text completions and `text` rows. Default true.
+    pub append_eos: bool,
+}
+
+impl Default for TokenizeConfig {
+    fn default() -> Self {
+        TokenizeConfig {
+            max_length: Some(1024),
+            max_prompt_length: Some(512),
+            prompt_truncation: Truncation::KeepEnd,
+            chat_format: ChatFormat::Template,
+            append_eos: true,
+        }
+    }
+}
+
+/// A sequence to train on: ids and which of them are in the loss.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TokenizedSequence {
+    pub input_ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+}
+
+impl TokenizedSequence {
+    pub fn len(&self) -> usize {
+        self.input_ids.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.input_ids.is_empty()
+    }
+    /// Tokens in the loss.
+    pub fn loss_tokens(&self) -> usize {
+        self.loss_mask.iter().filter(|&&m| m).count()
+    }
+}
+
+/// A prompt with its completion(s), split where the completion starts.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TokenizedPrompted {
+    pub prompt_ids: Vec<u32>,
+    pub completion_ids: Vec<u32>,
+}
+
+/// What one example becomes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Tokenized {
+    /// text, prompt/completion, conversation, scored conversation
+    Sequence(TokenizedSequence),
+    /// preference pair sharing one prompt
+    Pair { prompt_ids: Vec<u32>, chosen_ids: Vec<u32>, rejected_ids: Vec<u32> },
+    /// unpaired preference
+    Labelled { prompted: TokenizedPrompted, label: bool },
+    /// prompt only (RL), with the ground truth
+    Prompt { prompt_ids: Vec<u32>, answer: String },
+}
+
+/// Truncation counters for the stage log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TruncationStats {
+    pub rows: usize,
+    pub truncated_rows: usize,
+    pub dropped_tokens: usize,
+}
+
+/// Tokenises examples with one tokenizer and config, counting truncation.
+pub struct ExampleTokenizer<'a> {
+    pub tokenizer: &'a Tokenizer,
+    pub config: TokenizeConfig,
+    pub stats: TruncationStats,
+}
+
+impl<'a> ExampleTokenizer<'a> {
+    pub fn new(tokenizer: &'a Tokenizer, config: TokenizeConfig) -> Self {
+        ExampleTokenizer { tokenizer, config, stats: TruncationStats::default() }
+    }
+
+    fn formatter(&self) -> Formatter<'a> {
+        Formatter { format: self.config.chat_format, template: self.tokenizer.chat_template.as_ref() }
+    }
+
+    fn eos(&self) -> Result<Option<u32>> {
+        if !self.config.append_eos {
+            return Ok(None);
+        }
+        self.tokenizer
+            .eos_token_id
+            .map(Some)
+            .ok_or_else(|| DataError::Config("append_eos is on but the tokenizer has no EOS token".into()))
+    }
+
+    /// A conversation (rendered) as one sequence with assistant-only loss.
+    fn conversation(&self, messages: &[ChatMessage]) -> Result<TokenizedSequence> {
+        let pieces = self.formatter().pieces(messages)?;
+        let text: String = pieces.iter().map(|(p, _)| p.as_str()).collect();
+        let mut spans = Vec::new();
+        let mut at = 0;
+        for (p, train) in &pieces {
+            if *train {
+                spans.push((at, at + p.len()));
+            }
+            at += p.len();
+        }
+        let (ids, offsets) = self.tokenizer.encode_with_offsets(&text, false)?;
+        let loss_mask = offsets.iter().map(|&(s, _)| spans.iter().any(|&(a, b)| s >= a && s < b)).collect();
+        Ok(TokenizedSequence { input_ids: ids, loss_mask })
+    }
+
+    /// Prompt and completion text: split at the common prefix of the two tokenisations.
+    fn split(&self, prompt: &str, completion: &str, eos: bool) -> Result<TokenizedPrompted> {
+        let p = self.tokenizer.encode(prompt, false)?;
+        let full = self.tokenizer.encode(&format!("{prompt}{completion}"), false)?;
+        let n = p.iter().zip(&full).take_while(|(a, b)| a == b).count();
+        let mut completion_ids = full[n..].to_vec();
+        if eos && let Some(e) = self.eos()? {
+            completion_ids.push(e);
+        }
+        Ok(TokenizedPrompted { prompt_ids: full[..n].to_vec(), completion_ids })
+    }
+
+    /// Render a conversational prompt/completion and split it the same way.
+    fn split_content(&mut self, prompt: &Content, completion: &Content) -> Result<TokenizedPrompted> {
+        match (prompt, completion) {
+            (Content::Text(p), Content::Text(c)) => self.split(p, c, true),
+            (Content::Messages(p), Content::Messages(c)) => {
+                let f = self.formatter();
+                let ptext = f.render(p, true)?;
+                let all: Vec<ChatMessage> = p.iter().chain(c).cloned().collect();
+                let full = f.render(&all, false)?;
+                let ctext = full.strip_prefix(ptext.as_str()).ok_or_else(|| {
+                    DataError::Config(
+                        "the chat format's generation prompt is not a prefix of the full conversation".into(),
+                    )
+                })?;
+                // The template ends turns itself: no extra EOS.
+                self.split(&ptext, ctext, false)
+            }
+            _ => Err(DataError::Config("prompt and completion must both be text or both be messages".into())),
+        }
+    }
+
+    fn prompt_ids(&self, prompt: &Content) -> Result<Vec<u32>> {
+        Ok(match prompt {
+            Content::Text(p) => self.tokenizer.encode(p, false)?,
+            Content::Messages(m) => self.tokenizer.encode(&self.formatter().render(m, true)?, false)?,
+        })
+    }
+
+    /// Apply max_prompt_length then max_length; returns tokens dropped.
+    fn truncate(&self, prompt: &mut Vec<u32>, completions: &mut [&mut Vec<u32>]) -> usize {
+        let mut dropped = 0;
+        if let Some(mp) = self.config.max_prompt_length
+            && prompt.len() > mp
+        {
+            dropped += prompt.len() - mp;
+            match self.config.prompt_truncation {
+                Truncation::KeepStart => prompt.truncate(mp),
+                Truncation::KeepEnd => {
+                    prompt.drain(..prompt.len() - mp);
+                }
+            }
+        }
+        if let Some(ml) = self.config.max_length {
+            let room = ml.saturating_sub(prompt.len());
+            for c in completions.iter_mut() {
+                if c.len() > room {
+                    dropped += c.len() - room;
+                    c.truncate(room);
+                }
+            }
+        }
+        dropped
+    }
+
+    fn truncate_sequence(&self, s: &mut TokenizedSequence) -> usize {
+        match self.config.max_length {
+            Some(ml) if s.len() > ml => {
+                let n = s.len() - ml;
+                s.input_ids.truncate(ml);
+                s.loss_mask.truncate(ml);
+                n
+            }
+            _ => 0,
+        }
+    }
+
+    fn count(&mut self, dropped: usize) {
+        self.stats.rows += 1;
+        if dropped > 0 {
+            self.stats.truncated_rows += 1;
+            self.stats.dropped_tokens += dropped;
+        }
+    }
+
+    /// Tokenise one example.
+    pub fn tokenize(&mut self, ex: &Example) -> Result<Tokenized> {
+        let sequence = |p: TokenizedPrompted| {
+            let n = p.prompt_ids.len();
+            let m = p.completion_ids.len();
+            TokenizedSequence {
+                input_ids: p.prompt_ids.into_iter().chain(p.completion_ids).collect(),
+                loss_mask: std::iter::repeat_n(false, n).chain(std::iter::repeat_n(true, m)).collect(),
+            }
+        };
+        let out = match ex {
+            Example::Text { text } => {
+                let mut ids = self.tokenizer.encode(text, false)?;
+                ids.extend(self.eos()?);
+                let mut s = TokenizedSequence { loss_mask: vec![true; ids.len()], input_ids: ids };
+                let d = self.truncate_sequence(&mut s);
+                self.count(d);
+                Tokenized::Sequence(s)
+            }
+            Example::PromptCompletion { prompt, completion } => {
+                let mut p = self.split_content(prompt, completion)?;
+                let d = self.truncate(&mut p.prompt_ids, &mut [&mut p.completion_ids]);
+                self.count(d);
+                Tokenized::Sequence(sequence(p))
+            }
+            Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
+                let mut s = self.conversation(messages)?;
+                let d = self.truncate_sequence(&mut s);
+                self.count(d);
+                Tokenized::Sequence(s)
+            }
+            Example::Preference { prompt, chosen, rejected } => {
+                let c = self.split_content(prompt, chosen)?;
+                let r = self.split_content(prompt, rejected)?;
+                // One prompt for both: the shorter common prefix, the rest moves to each completion.
+                let n = c.prompt_ids.len().min(r.prompt_ids.len());
+                let mut prompt_ids = c.prompt_ids[..n].to_vec();
+                let mut chosen_ids: Vec<u32> = c.prompt_ids[n..].iter().chain(&c.completion_ids).copied().collect();
+                let mut rejected_ids: Vec<u32> = r.prompt_ids[n..].iter().chain(&r.completion_ids).copied().collect();
+                let d = self.truncate(&mut prompt_ids, &mut [&mut chosen_ids, &mut rejected_ids]);
+                self.count(d);
+                Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids }
+            }
+            Example::UnpairedPreference { prompt, completion, label } => {
+                let mut p = self.split_content(prompt, completion)?;
+                let d = self.truncate(&mut p.prompt_ids, &mut [&mut p.completion_ids]);
+                self.count(d);
+                Tokenized::Labelled { prompted: p, label: *label }
+            }
+            Example::PromptAnswer { prompt, answer } => {
+                let mut prompt_ids = self.prompt_ids(prompt)?;
+                let d = self.truncate(&mut prompt_ids, &mut []);
+                self.count(d);
+                Tokenized::Prompt { prompt_ids, answer: answer.clone() }
+            }
+        };
+        Ok(out)
+    }
+}
