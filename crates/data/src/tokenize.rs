@@ -116,7 +116,7 @@ pub enum Truncation {
 pub struct TokenizeConfig {
     /// Longest sequence (prompt + completion); `None` = no limit. Default 1024.
     pub max_length: Option<usize>,
-    /// Longest prompt, truncated first; `None` = no limit. Default 512.
+    /// Longest prompt, truncated first (and never beyond max_length); `None` = no limit. Default 512.
     pub max_prompt_length: Option<usize>,
     /// Which end of the prompt survives truncation. Default keep_end.
     pub prompt_truncation: Truncation,
@@ -269,10 +269,15 @@ impl<'a> ExampleTokenizer<'a> {
         })
     }
 
-    /// Apply max_prompt_length then max_length; returns tokens dropped.
+    /// Apply max_prompt_length to the prompt, then max_length to prompt + each completion
+    /// (the prompt too, if it alone is longer); returns tokens dropped.
     fn truncate(&self, prompt: &mut Vec<u32>, completions: &mut [&mut Vec<u32>]) -> usize {
         let mut dropped = 0;
-        if let Some(mp) = self.config.max_prompt_length
+        let limit = match (self.config.max_prompt_length, self.config.max_length) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if let Some(mp) = limit
             && prompt.len() > mp
         {
             dropped += prompt.len() - mp;

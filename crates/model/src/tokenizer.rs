@@ -11,6 +11,9 @@ use crate::chat::ChatTemplate;
 use crate::error::{ModelError, Result};
 use crate::gguf::{GgufFile, MetaValue};
 
+/// A `[start, end)` byte range of the encoded text.
+pub type ByteSpan = (usize, usize);
+
 /// A tokenizer with its special tokens and (optional) chat template.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -210,7 +213,7 @@ impl Tokenizer {
     }
 
     /// Token ids with the byte range of `text` each token came from.
-    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
         let e = self.inner.encode(text, add_special).map_err(|e| ModelError::Tokenizer(format!("encoding: {e}")))?;
         Ok((e.get_ids().to_vec(), e.get_offsets().to_vec()))
     }
