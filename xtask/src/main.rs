@@ -6,6 +6,7 @@
 //!   compares Burn's CPU backends on a training step.
 
 mod bench;
+mod bench_data;
 mod fetch;
 
 use std::path::PathBuf;
@@ -53,6 +54,12 @@ enum Cmd {
         /// Compare CPU backends on one forward+backward step instead
         #[arg(long)]
         backends: bool,
+        /// Data pipeline throughput instead: tokenise + pack GSM8K train (and streaming memory)
+        #[arg(long)]
+        data: bool,
+        /// GSM8K train JSONL for `--data`
+        #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
+        gsm8k: PathBuf,
     },
 }
 
@@ -85,10 +92,19 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends } => {
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, gsm8k } => {
             let gguf = fetch::smollm2()?;
             if backends {
                 return bench_backends(&gguf, reps);
+            }
+            if data {
+                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+                let peer = python.as_deref().map(|p| (p, hf_dir.as_path()));
+                let report = bench_data::run(&gguf, &gsm8k, peer, reps)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/data.json", serde_json::to_string_pretty(&report)?)?;
+                eprintln!("bench: wrote target/bench/data.json");
+                return Ok(());
             }
             let setup = match python {
                 Some(python) => {

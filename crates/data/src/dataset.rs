@@ -54,34 +54,41 @@ pub struct SkipReport {
     pub first_reasons: Vec<String>,
 }
 
-/// Read and validate every row. A bad row is an error naming file, line and field, unless
-/// `skip_invalid`, when it is counted (and its reason kept among the first five).
-pub fn load_examples(cfg: &DatasetConfig) -> Result<(Vec<Example>, SkipReport)> {
-    let mut out = Vec::new();
-    let mut report = SkipReport::default();
-    for record in RecordReader::open(&cfg.path)? {
-        if cfg.limit.is_some_and(|l| out.len() >= l) {
-            break;
-        }
-        let parsed = record.and_then(|mut r| {
+/// Validated examples, streamed: one row in memory at a time. A bad row is an error naming
+/// file, line and field, unless `skip_invalid`, when it is counted in `report` (with the
+/// first five reasons) and skipped.
+pub fn examples<'a>(
+    cfg: &'a DatasetConfig,
+    report: &'a mut SkipReport,
+) -> Result<impl Iterator<Item = Result<Example>> + 'a> {
+    let reader = RecordReader::open(&cfg.path)?;
+    let parsed = reader.map(move |record| {
+        record.and_then(|mut r| {
             map_columns(&mut r.fields, &cfg.columns);
             match cfg.adapter {
                 Some(a) => a.apply(&r),
                 None => Example::from_record(&r, cfg.schema),
             }
-        });
-        match parsed {
-            Ok(e) => out.push(e),
-            // File-level errors (unreadable file, bad Parquet) stop even with skip_invalid.
-            Err(e @ DataError::Row { .. }) if cfg.skip_invalid => {
-                report.skipped += 1;
-                if report.first_reasons.len() < 5 {
-                    report.first_reasons.push(e.to_string());
-                }
+        })
+    });
+    let kept = parsed.filter_map(move |p| match p {
+        // File-level errors (unreadable file, bad Parquet) stop even with skip_invalid.
+        Err(e @ DataError::Row { .. }) if cfg.skip_invalid => {
+            report.skipped += 1;
+            if report.first_reasons.len() < 5 {
+                report.first_reasons.push(e.to_string());
             }
-            Err(e) => return Err(e),
+            None
         }
-    }
+        other => Some(other),
+    });
+    Ok(kept.take(cfg.limit.unwrap_or(usize::MAX)))
+}
+
+/// Read and validate every row into memory (see [`examples`]).
+pub fn load_examples(cfg: &DatasetConfig) -> Result<(Vec<Example>, SkipReport)> {
+    let mut report = SkipReport::default();
+    let out = examples(cfg, &mut report)?.collect::<Result<Vec<_>>>()?;
     if report.skipped > 0 {
         tracing::warn!(path = %cfg.path.display(), skipped = report.skipped, first = ?report.first_reasons, "skipped invalid rows");
     }

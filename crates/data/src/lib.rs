@@ -19,7 +19,7 @@ pub mod tokenize;
 
 pub use adapters::{Adapter, MultipleChoice};
 pub use batch::{HostBatch, pack, pack_best_fit_decreasing, pad_left, pad_right};
-pub use dataset::{DatasetConfig, SkipReport, load_examples};
+pub use dataset::{DatasetConfig, SkipReport, examples, load_examples};
 pub use error::{DataError, Location, Result};
 pub use loader::{Loader, LoaderState};
 pub use schema::{ColumnMap, Content, Example, SchemaKind};

@@ -312,6 +312,49 @@ impl<'a> ExampleTokenizer<'a> {
         }
     }
 
+    /// Tokenise many examples on `threads` threads (order kept; counts merged). Stops at
+    /// the first error.
+    pub fn tokenize_all(&mut self, examples: &[Example], threads: usize) -> Result<Vec<Tokenized>> {
+        let threads = threads.max(1).min(examples.len().max(1));
+        let chunk = examples.len().div_ceil(threads).max(1);
+        let (tokenizer, config) = (self.tokenizer, self.config.clone());
+        let parts: Vec<Result<(Vec<Tokenized>, TruncationStats)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = examples
+                .chunks(chunk)
+                .map(|part| {
+                    let config = config.clone();
+                    scope.spawn(move || {
+                        let mut t = ExampleTokenizer::new(tokenizer, config);
+                        let out = part.iter().map(|e| t.tokenize(e)).collect::<Result<Vec<_>>>()?;
+                        Ok((out, t.stats))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().expect("tokenizer thread panicked")).collect()
+        });
+        let mut out = Vec::with_capacity(examples.len());
+        for part in parts {
+            let (items, stats) = part?;
+            self.stats.rows += stats.rows;
+            self.stats.truncated_rows += stats.truncated_rows;
+            self.stats.dropped_tokens += stats.dropped_tokens;
+            out.extend(items);
+        }
+        Ok(out)
+    }
+
+    /// Write the truncation counts to the stage log.
+    pub fn log_stats(&self, what: &str) {
+        let s = self.stats;
+        tracing::info!(
+            data = what,
+            rows = s.rows,
+            truncated_rows = s.truncated_rows,
+            dropped_tokens = s.dropped_tokens,
+            "tokenised"
+        );
+    }
+
     fn count(&mut self, dropped: usize) {
         self.stats.rows += 1;
         if dropped > 0 {

@@ -202,3 +202,21 @@ fn packed_batch_matches_unpacked_logprobs() {
     }
     assert_eq!(compared, seqs.len());
 }
+
+#[test]
+fn parallel_tokenisation_equals_sequential() {
+    let tok = tokenizer();
+    let cfg = DatasetConfig {
+        adapter: Some(Adapter::Gsm8kSft),
+        ..DatasetConfig::new(root().join("data/gsm8k_train_head.jsonl"))
+    };
+    let (examples, _) = load_examples(&cfg).unwrap();
+    let tc = TokenizeConfig { max_length: Some(300), max_prompt_length: Some(200), ..Default::default() };
+    let mut seq_t = ExampleTokenizer::new(&tok, tc.clone());
+    let one: Vec<Tokenized> = examples.iter().map(|e| seq_t.tokenize(e).unwrap()).collect();
+    let mut par_t = ExampleTokenizer::new(&tok, tc);
+    let many = par_t.tokenize_all(&examples, 3).unwrap();
+    assert_eq!(one, many);
+    assert_eq!(seq_t.stats, par_t.stats);
+    assert!(par_t.stats.truncated_rows > 0);
+}
