@@ -233,3 +233,13 @@ fn piqa_and_gsm8k_adapters() {
             .all(|e| matches!(e, Example::PromptAnswer { answer, .. } if !answer.contains(',') && !answer.is_empty()))
     );
 }
+
+/// Examples serialise (e.g. into a run's cache) and read back unchanged.
+#[test]
+fn examples_serde_round_trip() {
+    for e in expected() {
+        let json = serde_json::to_string(&e).unwrap();
+        let back: Example = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, e, "{json}");
+    }
+}

@@ -220,3 +220,29 @@ fn parallel_tokenisation_equals_sequential() {
     assert_eq!(seq_t.stats, par_t.stats);
     assert!(par_t.stats.truncated_rows > 0);
 }
+
+#[test]
+fn conversational_preference_and_scored_conversations_tokenise() {
+    let tok = tokenizer();
+    let mut t = ExampleTokenizer::new(&tok, TokenizeConfig::default());
+    let ex = Example::Preference {
+        prompt: Content::Messages(vec![ChatMessage::new("user", "Best pet?")]),
+        chosen: Content::Messages(vec![ChatMessage::new("assistant", "A cat.")]),
+        rejected: Content::Messages(vec![ChatMessage::new("assistant", "A rock.")]),
+    };
+    let Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids } = t.tokenize(&ex).unwrap() else { panic!() };
+    assert_eq!(
+        tok.decode(&prompt_ids, false).unwrap(),
+        "<|im_start|>user\nBest pet?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(tok.decode(&chosen_ids, false).unwrap(), "A cat.<|im_end|>\n");
+    assert_eq!(tok.decode(&rejected_ids, false).unwrap(), "A rock.<|im_end|>\n");
+
+    let scored = Example::ScoredConversation {
+        messages: vec![ChatMessage::new("user", "Joke?"), ChatMessage::new("assistant", "Knock knock.")],
+        score: 7.5,
+        reason: None,
+    };
+    let s = seq(t.tokenize(&scored).unwrap());
+    assert_eq!(masked_text(&tok, &s), "Knock knock.<|im_end|>\n");
+}
