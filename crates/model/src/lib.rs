@@ -33,7 +33,7 @@ pub use config::{Architecture, HfHead, ModelConfig};
 pub use error::{ModelError, Result};
 pub use load::{Heads, build, export};
 pub use tokenizer::Tokenizer;
-pub use transformer::{KvCache, TokenBatch, Transformer};
+pub use transformer::{KvCache, LowRank, Proj, TokenBatch, Transformer};
 pub use weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource};
 
 /// A network with its tokenizer, as loaded from disk.

@@ -13,7 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{Architecture, HfHead, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::transformer::{Attention, Block, Mlp, Norm, Transformer, rope_inv_freq};
+use crate::transformer::{Attention, Block, Mlp, Norm, Proj, Transformer, rope_inv_freq};
 use crate::weights::{HostTensor, TensorMap, WeightSource};
 
 /// Which heads to build besides the trunk.
@@ -147,10 +147,10 @@ pub fn build<B: Backend>(
                 for r in 0..h {
                     w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
                 }
-                Linear {
+                Proj::new(Linear {
                     weight: Loader::<B>::param2(HostTensor::new(vec![h, h], w), device),
                     bias: Some(Loader::<B>::param1(c_attn_b.rows(j * h, h), device)),
-                }
+                })
             };
             Block {
                 input_layernorm: l.norm(&format!("{n}.ln_1"), h, c.norm_eps, true)?,
@@ -158,7 +158,7 @@ pub fn build<B: Backend>(
                     q_proj: cols(0),
                     k_proj: cols(1),
                     v_proj: cols(2),
-                    o_proj: l.conv1d(&format!("{n}.attn.c_proj"), h, h)?,
+                    o_proj: Proj::new(l.conv1d(&format!("{n}.attn.c_proj"), h, h)?),
                     q_norm: None,
                     k_norm: None,
                     n_heads: c.num_attention_heads,
@@ -168,8 +168,8 @@ pub fn build<B: Backend>(
                 post_attention_layernorm: l.norm(&format!("{n}.ln_2"), h, c.norm_eps, true)?,
                 mlp: Mlp {
                     gate_proj: None,
-                    up_proj: l.conv1d(&format!("{n}.mlp.c_fc"), h, c.intermediate_size)?,
-                    down_proj: l.conv1d(&format!("{n}.mlp.c_proj"), c.intermediate_size, h)?,
+                    up_proj: Proj::new(l.conv1d(&format!("{n}.mlp.c_fc"), h, c.intermediate_size)?),
+                    down_proj: Proj::new(l.conv1d(&format!("{n}.mlp.c_proj"), c.intermediate_size, h)?),
                 },
             }
         } else {
@@ -186,10 +186,10 @@ pub fn build<B: Backend>(
             Block {
                 input_layernorm: l.norm(&format!("{n}.input_layernorm"), h, c.norm_eps, false)?,
                 self_attn: Attention {
-                    q_proj: l.linear(&format!("{a}.q_proj"), h, q_out, c.attention_bias)?,
-                    k_proj: l.linear(&format!("{a}.k_proj"), h, kv_out, c.attention_bias)?,
-                    v_proj: l.linear(&format!("{a}.v_proj"), h, kv_out, c.attention_bias)?,
-                    o_proj: l.linear(&format!("{a}.o_proj"), q_out, h, c.attention_out_bias)?,
+                    q_proj: Proj::new(l.linear(&format!("{a}.q_proj"), h, q_out, c.attention_bias)?),
+                    k_proj: Proj::new(l.linear(&format!("{a}.k_proj"), h, kv_out, c.attention_bias)?),
+                    v_proj: Proj::new(l.linear(&format!("{a}.v_proj"), h, kv_out, c.attention_bias)?),
+                    o_proj: Proj::new(l.linear(&format!("{a}.o_proj"), q_out, h, c.attention_out_bias)?),
                     q_norm: qk_norm(&mut l, "q_norm")?,
                     k_norm: qk_norm(&mut l, "k_norm")?,
                     n_heads: c.num_attention_heads,
@@ -198,9 +198,9 @@ pub fn build<B: Backend>(
                 },
                 post_attention_layernorm: l.norm(&format!("{n}.post_attention_layernorm"), h, c.norm_eps, false)?,
                 mlp: Mlp {
-                    gate_proj: Some(l.linear(&format!("{m}.gate_proj"), h, c.intermediate_size, c.mlp_bias)?),
-                    up_proj: l.linear(&format!("{m}.up_proj"), h, c.intermediate_size, c.mlp_bias)?,
-                    down_proj: l.linear(&format!("{m}.down_proj"), c.intermediate_size, h, c.mlp_bias)?,
+                    gate_proj: Some(Proj::new(l.linear(&format!("{m}.gate_proj"), h, c.intermediate_size, c.mlp_bias)?)),
+                    up_proj: Proj::new(l.linear(&format!("{m}.up_proj"), h, c.intermediate_size, c.mlp_bias)?),
+                    down_proj: Proj::new(l.linear(&format!("{m}.down_proj"), c.intermediate_size, h, c.mlp_bias)?),
                 },
             }
         };
@@ -297,7 +297,7 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
             norm(&mut put, &format!("{n}.ln_1"), &layer.input_layernorm)?;
             // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
             let (q, k, v) =
-                (to_host(a.q_proj.weight.val())?, to_host(a.k_proj.weight.val())?, to_host(a.v_proj.weight.val())?);
+                (to_host(a.q_proj.linear.weight.val())?, to_host(a.k_proj.linear.weight.val())?, to_host(a.v_proj.linear.weight.val())?);
             let (rows, cols) = (q.shape[0], q.shape[1]);
             let mut w = Vec::with_capacity(rows * cols * 3);
             for r in 0..rows {
@@ -306,23 +306,23 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
                 }
             }
             put(format!("{n}.attn.c_attn.weight"), HostTensor::new(vec![rows, 3 * cols], w));
-            let biases = [&a.q_proj, &a.k_proj, &a.v_proj]
+            let biases = [&a.q_proj.linear, &a.k_proj.linear, &a.v_proj.linear]
                 .iter()
                 .map(|l| l.bias.as_ref().map(|b| to_host(b.val())).transpose())
                 .collect::<Result<Option<Vec<_>>>>()?
                 .ok_or_else(|| ModelError::tensor(format!("{n}.attn.c_attn.bias"), "GPT-2 attention needs biases"))?;
             put(format!("{n}.attn.c_attn.bias"), HostTensor::concat_rows(&biases));
-            linear(&mut put, &format!("{n}.attn.c_proj"), &a.o_proj, false)?;
+            linear(&mut put, &format!("{n}.attn.c_proj"), &a.o_proj.linear, false)?;
             norm(&mut put, &format!("{n}.ln_2"), &layer.post_attention_layernorm)?;
-            linear(&mut put, &format!("{n}.mlp.c_fc"), &layer.mlp.up_proj, false)?;
-            linear(&mut put, &format!("{n}.mlp.c_proj"), &layer.mlp.down_proj, false)?;
+            linear(&mut put, &format!("{n}.mlp.c_fc"), &layer.mlp.up_proj.linear, false)?;
+            linear(&mut put, &format!("{n}.mlp.c_proj"), &layer.mlp.down_proj.linear, false)?;
         } else {
             let n = format!("{p}.layers.{i}");
             norm(&mut put, &format!("{n}.input_layernorm"), &layer.input_layernorm)?;
-            linear(&mut put, &format!("{n}.self_attn.q_proj"), &a.q_proj, true)?;
-            linear(&mut put, &format!("{n}.self_attn.k_proj"), &a.k_proj, true)?;
-            linear(&mut put, &format!("{n}.self_attn.v_proj"), &a.v_proj, true)?;
-            linear(&mut put, &format!("{n}.self_attn.o_proj"), &a.o_proj, true)?;
+            linear(&mut put, &format!("{n}.self_attn.q_proj"), &a.q_proj.linear, true)?;
+            linear(&mut put, &format!("{n}.self_attn.k_proj"), &a.k_proj.linear, true)?;
+            linear(&mut put, &format!("{n}.self_attn.v_proj"), &a.v_proj.linear, true)?;
+            linear(&mut put, &format!("{n}.self_attn.o_proj"), &a.o_proj.linear, true)?;
             if let Some(qn) = &a.q_norm {
                 norm(&mut put, &format!("{n}.self_attn.q_norm"), qn)?;
             }
@@ -331,10 +331,10 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
             }
             norm(&mut put, &format!("{n}.post_attention_layernorm"), &layer.post_attention_layernorm)?;
             if let Some(g) = &layer.mlp.gate_proj {
-                linear(&mut put, &format!("{n}.mlp.gate_proj"), g, true)?;
+                linear(&mut put, &format!("{n}.mlp.gate_proj"), &g.linear, true)?;
             }
-            linear(&mut put, &format!("{n}.mlp.up_proj"), &layer.mlp.up_proj, true)?;
-            linear(&mut put, &format!("{n}.mlp.down_proj"), &layer.mlp.down_proj, true)?;
+            linear(&mut put, &format!("{n}.mlp.up_proj"), &layer.mlp.up_proj.linear, true)?;
+            linear(&mut put, &format!("{n}.mlp.down_proj"), &layer.mlp.down_proj.linear, true)?;
         }
     }
     norm(&mut put, &format!("{p}.{}", if gpt2 { "ln_f" } else { "norm" }), &model.norm)?;

@@ -14,7 +14,7 @@
 //! tokens never see pads); packed sequences are segments 1, 2, …
 
 use burn::module::{Module, Param};
-use burn::nn::Linear;
+use burn::nn::{Dropout, Linear};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
@@ -48,10 +48,10 @@ impl<B: Backend> Norm<B> {
 /// Multi-head attention with grouped key/value heads and rotary (or no) positions.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Linear<B>,
-    pub k_proj: Linear<B>,
-    pub v_proj: Linear<B>,
-    pub o_proj: Linear<B>,
+    pub q_proj: Proj<B>,
+    pub k_proj: Proj<B>,
+    pub v_proj: Proj<B>,
+    pub o_proj: Proj<B>,
     /// Qwen3's RMSNorm over each head of q and k.
     pub q_norm: Option<Norm<B>>,
     pub k_norm: Option<Norm<B>>,
@@ -64,18 +64,18 @@ pub struct Attention<B: Backend> {
 /// else `down(gelu_new(up x))` (GPT-2).
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Option<Linear<B>>,
-    pub up_proj: Linear<B>,
-    pub down_proj: Linear<B>,
+    pub gate_proj: Option<Proj<B>>,
+    pub up_proj: Proj<B>,
+    pub down_proj: Proj<B>,
 }
 
 impl<B: Backend> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = match &self.gate_proj {
-            Some(gate) => activation::silu(linear(gate, x.clone())) * linear(&self.up_proj, x),
-            None => gelu_new(linear(&self.up_proj, x)),
+            Some(gate) => activation::silu(gate.forward(x.clone())) * self.up_proj.forward(x),
+            None => gelu_new(self.up_proj.forward(x)),
         };
-        linear(&self.down_proj, h)
+        self.down_proj.forward(h)
     }
 }
 
@@ -87,6 +87,44 @@ pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let y = layer.forward(x.reshape([b * t, d]));
     let n = y.dims()[1];
     y.reshape([b, t, n])
+}
+
+/// A projection inside a block: a linear layer plus, optionally, a trainable low-rank
+/// delta `scale · dropout(x) A B` (LoRA; align-lora attaches, saves and merges it).
+#[derive(Module, Debug)]
+pub struct Proj<B: Backend> {
+    pub linear: Linear<B>,
+    pub adapter: Option<LowRank<B>>,
+}
+
+/// `scale · dropout(x) · a · b`, with `a: [in, r]`, `b: [r, out]`.
+#[derive(Module, Debug)]
+pub struct LowRank<B: Backend> {
+    pub a: Param<Tensor<B, 2>>,
+    pub b: Param<Tensor<B, 2>>,
+    pub scale: f64,
+    pub dropout: Dropout,
+    /// Off: the projection is the base layer alone (e.g. the reference model under LoRA).
+    pub enabled: bool,
+}
+
+impl<B: Backend> Proj<B> {
+    pub fn new(linear: Linear<B>) -> Self {
+        Proj { linear, adapter: None }
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = linear(&self.linear, x.clone());
+        match &self.adapter {
+            Some(ad) if ad.enabled => {
+                let [b, t, d] = x.dims();
+                let low = ad.dropout.forward(x.reshape([b * t, d])).matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale;
+                let n = low.dims()[1];
+                y + low.reshape([b, t, n])
+            }
+            _ => y,
+        }
+    }
 }
 
 /// GPT-2's tanh approximation of GELU.
@@ -282,6 +320,44 @@ impl<B: Backend> Transformer<B> {
         self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2))
     }
 
+    /// Every block projection with its HF module name (`model.layers.3.self_attn.q_proj`;
+    /// GPT-2: `transformer.h.3.attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` — its fused `c_attn`
+    /// is split here, so q/k/v are not addressable by an HF name).
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
+        let gpt2 = self.config.architecture == crate::config::Architecture::Gpt2;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.self_attn, &mut l.mlp);
+            if gpt2 {
+                let n = format!("transformer.h.{i}");
+                out.push((format!("{n}.attn.c_proj"), &mut a.o_proj));
+                out.push((format!("{n}.mlp.c_fc"), &mut m.up_proj));
+                out.push((format!("{n}.mlp.c_proj"), &mut m.down_proj));
+            } else {
+                let n = format!("model.layers.{i}");
+                out.push((format!("{n}.self_attn.q_proj"), &mut a.q_proj));
+                out.push((format!("{n}.self_attn.k_proj"), &mut a.k_proj));
+                out.push((format!("{n}.self_attn.v_proj"), &mut a.v_proj));
+                out.push((format!("{n}.self_attn.o_proj"), &mut a.o_proj));
+                if let Some(g) = m.gate_proj.as_mut() {
+                    out.push((format!("{n}.mlp.gate_proj"), g));
+                }
+                out.push((format!("{n}.mlp.up_proj"), &mut m.up_proj));
+                out.push((format!("{n}.mlp.down_proj"), &mut m.down_proj));
+            }
+        }
+        out
+    }
+
+    /// Turn every attached low-rank adapter on or off.
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, p) in self.projections_mut() {
+            if let Some(a) = p.adapter.as_mut() {
+                a.enabled = enabled;
+            }
+        }
+    }
+
     pub fn new_cache(&self) -> KvCache<B> {
         KvCache::new(self.layers.len())
     }
@@ -347,9 +423,9 @@ impl<B: Backend> Attention<B> {
             };
             y.swap_dims(1, 2)
         };
-        let mut q = split(linear(&self.q_proj, x.clone()), nh, self.q_norm.as_ref());
-        let mut k = split(linear(&self.k_proj, x.clone()), nkv, self.k_norm.as_ref());
-        let v = split(linear(&self.v_proj, x), nkv, None);
+        let mut q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref());
+        let mut k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref());
+        let v = split(self.v_proj.forward(x), nkv, None);
         if let Some((cos, sin)) = rope {
             q = apply_rope(q, cos, sin);
             k = apply_rope(k, cos, sin);
@@ -371,7 +447,7 @@ impl<B: Backend> Attention<B> {
         let groups = nh / nkv;
         let q = q.reshape([b, nkv, groups * t, hd]);
         let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()).reshape([b, nh, t, hd]);
-        linear(&self.o_proj, out.swap_dims(1, 2).reshape([b, t, nh * hd]))
+        self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
 }
 
