@@ -198,7 +198,12 @@ pub fn build<B: Backend>(
                 },
                 post_attention_layernorm: l.norm(&format!("{n}.post_attention_layernorm"), h, c.norm_eps, false)?,
                 mlp: Mlp {
-                    gate_proj: Some(Proj::new(l.linear(&format!("{m}.gate_proj"), h, c.intermediate_size, c.mlp_bias)?)),
+                    gate_proj: Some(Proj::new(l.linear(
+                        &format!("{m}.gate_proj"),
+                        h,
+                        c.intermediate_size,
+                        c.mlp_bias,
+                    )?)),
                     up_proj: Proj::new(l.linear(&format!("{m}.up_proj"), h, c.intermediate_size, c.mlp_bias)?),
                     down_proj: Proj::new(l.linear(&format!("{m}.down_proj"), c.intermediate_size, h, c.mlp_bias)?),
                 },
@@ -296,8 +301,11 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
             let n = format!("{p}.h.{i}");
             norm(&mut put, &format!("{n}.ln_1"), &layer.input_layernorm)?;
             // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
-            let (q, k, v) =
-                (to_host(a.q_proj.linear.weight.val())?, to_host(a.k_proj.linear.weight.val())?, to_host(a.v_proj.linear.weight.val())?);
+            let (q, k, v) = (
+                to_host(a.q_proj.linear.weight.val())?,
+                to_host(a.k_proj.linear.weight.val())?,
+                to_host(a.v_proj.linear.weight.val())?,
+            );
             let (rows, cols) = (q.shape[0], q.shape[1]);
             let mut w = Vec::with_capacity(rows * cols * 3);
             for r in 0..rows {

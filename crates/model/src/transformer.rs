@@ -106,6 +106,8 @@ pub struct LowRank<B: Backend> {
     pub dropout: Dropout,
     /// Off: the projection is the base layer alone (e.g. the reference model under LoRA).
     pub enabled: bool,
+    /// The delta has been added into `linear.weight` (so it is not added again).
+    pub merged: bool,
 }
 
 impl<B: Backend> Proj<B> {
@@ -116,7 +118,7 @@ impl<B: Backend> Proj<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let y = linear(&self.linear, x.clone());
         match &self.adapter {
-            Some(ad) if ad.enabled => {
+            Some(ad) if ad.enabled && !ad.merged => {
                 let [b, t, d] = x.dims();
                 let low = ad.dropout.forward(x.reshape([b * t, d])).matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale;
                 let n = low.dims()[1];
