@@ -4,4 +4,5 @@
 //! the stages build on: [`score`] (completion log-probs, comparable with the reference
 //! harness) and generation through align-rollout.
 
+pub mod optim;
 pub mod score;
