@@ -6,3 +6,5 @@
 
 pub mod optim;
 pub mod score;
+pub mod sft;
+pub mod trainer;

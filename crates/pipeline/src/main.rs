@@ -48,6 +48,14 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Supervised fine-tuning (full or LoRA) from a TOML stage config.
+    Sft {
+        #[arg(long)]
+        config: PathBuf,
+        /// Continue from the newest complete checkpoint in output_dir
+        #[arg(long)]
+        resume: bool,
+    },
     /// Write a model (GGUF or HF directory) as an HF directory transformers loads:
     /// config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json.
     Convert {
@@ -131,6 +139,11 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             let c = &out[0];
             println!("{}", m.tokenizer.decode(&c.tokens, true)?);
             tracing::info!(tokens = c.tokens.len(), seconds = format!("{secs:.2}"), "generated");
+        }
+        Command::Sft { config, resume } => {
+            let cfg = align_pipeline::sft::SftConfig::from_file(&config)?;
+            let out = align_pipeline::sft::run_sft::<align_model::backend::Autodiff<B>>(&cfg, resume, device)?;
+            println!("{}", out.display());
         }
         Command::Convert { model, out } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;

@@ -177,7 +177,9 @@ pub fn learning_rate(base: f64, schedule: Schedule, step: usize, warmup: usize, 
     let progress = (step - warmup) as f64 / (total.saturating_sub(warmup)).max(1) as f64;
     let f = match schedule {
         Schedule::Constant => 1.0,
-        Schedule::Linear => ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0),
+        Schedule::Linear => {
+            ((total.saturating_sub(step)) as f64 / (total.saturating_sub(warmup)).max(1) as f64).max(0.0)
+        }
         Schedule::Cosine => (0.5 * (1.0 + (std::f64::consts::PI * cycles * 2.0 * progress).cos())).max(0.0),
         Schedule::CosineWithRestarts => {
             if progress >= 1.0 {
@@ -246,7 +248,11 @@ mod tests {
             assert!((*a as f64 - e).abs() < 1e-6, "{a} vs {e}");
         }
         assert_eq!(opt.state.len(), 2);
-        assert!(opt.state.contains_key("w") && opt.state.contains_key("b"), "{:?}", opt.state.keys().collect::<Vec<_>>());
+        assert!(
+            opt.state.contains_key("w") && opt.state.contains_key("b"),
+            "{:?}",
+            opt.state.keys().collect::<Vec<_>>()
+        );
     }
 
     #[test]

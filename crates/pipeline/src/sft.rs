@@ -1,0 +1,230 @@
+//! The SFT stage (`align sft --config FILE`): next-token cross-entropy on completion tokens
+//! (prompt/completion data), assistant tokens (conversations) or all tokens (`text`), with
+//! optional packing, full fine-tuning or LoRA. Output: `final/` as HF safetensors (full) or
+//! a PEFT adapter (LoRA), plus the tokenizer files.
+
+use std::path::{Path, PathBuf};
+
+use align_data::{
+    DatasetConfig, ExampleTokenizer, HostBatch, TokenizeConfig, Tokenized, TokenizedSequence, load_examples, pack,
+    pad_right,
+};
+use align_lora::LoraConfig;
+use align_model::burn::module::AutodiffModule;
+use align_model::burn::tensor::backend::AutodiffBackend;
+use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
+use align_model::weights::{SafetensorsSource, save_safetensors};
+use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::trainer::{TrainTask, TrainingArguments, train};
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A GGUF file or an HF directory.
+    pub path: PathBuf,
+}
+
+/// An SFT stage config (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    /// Where metrics, checkpoints and `final/` go.
+    pub output_dir: PathBuf,
+    pub model: ModelSpec,
+    pub data: DatasetConfig,
+    /// Held-out data for `eval_steps`. Default none.
+    #[serde(default)]
+    pub eval_data: Option<DatasetConfig>,
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    #[serde(default)]
+    pub training: TrainingArguments,
+    /// LoRA instead of full fine-tuning. Default none (full).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// Pack micro-batches into rows of `tokenize.max_length` (best-fit decreasing). Default false.
+    #[serde(default)]
+    pub packing: bool,
+}
+
+impl SftConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid SFT config", path.display()))
+    }
+}
+
+/// Tokenise a dataset into training sequences.
+fn sequences(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<TokenizedSequence>> {
+    let (examples, _) = load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, cfg.clone());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out = t.tokenize_all(&examples, threads)?;
+    t.log_stats(what);
+    out.into_iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Tokenized::Sequence(s) if s.loss_tokens() > 0 => Ok(s),
+            Tokenized::Sequence(_) => {
+                bail!("{}: example {i} has no tokens to train on after truncation", data.path.display())
+            }
+            _ => bail!(
+                "{}: example {i} is not SFT data (preference or prompt-only rows need another stage)",
+                data.path.display()
+            ),
+        })
+        .collect()
+}
+
+pub struct SftTask<B: AutodiffBackend> {
+    pub train: Vec<TokenizedSequence>,
+    pub eval: Vec<TokenizedSequence>,
+    pub pad_id: u32,
+    pub packing: Option<usize>,
+    pub batch_size: usize,
+    pub config: ModelConfig,
+    pub lora: Option<LoraConfig>,
+    pub device: B::Device,
+}
+
+impl<B: AutodiffBackend> SftTask<B> {
+    fn host_batch(&self, seqs: &[&TokenizedSequence]) -> Result<HostBatch> {
+        Ok(match self.packing {
+            Some(cap) => pack(seqs, cap, self.pad_id)?,
+            None => pad_right(seqs, self.pad_id),
+        })
+    }
+}
+
+/// Σ −log p(target) over the loss tokens of a batch, and their count.
+pub fn nll_sum<B: align_model::burn::tensor::backend::Backend>(
+    model: &Transformer<B>,
+    batch: &HostBatch,
+    device: &B::Device,
+) -> (Tensor<B, 1>, usize) {
+    let [b, t] = batch.shape;
+    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
+    let (targets, mask) = batch.shifted_targets();
+    let n = mask.iter().filter(|&&m| m).count();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), device);
+    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [b, t - 1]), device);
+    let lp = align_losses::token_logprobs(logits, targets, 1.0);
+    (lp.mask_fill(mask.bool_not(), 0.0).sum().neg(), n)
+}
+
+impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
+    type Model = Transformer<B>;
+
+    fn num_examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<(Tensor<B, 1>, usize)> {
+        let seqs: Vec<&TokenizedSequence> = batch.iter().map(|&i| &self.train[i]).collect();
+        Ok(nll_sum(model, &self.host_batch(&seqs)?, &self.device))
+    }
+
+    fn loss_tokens(&self, batch: &[usize]) -> usize {
+        // Every loss token but a sequence's first (nothing predicts it).
+        batch.iter().map(|&i| self.train[i].loss_mask.iter().skip(1).filter(|&&m| m).count()).sum()
+    }
+
+    fn eval_loss(&self, model: &Transformer<B>) -> Result<Option<f64>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let m = model.valid();
+        let (mut sum, mut n) = (0.0f64, 0usize);
+        for chunk in self.eval.chunks(self.batch_size.max(1)) {
+            let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
+            let (s, k) = nll_sum(&m, &pad_right(&refs, self.pad_id), &self.device);
+            sum += s.into_scalar().elem::<f64>();
+            n += k;
+        }
+        Ok(Some(sum / n.max(1) as f64))
+    }
+
+    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+        match &self.lora {
+            Some(cfg) => align_lora::save_peft(&mut model.clone(), cfg, "base", dir)?,
+            None => save_safetensors(&export(&model.valid(), HfHead::CausalLm)?, &dir.join("model.safetensors"))?,
+        }
+        Ok(())
+    }
+
+    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+        Ok(match &self.lora {
+            Some(_) => {
+                let mut base = model;
+                for (_, p) in base.projections_mut() {
+                    p.adapter = None;
+                }
+                align_lora::load_peft(base, dir)?.0
+            }
+            None => {
+                let mut src = SafetensorsSource::open_files(&[dir.join("model.safetensors")])?;
+                align_model::build::<B>(&self.config, &mut src, Heads::LM, &self.device)?
+            }
+        })
+    }
+}
+
+use align_model::burn::tensor::ElementConversion;
+
+/// Run (or resume) an SFT stage; returns the `final/` directory.
+pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+    if cfg.training.bf16 {
+        tracing::warn!("bf16 requested: this backend trains in f32");
+    }
+    let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
+    let tok = pre.tokenizer;
+    let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
+    let train_seqs = sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
+    let eval_seqs = match &cfg.eval_data {
+        Some(d) => sequences(&tok, d, &cfg.tokenize, "eval")?,
+        None => vec![],
+    };
+    let packing = if cfg.packing {
+        Some(cfg.tokenize.max_length.context("packing needs tokenize.max_length (the row length)")?)
+    } else {
+        None
+    };
+    let mut model = pre.model;
+    if let Some(l) = &cfg.lora {
+        let (m, names) = align_lora::attach(model, l, cfg.training.seed)?;
+        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
+        model = m;
+    }
+    let task = SftTask::<B> {
+        train: train_seqs,
+        eval: eval_seqs,
+        pad_id,
+        packing,
+        batch_size: cfg.training.per_device_train_batch_size,
+        config: model.config.clone(),
+        lora: cfg.lora.clone(),
+        device: device.clone(),
+    };
+    std::fs::create_dir_all(&cfg.output_dir)?;
+    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
+    let out = train(&task, model, &cfg.training, &cfg.output_dir, resume)?;
+    let final_dir = cfg.output_dir.join("final");
+    match &cfg.lora {
+        Some(l) => {
+            align_lora::save_peft(&mut out.model.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
+            tok.save(&final_dir)?;
+        }
+        None => save_pretrained(&out.model.valid(), Some(&tok), HfHead::CausalLm, &final_dir)?,
+    }
+    tracing::info!(final_dir = %final_dir.display(), steps = out.steps, "SFT done");
+    Ok(final_dir)
+}

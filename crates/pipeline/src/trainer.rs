@@ -1,0 +1,442 @@
+//! The training loop every stage reuses: micro-batches with gradient accumulation,
+//! global-norm clipping, AdamW, an HF schedule, metrics, checkpoints that are written
+//! atomically and resume exactly.
+//!
+//! A checkpoint `checkpoints/step-N/` holds the trainable weights (`model.safetensors`, or
+//! the PEFT adapter under LoRA), `optimizer.safetensors` (AdamW moments by parameter path)
+//! and `trainer_state.json` (step, loader position, seed, metrics so far). It is written
+//! as `step-N.tmp` and renamed, so the newest `step-N` is always complete.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use align_data::{Loader, LoaderState};
+use align_model::burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use align_model::burn::optim::GradientsParams;
+use align_model::burn::tensor::ElementConversion;
+use align_model::burn::tensor::backend::AutodiffBackend;
+use align_model::burn::tensor::{Tensor, TensorData};
+use align_model::weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource, save_safetensors, write_atomic};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::optim::{AdamW, AdamWConfig, Moments, Schedule, grad_norm, learning_rate};
+
+/// `[training]`: HF TrainingArguments names; every default documented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingArguments {
+    /// Examples per micro-batch. Default 8.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate. Default 5e-5.
+    pub learning_rate: f64,
+    /// constant | linear | cosine | cosine_with_restarts. Default linear.
+    pub lr_scheduler_type: Schedule,
+    /// Cosine cycles (0.5 = half a cosine; restarts: number of cycles). Default 0.5.
+    pub num_cycles: f64,
+    /// Warmup as a fraction of all steps. Default 0.0.
+    pub warmup_ratio: f64,
+    /// Warmup steps; wins over warmup_ratio when > 0. Default 0.
+    pub warmup_steps: usize,
+    /// Epochs over the data. Default 3.0.
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides num_train_epochs when set. Default none.
+    pub max_steps: Option<usize>,
+    /// Clip the global gradient norm to this (0 = off). Default 1.0.
+    pub max_grad_norm: f64,
+    /// Log every N steps. Default 10.
+    pub logging_steps: usize,
+    /// Evaluate the eval loss every N steps (needs eval data). Default none.
+    pub eval_steps: Option<usize>,
+    /// Checkpoint every N steps (0 = only the final model). Default 500.
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints. Default none (all).
+    pub save_total_limit: Option<usize>,
+    /// Seed of shuffling, adapter init and dropout. Default 42.
+    pub seed: u64,
+    /// bf16 weights/activations; CUDA only (CPU runs f32 and says so). Default false.
+    pub bf16: bool,
+    /// Recompute activations in backward to save memory. Default false.
+    pub gradient_checkpointing: bool,
+    /// AdamW β1. Default 0.9.
+    pub adam_beta1: f64,
+    /// AdamW β2. Default 0.999.
+    pub adam_beta2: f64,
+    /// AdamW ε. Default 1e-8.
+    pub adam_epsilon: f64,
+    /// Decoupled weight decay (not on norms, biases, embeddings). Default 0.0.
+    pub weight_decay: f64,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            lr_scheduler_type: Schedule::Linear,
+            num_cycles: 0.5,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            max_grad_norm: 1.0,
+            logging_steps: 10,
+            eval_steps: None,
+            save_steps: 500,
+            save_total_limit: None,
+            seed: 42,
+            bf16: false,
+            gradient_checkpointing: false,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl TrainingArguments {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+            decay_all: false,
+        }
+    }
+
+    /// Optimizer steps for `n` examples.
+    pub fn total_steps(&self, n: usize) -> usize {
+        if let Some(s) = self.max_steps {
+            return s;
+        }
+        let per_epoch =
+            n.div_ceil(self.per_device_train_batch_size.max(1)).div_ceil(self.gradient_accumulation_steps.max(1));
+        ((per_epoch as f64) * self.num_train_epochs).ceil().max(1.0) as usize
+    }
+
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 { self.warmup_steps } else { (self.warmup_ratio * total as f64).ceil() as usize }
+    }
+}
+
+/// What a stage supplies: the loss of a micro-batch of example indices.
+pub trait TrainTask<B: AutodiffBackend> {
+    type Model: AutodiffModule<B> + Clone;
+    /// Number of training examples.
+    fn num_examples(&self) -> usize;
+    /// Loss terms of a micro-batch: the sum of per-token losses and the number of tokens it
+    /// covers (the step's loss is Σ sums / Σ tokens over its micro-batches).
+    fn loss_sum(&self, model: &Self::Model, batch: &[usize]) -> Result<(Tensor<B, 1>, usize)>;
+    /// Tokens the micro-batch loss is normalised by, computed without the model.
+    fn loss_tokens(&self, batch: &[usize]) -> usize;
+    /// Mean eval loss, if the task has eval data.
+    fn eval_loss(&self, _model: &Self::Model) -> Result<Option<f64>> {
+        Ok(None)
+    }
+    /// Save the trainable weights into a checkpoint directory.
+    fn save_weights(&self, model: &Self::Model, dir: &Path) -> Result<()>;
+    /// Load the trainable weights from a checkpoint directory.
+    fn load_weights(&self, model: Self::Model, dir: &Path) -> Result<Self::Model>;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    loader: LoaderState,
+    seed: u64,
+    total_steps: usize,
+}
+
+/// Collects the AdamW moments into named host tensors and back.
+fn save_optimizer<B: AutodiffBackend>(opt: &AdamW<B>, path: &Path) -> Result<()> {
+    let mut map = TensorMap::default();
+    for (k, s) in &opt.state {
+        for (suffix, t) in [("m", &s.m), ("v", &s.v)] {
+            let data: Vec<f32> =
+                t.clone().into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            map.0.insert(format!("{k}.{suffix}"), HostTensor::new(vec![data.len()], data));
+        }
+    }
+    save_safetensors(&map, path)?;
+    Ok(())
+}
+
+fn load_optimizer<B: AutodiffBackend>(opt: &mut AdamW<B>, path: &Path, device: &B::Device) -> Result<()> {
+    let mut src = SafetensorsSource::open_files(&[path.to_path_buf()])?;
+    let inner = |t: HostTensor| {
+        let n = t.data.len();
+        Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(t.data, [n]), device)
+    };
+    for name in src.names() {
+        if let Some(k) = name.strip_suffix(".m") {
+            let m = inner(src.load(&name)?);
+            let v = inner(src.load(&format!("{k}.v"))?);
+            opt.state.insert(k.to_string(), Moments { m, v });
+        }
+    }
+    Ok(())
+}
+
+/// Checkpoint directories of a run, oldest first (only complete ones: no `.tmp`).
+pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
+            p.join("trainer_state.json").exists().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// One logged step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    pub loss: f64,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    pub tokens_per_second: f64,
+    pub step_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+}
+
+/// The result of a run.
+pub struct TrainOutcome<M> {
+    pub model: M,
+    pub steps: usize,
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Train `model` on `task`, writing `metrics.jsonl` and checkpoints under `output_dir`.
+/// With `resume`, continue from the newest complete checkpoint (none: start fresh).
+pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
+    task: &T,
+    mut model: T::Model,
+    args: &TrainingArguments,
+    output_dir: &Path,
+    resume: bool,
+) -> Result<TrainOutcome<T::Model>> {
+    if args.per_device_train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
+        bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
+    }
+    if task.num_examples() == 0 {
+        bail!("no training examples");
+    }
+    if args.gradient_checkpointing {
+        tracing::warn!(
+            "gradient_checkpointing: not applied by this build (Burn 0.21's checkpointing is a backend setting); training runs without it"
+        );
+    }
+    std::fs::create_dir_all(output_dir.join("checkpoints")).with_context(|| output_dir.display().to_string())?;
+    let device = model.devices().first().cloned().context("the model has no device")?;
+    let total = args.total_steps(task.num_examples());
+    let warmup = args.warmup(total);
+    let mut loader = Loader::new(task.num_examples(), args.per_device_train_batch_size, args.seed, true);
+    let mut opt = AdamW::<B>::new(args.adamw());
+    let mut step = 0usize;
+    let metrics_path = output_dir.join("metrics.jsonl");
+    let mut metrics: Vec<StepMetrics> = Vec::new();
+
+    if resume && let Some((s, dir)) = checkpoints(output_dir).pop() {
+        let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
+        if state.seed != args.seed || state.total_steps != total {
+            bail!(
+                "{}: checkpoint was made with seed {} / {} steps; this config has seed {} / {} steps",
+                dir.display(),
+                state.seed,
+                state.total_steps,
+                args.seed,
+                total
+            );
+        }
+        model = task.load_weights(model, &dir)?;
+        load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), &device)?;
+        opt.step = s as u64;
+        loader.restore(state.loader);
+        step = s;
+        // Keep the metrics up to the checkpoint; the resumed run rewrites what follows.
+        if let Ok(text) = std::fs::read_to_string(&metrics_path) {
+            for line in text.lines() {
+                let m: StepMetrics =
+                    serde_json::from_str(line).with_context(|| format!("{}", metrics_path.display()))?;
+                if m.step <= s {
+                    metrics.push(m);
+                }
+            }
+        }
+        tracing::info!(step = s, checkpoint = %dir.display(), "resumed");
+    }
+    {
+        let mut f = std::fs::File::create(&metrics_path)?;
+        for m in &metrics {
+            writeln!(f, "{}", serde_json::to_string(m)?)?;
+        }
+    }
+    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let progress = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    progress.set_position(step as u64);
+    let batches_per_epoch = loader.batches_per_epoch() as f64;
+    let (mut window_loss, mut window_tokens, mut window_start) = (0.0f64, 0usize, Instant::now());
+
+    while step < total {
+        let t0 = Instant::now();
+        let lr = learning_rate(args.learning_rate, args.lr_scheduler_type, step, warmup, total, args.num_cycles);
+        // Dropout draws from the backend RNG: seed it per step so a resumed run draws the same.
+        B::seed(&device, args.seed.wrapping_add(step as u64));
+        let micro: Vec<Vec<usize>> = (0..args.gradient_accumulation_steps).map(|_| loader.next_batch()).collect();
+        let tokens: usize = micro.iter().map(|b| task.loss_tokens(b)).sum();
+        if tokens == 0 {
+            bail!("step {}: the batch has no tokens in the loss (all completions truncated away?)", step + 1);
+        }
+        let mut accumulated: Option<GradientsParams> = None;
+        let mut loss_sum = 0.0f64;
+        for b in &micro {
+            let (sum, _) = task.loss_sum(&model, b)?;
+            let loss = sum / tokens as f64;
+            let value: f64 = loss.clone().into_scalar().elem();
+            loss_sum += value;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(acc) => add_grads::<B, _>(&model, acc, grads),
+            });
+        }
+        if !loss_sum.is_finite() {
+            bail!(
+                "step {}: loss is {loss_sum}; stopping. The last good checkpoint is intact under {}",
+                step + 1,
+                output_dir.join("checkpoints").display()
+            );
+        }
+        let grads = accumulated.expect("at least one micro-batch");
+        let norm = grad_norm::<B, _>(&model, &grads);
+        let scale = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm {
+            args.max_grad_norm / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        model = opt.step(model, grads, lr, scale);
+        step += 1;
+        window_loss += loss_sum;
+        window_tokens += tokens;
+        progress.set_position(step as u64);
+        progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e}"));
+
+        let eval_loss = match args.eval_steps {
+            Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => task.eval_loss(&model)?,
+            _ => None,
+        };
+        if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval_loss.is_some() {
+            let n = (step - metrics.last().map_or(0, |m| m.step)).max(1);
+            let elapsed = window_start.elapsed().as_secs_f64();
+            let m = StepMetrics {
+                step,
+                epoch: loader.state().epoch as f64 + loader.state().batch as f64 / batches_per_epoch,
+                loss: window_loss / n as f64,
+                learning_rate: lr,
+                grad_norm: norm,
+                tokens_per_second: window_tokens as f64 / elapsed.max(1e-9),
+                step_seconds: t0.elapsed().as_secs_f64(),
+                eval_loss,
+            };
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+            metrics_file.flush()?;
+            tracing::info!(
+                step,
+                loss = m.loss,
+                lr,
+                grad_norm = norm,
+                tokens_per_s = m.tokens_per_second as u64,
+                "train"
+            );
+            metrics.push(m);
+            (window_loss, window_tokens, window_start) = (0.0, 0, Instant::now());
+        }
+        if args.save_steps > 0 && step.is_multiple_of(args.save_steps) && step < total {
+            let state = TrainerState { step, loader: loader.state(), seed: args.seed, total_steps: total };
+            write_checkpoint(task, &model, &opt, &state, &metrics, output_dir, args.save_total_limit)?;
+        }
+    }
+    progress.finish_and_clear();
+    Ok(TrainOutcome { model, steps: step, metrics })
+}
+
+fn write_checkpoint<B: AutodiffBackend, T: TrainTask<B>>(
+    task: &T,
+    model: &T::Model,
+    opt: &AdamW<B>,
+    state: &TrainerState,
+    metrics: &[StepMetrics],
+    output_dir: &Path,
+    keep: Option<usize>,
+) -> Result<()> {
+    let dir = output_dir.join("checkpoints").join(format!("step-{}", state.step));
+    let tmp = output_dir.join("checkpoints").join(format!("step-{}.tmp", state.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    task.save_weights(model, &tmp)?;
+    save_optimizer(opt, &tmp.join("optimizer.safetensors"))?;
+    let json = json!({"state": state, "metrics": metrics});
+    let text = serde_json::to_string_pretty(&json)?;
+    // trainer_state.json last: its presence marks the checkpoint complete.
+    let state_text = serde_json::to_string_pretty(state)?;
+    write_atomic(&tmp.join("metrics.json"), text.as_bytes())?;
+    write_atomic(&tmp.join("trainer_state.json"), state_text.as_bytes())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir)?;
+    if let Some(k) = keep {
+        let all = checkpoints(output_dir);
+        for (_, old) in all.iter().take(all.len().saturating_sub(k.max(1))) {
+            std::fs::remove_dir_all(old).ok();
+        }
+    }
+    tracing::info!(checkpoint = %dir.display(), "saved");
+    Ok(())
+}
+
+/// Element-wise sum of two gradient sets (gradient accumulation).
+fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    a: GradientsParams,
+    mut b: GradientsParams,
+) -> GradientsParams {
+    struct Add<'a, B: AutodiffBackend> {
+        a: GradientsParams,
+        b: &'a mut GradientsParams,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Add<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(gb) = self.b.remove::<B::InnerBackend, D>(param.id) {
+                let sum = match self.a.remove::<B::InnerBackend, D>(param.id) {
+                    Some(ga) => ga + gb,
+                    None => gb,
+                };
+                self.a.register::<B::InnerBackend, D>(param.id, sum);
+            }
+        }
+    }
+    let mut adder = Add::<B> { a, b: &mut b, _b: std::marker::PhantomData };
+    model.visit(&mut adder);
+    adder.a
+}
