@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_data;
+mod bench_sft;
 mod fetch;
 
 use std::path::PathBuf;
@@ -57,6 +58,9 @@ enum Cmd {
         /// Data pipeline throughput instead: tokenise + pack GSM8K train (and streaming memory)
         #[arg(long)]
         data: bool,
+        /// SFT step throughput instead (LoRA r=16 and full fine-tuning, 8 × 256)
+        #[arg(long)]
+        sft: bool,
         /// GSM8K train JSONL for `--data`
         #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
         gsm8k: PathBuf,
@@ -92,10 +96,18 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, gsm8k } => {
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, gsm8k } => {
             let gguf = fetch::smollm2()?;
             if backends {
                 return bench_backends(&gguf, reps);
+            }
+            if sft {
+                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
+                let report = bench_sft::run(&gguf, peer, reps)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/sft.json", serde_json::to_string_pretty(&report)?)?;
+                return Ok(());
             }
             if data {
                 let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));

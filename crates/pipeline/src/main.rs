@@ -56,6 +56,17 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
+    /// Merge a PEFT LoRA adapter into its base and write full HF safetensors.
+    Merge {
+        /// The base model (GGUF or HF directory)
+        #[arg(long)]
+        model: PathBuf,
+        /// The PEFT adapter directory
+        #[arg(long)]
+        adapter: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Write a model (GGUF or HF directory) as an HF directory transformers loads:
     /// config.json, model.safetensors (f32), tokenizer.json, tokenizer_config.json.
     Convert {
@@ -144,6 +155,13 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             let cfg = align_pipeline::sft::SftConfig::from_file(&config)?;
             let out = align_pipeline::sft::run_sft::<align_model::backend::Autodiff<B>>(&cfg, resume, device)?;
             println!("{}", out.display());
+        }
+        Command::Merge { model, adapter, out } => {
+            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+            let (adapted, _) = align_lora::load_peft(m.model, &adapter)?;
+            let merged = align_lora::merge_and_unload(adapted);
+            save_pretrained(&merged, Some(&m.tokenizer), HfHead::CausalLm, &out)?;
+            tracing::info!(out = %out.display(), "wrote merged HF checkpoint");
         }
         Command::Convert { model, out } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;

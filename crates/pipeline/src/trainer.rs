@@ -52,6 +52,8 @@ pub struct TrainingArguments {
     pub logging_steps: usize,
     /// Evaluate the eval loss every N steps (needs eval data). Default none.
     pub eval_steps: Option<usize>,
+    /// Also evaluate before the first step (logged as step 0). Default false.
+    pub eval_on_start: bool,
     /// Checkpoint every N steps (0 = only the final model). Default 500.
     pub save_steps: usize,
     /// Keep at most this many checkpoints. Default none (all).
@@ -87,6 +89,7 @@ impl Default for TrainingArguments {
             max_grad_norm: 1.0,
             logging_steps: 10,
             eval_steps: None,
+            eval_on_start: false,
             save_steps: 500,
             save_total_limit: None,
             seed: 42,
@@ -204,7 +207,9 @@ pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
 pub struct StepMetrics {
     pub step: usize,
     pub epoch: f64,
-    pub loss: f64,
+    /// Mean training loss since the previous row; absent on the step-0 eval row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
     pub tokens_per_second: f64,
@@ -292,6 +297,24 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     );
     progress.set_position(step as u64);
     let batches_per_epoch = loader.batches_per_epoch() as f64;
+    if args.eval_on_start
+        && step == 0
+        && let Some(e) = task.eval_loss(&model)?
+    {
+        let m = StepMetrics {
+            step: 0,
+            epoch: 0.0,
+            loss: None,
+            learning_rate: 0.0,
+            grad_norm: 0.0,
+            tokens_per_second: 0.0,
+            step_seconds: 0.0,
+            eval_loss: Some(e),
+        };
+        tracing::info!(eval_loss = e, "eval before training");
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+        metrics.push(m);
+    }
     let (mut window_loss, mut window_tokens, mut window_start) = (0.0f64, 0usize, Instant::now());
 
     while step < total {
@@ -348,7 +371,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             let m = StepMetrics {
                 step,
                 epoch: loader.state().epoch as f64 + loader.state().batch as f64 / batches_per_epoch,
-                loss: window_loss / n as f64,
+                loss: Some(window_loss / n as f64),
                 learning_rate: lr,
                 grad_norm: norm,
                 tokens_per_second: window_tokens as f64 / elapsed.max(1e-9),

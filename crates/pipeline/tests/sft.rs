@@ -59,7 +59,7 @@ fn tiny_model_overfits_a_small_set() {
     let cfg: SftConfig = toml::from_str(&text).unwrap();
     let final_dir = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).unwrap();
     let m = metrics(&d.join("run"));
-    let (first, last) = (m.first().unwrap().loss, m.last().unwrap().loss);
+    let (first, last) = (m.first().unwrap().loss.unwrap(), m.last().unwrap().loss.unwrap());
     assert!(first > 3.0 && last < 0.1, "loss {first} -> {last}");
     // final/ is an HF checkpoint that loads back
     align_model::load_pretrained::<Cpu>(&final_dir, align_model::Heads::LM, &Default::default()).unwrap();
@@ -98,7 +98,7 @@ fn killed_run_resumes_with_identical_losses() {
     for (x, y) in a.iter().zip(&b) {
         assert_eq!(x.step, y.step);
         for (what, p, q) in [
-            ("loss", x.loss, y.loss),
+            ("loss", x.loss.unwrap(), y.loss.unwrap()),
             ("lr", x.learning_rate, y.learning_rate),
             ("grad_norm", x.grad_norm, y.grad_norm),
         ] {
@@ -120,7 +120,7 @@ fn lora_sft_writes_a_peft_adapter() {
     assert!(final_dir.join("adapter_model.safetensors").exists() && final_dir.join("adapter_config.json").exists());
     assert!(final_dir.join("tokenizer.json").exists());
     let m = metrics(&d.join("run"));
-    assert!(m.last().unwrap().loss < m.first().unwrap().loss - 0.5, "{m:?}");
+    assert!(m.last().unwrap().loss.unwrap() < m.first().unwrap().loss.unwrap() - 0.5, "{m:?}");
     let base = align_model::load_pretrained::<Cpu>(
         &root().join("fixtures/models/llama-tied"),
         align_model::Heads::LM,
@@ -131,5 +131,21 @@ fn lora_sft_writes_a_peft_adapter() {
     let (adapted, cfg) = align_lora::load_peft(base, &final_dir).unwrap();
     assert_eq!(cfg.r, 4);
     assert!(adapted.layers[0].self_attn.q_proj.adapter.is_some());
+    std::fs::remove_dir_all(&d).ok();
+}
+
+#[test]
+fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+    let d = tmp("nan");
+    let text = config(
+        &d.join("run"),
+        "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e12\nmax_steps = 30\nlogging_steps = 1\nsave_steps = 1\nlr_scheduler_type = \"constant\"\n",
+    );
+    let cfg: SftConfig = toml::from_str(&text).unwrap();
+    let err = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).err().expect("the run must stop").to_string();
+    assert!(err.contains("loss is") && err.contains("last good checkpoint"), "{err}");
+    let ckpts = align_pipeline::trainer::checkpoints(&d.join("run"));
+    assert!(!ckpts.is_empty(), "checkpoints before the NaN survive");
+    assert!(!d.join("run/final").exists());
     std::fs::remove_dir_all(&d).ok();
 }

@@ -1,0 +1,110 @@
+//! `cargo xtask bench --sft`: SFT optimizer-step throughput on SmolLM2-135M, batch 8 × 256,
+//! LoRA r=16 on every linear layer and full fine-tuning, next to TRL's SFTTrainer on the
+//! same model and batch (`bench_trl.py --method sft`) in the same run.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use align_data::{TokenizedSequence, pad_right};
+use align_lora::LoraConfig;
+use align_model::backend::{Autodiff, Cpu};
+use align_model::burn::optim::GradientsParams;
+use align_model::{Heads, load_pretrained};
+use align_pipeline::optim::{AdamW, AdamWConfig};
+use align_pipeline::sft::nll_sum;
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+type B = Autodiff<Cpu>;
+
+/// Median seconds of an SFT step (forward, backward, AdamW) after one warm-up step.
+fn align_step_seconds(gguf: &Path, lora_rank: usize, reps: usize) -> Result<f64> {
+    let device = Default::default();
+    let mut model = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
+    if lora_rank > 0 {
+        let cfg =
+            LoraConfig { r: lora_rank, lora_alpha: 2.0 * lora_rank as f64, lora_dropout: 0.0, ..Default::default() };
+        model = align_lora::attach(model, &cfg, 0)?.0;
+    }
+    let vocab = model.config.vocab_size as u64;
+    let mut rng = align_rollout::Rng::new(7);
+    let seqs: Vec<TokenizedSequence> = (0..8)
+        .map(|_| TokenizedSequence {
+            input_ids: (0..256).map(|_| 100 + (rng.next_u64() % (vocab - 200)) as u32).collect(),
+            loss_mask: vec![true; 256],
+        })
+        .collect();
+    let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+    let batch = pad_right(&refs, 0);
+    let mut opt = AdamW::<B>::new(AdamWConfig::default());
+    let mut times = Vec::new();
+    for i in 0..=reps {
+        let t = Instant::now();
+        let (sum, n) = nll_sum(&model, &batch, &device);
+        let loss = sum / n as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(model, grads, 1e-5, 1.0);
+        let _ = model.embed_tokens.val().into_data(); // wait for the update
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, lora: usize, steps: usize) -> Result<Value> {
+    let out = std::env::temp_dir().join(format!("align-bench-sft-{}-{lora}.json", std::process::id()));
+    let ok = Command::new(python)
+        .arg(peer.join("bench_trl.py"))
+        .arg("--model")
+        .arg(hf_dir)
+        .args([
+            "--method",
+            "sft",
+            "--steps",
+            &steps.to_string(),
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--seq-len",
+            "256",
+        ])
+        .args(["--lora", &lora.to_string(), "--json-out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running bench_trl.py")?
+        .success();
+    if !ok {
+        bail!("bench_trl.py --method sft failed");
+    }
+    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
+}
+
+pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
+    println!(
+        "| SFT step, SmolLM2-135M, 8 × 256 tokens, CPU | align tokens/s | TRL SFTTrainer tokens/s | align / TRL |"
+    );
+    println!("|---|---|---|---|");
+    let mut report = json!({});
+    for (name, rank) in [("LoRA r=16, all linear", 16usize), ("full fine-tuning", 0)] {
+        let secs = align_step_seconds(gguf, rank, reps)?;
+        let ours = 8.0 * 256.0 / secs;
+        let theirs = match peer {
+            Some((py, peer_dir, hf)) => {
+                let v = trl_tokens_per_second(py, peer_dir, hf, rank, reps)?;
+                v["tokens_per_second"]["median"].as_f64()
+            }
+            None => None,
+        };
+        match theirs {
+            Some(t) => println!("| {name} | {ours:.1} | {t:.1} | {:.2} |", ours / t),
+            None => println!("| {name} | {ours:.1} | — | — |"),
+        }
+        report[name] = json!({"align_tokens_per_s": ours, "trl_tokens_per_s": theirs});
+    }
+    Ok(report)
+}
