@@ -142,7 +142,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e12\nmax_steps = 30\nlogging_steps = 1\nsave_steps = 1\nlr_scheduler_type = \"constant\"\n",
     );
     let cfg: SftConfig = toml::from_str(&text).unwrap();
-    let err = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).err().expect("the run must stop").to_string();
+    let err = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).expect_err("the run must stop").to_string();
     assert!(err.contains("loss is") && err.contains("last good checkpoint"), "{err}");
     let ckpts = align_pipeline::trainer::checkpoints(&d.join("run"));
     assert!(!ckpts.is_empty(), "checkpoints before the NaN survive");
