@@ -138,6 +138,10 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
         batch.iter().map(|&i| self.train[i].loss_mask.iter().skip(1).filter(|&&m| m).count()).sum()
     }
 
+    fn input_tokens(&self, batch: &[usize]) -> usize {
+        batch.iter().map(|&i| self.train[i].len()).sum()
+    }
+
     fn eval_loss(&self, model: &Transformer<B>) -> Result<Option<f64>> {
         if self.eval.is_empty() {
             return Ok(None);
@@ -182,9 +186,6 @@ use align_model::burn::tensor::ElementConversion;
 
 /// Run (or resume) an SFT stage; returns the `final/` directory.
 pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    if cfg.training.bf16 {
-        tracing::warn!("bf16 requested: this backend trains in f32");
-    }
     let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
     let tok = pre.tokenizer;
     let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;

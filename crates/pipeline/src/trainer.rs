@@ -60,9 +60,9 @@ pub struct TrainingArguments {
     pub save_total_limit: Option<usize>,
     /// Seed of shuffling, adapter init and dropout. Default 42.
     pub seed: u64,
-    /// bf16 weights/activations; CUDA only (CPU runs f32 and says so). Default false.
+    /// bf16 training. Not supported yet: `true` is an error. Default false.
     pub bf16: bool,
-    /// Recompute activations in backward to save memory. Default false.
+    /// Recompute activations in backward. Not supported yet: `true` is an error. Default false.
     pub gradient_checkpointing: bool,
     /// AdamW β1. Default 0.9.
     pub adam_beta1: f64,
@@ -139,6 +139,8 @@ pub trait TrainTask<B: AutodiffBackend> {
     fn loss_sum(&self, model: &Self::Model, batch: &[usize]) -> Result<(Tensor<B, 1>, usize)>;
     /// Tokens the micro-batch loss is normalised by, computed without the model.
     fn loss_tokens(&self, batch: &[usize]) -> usize;
+    /// Non-padding tokens the micro-batch feeds the model (for tokens/s).
+    fn input_tokens(&self, batch: &[usize]) -> usize;
     /// Mean eval loss, if the task has eval data.
     fn eval_loss(&self, _model: &Self::Model) -> Result<Option<f64>> {
         Ok(None)
@@ -212,6 +214,7 @@ pub struct StepMetrics {
     pub loss: Option<f64>,
     pub learning_rate: f64,
     pub grad_norm: f64,
+    /// Non-padding input tokens per second since the previous row.
     pub tokens_per_second: f64,
     pub step_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -324,6 +327,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         B::seed(&device, args.seed.wrapping_add(step as u64));
         let micro: Vec<Vec<usize>> = (0..args.gradient_accumulation_steps).map(|_| loader.next_batch()).collect();
         let tokens: usize = micro.iter().map(|b| task.loss_tokens(b)).sum();
+        let fed: usize = micro.iter().map(|b| task.input_tokens(b)).sum();
         if tokens == 0 {
             bail!("step {}: the batch has no tokens in the loss (all completions truncated away?)", step + 1);
         }
@@ -357,7 +361,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         model = opt.step(model, grads, lr, scale);
         step += 1;
         window_loss += loss_sum;
-        window_tokens += tokens;
+        window_tokens += fed;
         progress.set_position(step as u64);
         progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e}"));
 
