@@ -28,6 +28,9 @@ enum Command {
         /// A GGUF file or an HF directory (config.json, safetensors, tokenizer.json)
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter to apply on top
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user turn with the model's chat template
@@ -79,6 +82,9 @@ enum Command {
     Score {
         #[arg(long)]
         model: PathBuf,
+        /// A PEFT LoRA adapter to apply on top
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long)]
         data: PathBuf,
         /// Output JSONL (default: stdout)
@@ -104,10 +110,23 @@ fn main() -> Result<()> {
     }
 }
 
+/// A model, with a PEFT adapter applied when one is given.
+fn load_with_adapter<B: Backend>(
+    model: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+    device: &B::Device,
+) -> Result<align_model::Pretrained<B>> {
+    let mut m = load_pretrained::<B>(model, Heads::LM, device)?;
+    if let Some(a) = adapter {
+        m.model = align_lora::load_peft(m.model, a)?.0;
+    }
+    Ok(m)
+}
+
 fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
-        Command::Generate { model, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } => {
-            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+        Command::Generate { model, adapter, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
             let text = if chat {
                 let template = m
                     .tokenizer
@@ -168,8 +187,8 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             save_pretrained(&m.model, Some(&m.tokenizer), HfHead::CausalLm, &out)?;
             tracing::info!(out = %out.display(), "wrote HF checkpoint");
         }
-        Command::Score { model, data, out, batch_size } => {
-            let m = load_pretrained::<B>(&model, Heads::LM, device)?;
+        Command::Score { model, adapter, data, out, batch_size } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
             let rows = read_rows(&data)?;
             let scored = score_rows(&m.model, &m.tokenizer, &rows, batch_size)?;
             let mut w: Box<dyn Write> = match &out {
