@@ -109,16 +109,20 @@ fn killed_run_resumes_with_identical_losses() {
 }
 
 #[test]
-fn lora_sft_writes_a_peft_adapter() {
+fn packed_lora_sft_writes_a_peft_adapter() {
     let d = tmp("lora");
     let text = config(
         &d.join("run"),
-        "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e-2\nmax_steps = 20\nlogging_steps = 5\nsave_steps = 10\nlr_scheduler_type = \"constant\"\n[lora]\nr = 4\nlora_alpha = 8\nlora_dropout = 0.0\n",
+        "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e-2\nmax_steps = 20\nlogging_steps = 5\nsave_steps = 5\nsave_total_limit = 1\nlr_scheduler_type = \"constant\"\n[lora]\nr = 4\nlora_alpha = 8\nlora_dropout = 0.0\n",
     );
+    let text = format!("packing = true\n{text}");
     let cfg: SftConfig = toml::from_str(&text).unwrap();
     let final_dir = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).unwrap();
     assert!(final_dir.join("adapter_model.safetensors").exists() && final_dir.join("adapter_config.json").exists());
     assert!(final_dir.join("tokenizer.json").exists());
+    // save_total_limit = 1: only the newest checkpoint (step 15; none is written at the end) stays
+    let kept: Vec<usize> = align_pipeline::trainer::checkpoints(&d.join("run")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, vec![15]);
     let m = metrics(&d.join("run"));
     assert!(m.last().unwrap().loss.unwrap() < m.first().unwrap().loss.unwrap() - 0.5, "{m:?}");
     let base = align_model::load_pretrained::<Cpu>(
