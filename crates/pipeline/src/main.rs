@@ -172,7 +172,7 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
         }
         Command::Sft { config, resume } => {
             let cfg = align_pipeline::sft::SftConfig::from_file(&config)?;
-            let out = align_pipeline::sft::run_sft::<align_model::backend::Autodiff<B>>(&cfg, resume, device)?;
+            let out = align_pipeline::sft::run_sft::<B>(&cfg, resume, device)?;
             println!("{}", out.display());
         }
         Command::Merge { model, adapter, out } => {

@@ -11,7 +11,9 @@ use align_data::{
 };
 use align_lora::LoraConfig;
 use align_model::burn::module::AutodiffModule;
-use align_model::burn::tensor::backend::AutodiffBackend;
+use align_model::burn::backend::Autodiff;
+use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, save_safetensors};
 use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
@@ -184,8 +186,17 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
 
 use align_model::burn::tensor::ElementConversion;
 
-/// Run (or resume) an SFT stage; returns the `final/` directory.
-pub fn run_sft<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+/// Run (or resume) an SFT stage on backend `B` (autodiff is added here, with Burn's
+/// balanced activation checkpointing when `gradient_checkpointing` is on); returns `final/`.
+pub fn run_sft<B: Backend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+    if cfg.training.gradient_checkpointing {
+        sft_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
+    } else {
+        sft_on::<Autodiff<B>>(cfg, resume, device)
+    }
+}
+
+fn sft_on<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
     let tok = pre.tokenizer;
     let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;

@@ -62,7 +62,9 @@ pub struct TrainingArguments {
     pub seed: u64,
     /// bf16 training. Not supported yet: `true` is an error. Default false.
     pub bf16: bool,
-    /// Recompute activations in backward. Not supported yet: `true` is an error. Default false.
+    /// Recompute cheap activations in backward instead of keeping them (Burn's balanced
+    /// checkpointing strategy, chosen by the stage runner): less memory, more compute.
+    /// Default false.
     pub gradient_checkpointing: bool,
     /// AdamW β1. Default 0.9.
     pub adam_beta1: f64,

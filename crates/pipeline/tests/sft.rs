@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use align_model::backend::{Autodiff, Cpu};
+use align_model::backend::Cpu;
 use align_pipeline::sft::{SftConfig, run_sft};
 use align_pipeline::trainer::StepMetrics;
 
@@ -57,7 +57,7 @@ fn tiny_model_overfits_a_small_set() {
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 3e-3\nmax_steps = 80\nlogging_steps = 10\nsave_steps = 0\nlr_scheduler_type = \"constant\"\n",
     );
     let cfg: SftConfig = toml::from_str(&text).unwrap();
-    let final_dir = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).unwrap();
+    let final_dir = run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
     let m = metrics(&d.join("run"));
     let (first, last) = (m.first().unwrap().loss.unwrap(), m.last().unwrap().loss.unwrap());
     assert!(first > 3.0 && last < 0.1, "loss {first} -> {last}");
@@ -117,7 +117,7 @@ fn packed_lora_sft_writes_a_peft_adapter() {
     );
     let text = format!("packing = true\n{text}");
     let cfg: SftConfig = toml::from_str(&text).unwrap();
-    let final_dir = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).unwrap();
+    let final_dir = run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
     assert!(final_dir.join("adapter_model.safetensors").exists() && final_dir.join("adapter_config.json").exists());
     assert!(final_dir.join("tokenizer.json").exists());
     // save_total_limit = 1: only the newest checkpoint (step 15; none is written at the end) stays
@@ -146,10 +146,29 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e12\nmax_steps = 30\nlogging_steps = 1\nsave_steps = 1\nlr_scheduler_type = \"constant\"\n",
     );
     let cfg: SftConfig = toml::from_str(&text).unwrap();
-    let err = run_sft::<Autodiff<Cpu>>(&cfg, false, &Default::default()).expect_err("the run must stop").to_string();
+    let err = run_sft::<Cpu>(&cfg, false, &Default::default()).expect_err("the run must stop").to_string();
     assert!(err.contains("loss is") && err.contains("last good checkpoint"), "{err}");
     let ckpts = align_pipeline::trainer::checkpoints(&d.join("run"));
     assert!(!ckpts.is_empty(), "checkpoints before the NaN survive");
     assert!(!d.join("run/final").exists());
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// Burn's balanced activation checkpointing changes memory, not the numbers.
+#[test]
+fn gradient_checkpointing_gives_the_same_losses() {
+    let d = tmp("ckpt");
+    let training = "per_device_train_batch_size = 4\nlearning_rate = 1e-3\nmax_steps = 6\nlogging_steps = 1\nsave_steps = 0\n";
+    let mut losses = vec![];
+    for (name, gc) in [("plain", false), ("checkpointed", true)] {
+        let text = config(&d.join(name), &format!("[training]\n{training}gradient_checkpointing = {gc}\n"));
+        let cfg: SftConfig = toml::from_str(&text).unwrap();
+        run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
+        losses.push(metrics(&d.join(name)).iter().map(|m| m.loss.unwrap()).collect::<Vec<_>>());
+    }
+    assert_eq!(losses[0].len(), 6);
+    for (a, b) in losses[0].iter().zip(&losses[1]) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
     std::fs::remove_dir_all(&d).ok();
 }
