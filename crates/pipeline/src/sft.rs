@@ -10,9 +10,9 @@ use align_data::{
     pad_right,
 };
 use align_lora::LoraConfig;
-use align_model::burn::module::AutodiffModule;
 use align_model::burn::backend::Autodiff;
 use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, save_safetensors};

@@ -158,7 +158,8 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 #[test]
 fn gradient_checkpointing_gives_the_same_losses() {
     let d = tmp("ckpt");
-    let training = "per_device_train_batch_size = 4\nlearning_rate = 1e-3\nmax_steps = 6\nlogging_steps = 1\nsave_steps = 0\n";
+    let training =
+        "per_device_train_batch_size = 4\nlearning_rate = 1e-3\nmax_steps = 6\nlogging_steps = 1\nsave_steps = 0\n";
     let mut losses = vec![];
     for (name, gc) in [("plain", false), ("checkpointed", true)] {
         let text = config(&d.join(name), &format!("[training]\n{training}gradient_checkpointing = {gc}\n"));
