@@ -260,7 +260,15 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let metrics_path = output_dir.join("metrics.jsonl");
     let mut metrics: Vec<StepMetrics> = Vec::new();
 
-    if resume && let Some((s, dir)) = checkpoints(output_dir).pop() {
+    let existing = checkpoints(output_dir);
+    if !resume && !existing.is_empty() {
+        bail!(
+            "{} already holds checkpoints (newest: step {}): continue with --resume, or choose another output_dir",
+            output_dir.display(),
+            existing.last().map_or(0, |(s, _)| *s)
+        );
+    }
+    if resume && let Some((s, dir)) = existing.last().cloned() {
         let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
         if state.seed != args.seed || state.total_steps != total {
             bail!(

@@ -89,6 +89,10 @@ fn killed_run_resumes_with_identical_losses() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     assert!(!d.join("killed/final").exists(), "killed before the end");
+    // Starting afresh over existing checkpoints is refused: nothing written is lost.
+    let fresh = Command::new(align).args(["sft", "--config"]).arg(&killed).output().unwrap();
+    assert!(!fresh.status.success());
+    assert!(String::from_utf8_lossy(&fresh.stderr).contains("--resume"), "{}", String::from_utf8_lossy(&fresh.stderr));
     let resumed = Command::new(align).args(["sft", "--resume", "--config"]).arg(&killed).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
 
