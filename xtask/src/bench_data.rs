@@ -1,6 +1,6 @@
 //! `cargo xtask bench --data`: tokenise + pack throughput on GSM8K train with the SmolLM2
 //! tokenizer, next to HF `datasets.map` + TRL's `pack_dataset` on the same work in the same
-//! run (xtask/bench_data_hf.py), and the peak memory of streaming a large generated file.
+//! run (xtask/scripts/bench_data_hf.py), and the peak memory of streaming a large generated file.
 
 use std::io::Write;
 use std::path::Path;
@@ -74,7 +74,7 @@ pub fn run(gguf: &Path, data: &Path, peer: Option<(&Path, &Path)>, reps: usize) 
         Some((python, tokenizer_dir)) => {
             let out = std::env::temp_dir().join(format!("align-bench-data-{}.json", std::process::id()));
             let ok = Command::new(python)
-                .arg("xtask/bench_data_hf.py")
+                .arg("xtask/scripts/bench_data_hf.py")
                 .arg("--data")
                 .arg(data)
                 .arg("--tokenizer")
@@ -85,7 +85,7 @@ pub fn run(gguf: &Path, data: &Path, peer: Option<(&Path, &Path)>, reps: usize) 
                 .status()?
                 .success();
             if !ok {
-                bail!("xtask/bench_data_hf.py failed");
+                bail!("xtask/scripts/bench_data_hf.py failed");
             }
             let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
             Some(v)

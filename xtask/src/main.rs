@@ -46,7 +46,7 @@ enum Cmd {
         #[arg(long, default_value = "../shared/peer")]
         peer: PathBuf,
         /// HF checkpoint of the dequantised SmolLM2 for the baseline (made with
-        /// scripts/smollm2_reference.py if missing)
+        /// xtask/scripts/smollm2_reference.py if missing)
         #[arg(long)]
         hf_dir: Option<PathBuf>,
         /// Timed repetitions after one warm-up
@@ -124,7 +124,7 @@ fn main() -> Result<()> {
                     if !hf_dir.join("config.json").exists() {
                         eprintln!("bench: converting the GGUF to an HF checkpoint with transformers...");
                         let ok = Command::new(&python)
-                            .arg("scripts/smollm2_reference.py")
+                            .arg("xtask/scripts/smollm2_reference.py")
                             .arg("--gguf")
                             .arg(&gguf)
                             .arg("--hf-out")
@@ -132,7 +132,7 @@ fn main() -> Result<()> {
                             .status()?
                             .success();
                         if !ok {
-                            bail!("scripts/smollm2_reference.py failed");
+                            bail!("xtask/scripts/smollm2_reference.py failed");
                         }
                     }
                     Some(bench::PeerSetup { python, peer, hf_dir })

@@ -1,4 +1,4 @@
-//! PEFT parity: an adapter made by PEFT (fixtures/adapters, scripts/make_peft_adapter.py)
+//! PEFT parity: an adapter made by PEFT (fixtures/adapters, xtask/scripts/make_peft_adapter.py)
 //! loads onto the base and matches PEFT's float64 log-probs within 1e-4; merge / unmerge /
 //! disable behave; what we save has PEFT's keys and reloads identically.
 

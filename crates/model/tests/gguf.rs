@@ -1,5 +1,5 @@
 //! GGUF dequantisation against llama.cpp's own Python reader (`gguf` package): one tensor
-//! of every supported ggml type (fixtures/gguf, made by scripts/gguf_quant_reference.py).
+//! of every supported ggml type (fixtures/gguf, made by xtask/scripts/gguf_quant_reference.py).
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! smollm2`; `cargo xtask test` passes its path in `ALIGN_SMOLLM2_GGUF`). Log-probs must
 //! match an independent implementation of the same dequantised weights — transformers'
 //! own GGUF loader, scored in float64 (fixtures/smollm2/reference.json, made by
-//! scripts/smollm2_reference.py) — and our GGUF tokenizer must reproduce its token ids.
+//! xtask/scripts/smollm2_reference.py) — and our GGUF tokenizer must reproduce its token ids.
 
 use std::path::{Path, PathBuf};
 

@@ -373,7 +373,10 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         window_loss += loss_sum;
         window_tokens += fed;
         progress.set_position(step as u64);
-        progress.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s", fed as f64 / t0.elapsed().as_secs_f64().max(1e-9)));
+        progress.set_message(format!(
+            "loss {loss_sum:.4} lr {lr:.2e} {:.0} tok/s",
+            fed as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+        ));
 
         let eval_loss = match args.eval_steps {
             Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => task.eval_loss(&model)?,

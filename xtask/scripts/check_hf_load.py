@@ -2,7 +2,7 @@
 reference checkpoint computes.
 
 Usage:
-    $VENV/bin/python scripts/check_hf_load.py --ours DIR --reference DIR [--text "..."]
+    $VENV/bin/python xtask/scripts/check_hf_load.py --ours DIR --reference DIR [--text "..."]
 Loads both with AutoModelForCausalLM + AutoTokenizer (offline), prints the max |Δ logit|
 on the text and whether the token ids agree; exits 1 if ids differ or |Δ| > 1e-4.
 """

@@ -1,7 +1,7 @@
 """transformers' renders of chat templates, for align-model's template tests.
 
 Usage:
-    $VENV/bin/python scripts/chat_template_reference.py --dir fixtures/chat_templates
+    $VENV/bin/python xtask/scripts/chat_template_reference.py --dir fixtures/chat_templates
 For every DIR/NAME.jinja writes DIR/NAME.expected.json: conversations rendered by
 transformers' own chat-template renderer (`apply_chat_template(..., tokenize=False)`),
 with bos_token "<|begin_of_text|>" and eos_token "<|eot_id|>".

@@ -2,7 +2,7 @@
 Qwen3 (q/k RMSNorm, explicit head_dim), Mistral, and Llama with llama3 RoPE scaling.
 
 Usage:
-    $VENV/bin/python scripts/make_tiny_extra.py --peer ../shared/peer \
+    $VENV/bin/python xtask/scripts/make_tiny_extra.py --peer ../shared/peer \
         --arch {qwen3,mistral,llama3-rope} --out DIR [--seed N]
 
 Same recipe as make_tiny.py (whose helpers it imports from --peer): the locally trained

@@ -2,7 +2,7 @@
 schema in each format.
 
 Usage:
-    $VENV/bin/python scripts/make_data_fixtures.py --shared ../shared/data --out fixtures/data
+    $VENV/bin/python xtask/scripts/make_data_fixtures.py --shared ../shared/data --out fixtures/data
 Writes gsm8k_train_head.jsonl (first 32 rows), gsm8k_test_head.jsonl (first 16), piqa_head.jsonl
 (first 32), their licences, and schemas.{jsonl,json,parquet}: the same rows of every schema
 (the parquet with two row groups, nested message lists as list<struct<role, content>>).

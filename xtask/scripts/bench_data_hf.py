@@ -2,7 +2,7 @@
 and the fast tokenizer, then TRL's best-fit-decreasing `pack_dataset`.
 
 Usage:
-    $VENV/bin/python xtask/bench_data_hf.py --data ../shared/data/gsm8k/train.jsonl \
+    $VENV/bin/python xtask/scripts/bench_data_hf.py --data ../shared/data/gsm8k/train.jsonl \
         --tokenizer HF_DIR --max-length 1024 --reps 3 --json-out FILE
 Work per row (as align's Gsm8kSft adapter + tokenizer do): prompt = r1_zero prompt of the
 question; completion = " {worked steps without <<..>>} </think> <answer> {N} </answer>";

@@ -2,7 +2,7 @@
 align-model's tokenizer tests.
 
 Usage:
-    $VENV/bin/python scripts/qwen3_tokenizer_reference.py --dir fixtures/tokenizers/qwen3-hf
+    $VENV/bin/python xtask/scripts/qwen3_tokenizer_reference.py --dir fixtures/tokenizers/qwen3-hf
 Writes DIR/expected.json: token ids of a few strings (tokenizers, no special tokens added)
 and `apply_chat_template(..., tokenize=False)` renders of conversations.
 """

@@ -2,7 +2,7 @@
 the `gguf` package (llama.cpp's own Python reader) dequantises them to.
 
 Usage:
-    $VENV/bin/python scripts/gguf_quant_reference.py --out fixtures/gguf
+    $VENV/bin/python xtask/scripts/gguf_quant_reference.py --out fixtures/gguf
 Writes quant_types.gguf and quant_types.expected.json ({name: {"type", "shape", "values"}}).
 
 F32/F16/BF16/Q8_0/Q4_0/Q4_1 tensors are quantised from seeded normal data by `gguf.quants`;

@@ -2,7 +2,7 @@
 model, for align-lora's parity test.
 
 Usage:
-    $VENV/bin/python scripts/make_peft_adapter.py --base fixtures/models/llama-untied \
+    $VENV/bin/python xtask/scripts/make_peft_adapter.py --base fixtures/models/llama-untied \
         --texts fixtures/models/texts.jsonl --out fixtures/adapters/llama-untied-lora [--seed 0]
 Writes OUT/adapter_config.json + adapter_model.safetensors (PEFT's own save_pretrained) and
 OUT/reference.json: per text, input ids and float64 per-token log-probs of every position's

@@ -4,7 +4,7 @@ an independent implementation: transformers dequantises the GGUF itself (through
 with it in float64.
 
 Usage:
-    $VENV/bin/python scripts/smollm2_reference.py --gguf PATH.gguf --peer ../shared/peer \
+    $VENV/bin/python xtask/scripts/smollm2_reference.py --gguf PATH.gguf --peer ../shared/peer \
         --hf-out DIR [--out fixtures/smollm2/reference.json]
 DIR receives the dequantised float32 HF checkpoint (not committed; `cargo xtask bench`
 can use it for the HF generate baseline).
