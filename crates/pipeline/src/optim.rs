@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 
-use align_model::burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param, ParamId};
+use align_model::burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::Tensor;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
@@ -101,7 +101,6 @@ struct Step<'a, B: AutodiffBackend> {
     lr: f64,
     grad_scale: f64,
     path: Path,
-    seen: Vec<ParamId>,
 }
 
 impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
@@ -117,7 +116,6 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let Some(g) = self.grads.remove::<B::InnerBackend, D>(id) else {
             return Param::from_mapped_value(id, tensor, mapper);
         };
-        self.seen.push(id);
         let key = self.path.key();
         let cfg = &self.opt.config;
         let shape = tensor.dims();
@@ -152,7 +150,7 @@ impl<B: AutodiffBackend> AdamW<B> {
     /// untouched and get no state.
     pub fn step<M: AutodiffModule<B>>(&mut self, model: M, mut grads: GradientsParams, lr: f64, grad_scale: f64) -> M {
         self.step += 1;
-        let mut s = Step { opt: self, grads: &mut grads, lr, grad_scale, path: Path::default(), seen: vec![] };
+        let mut s = Step { opt: self, grads: &mut grads, lr, grad_scale, path: Path::default() };
         model.map(&mut s)
     }
 }

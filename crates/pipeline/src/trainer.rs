@@ -344,7 +344,14 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         let mut accumulated: Option<GradientsParams> = None;
         let mut loss_sum = 0.0f64;
         for b in &micro {
-            let (sum, _) = task.loss_sum(&model, b)?;
+            let (sum, n) = task.loss_sum(&model, b)?;
+            if n != task.loss_tokens(b) {
+                bail!(
+                    "step {}: the task counted {} loss tokens but its loss covers {n}",
+                    step + 1,
+                    task.loss_tokens(b)
+                );
+            }
             let loss = sum / tokens as f64;
             let value: f64 = loss.clone().into_scalar().elem();
             loss_sum += value;
