@@ -296,15 +296,22 @@ impl<B: Backend> Transformer<B> {
 
     /// Next-token logits `[batch, seq, vocab]` from final hidden states.
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.lm_head {
-            Some(head) => linear(head, hidden),
-            None => {
-                let [b, t, d] = hidden.dims();
-                let w = self.embed_tokens.val();
-                let v = w.dims()[0];
-                hidden.reshape([b * t, d]).matmul(w.transpose()).reshape([b, t, v])
-            }
-        }
+        let [b, t, d] = hidden.dims();
+        let x = hidden.reshape([b * t, d]);
+        // `w_t` is the projection as `[vocab, hidden]`.
+        let (w_t, bias) = match &self.lm_head {
+            Some(head) => (head.weight.val().transpose(), head.bias.as_ref().map(|b| b.val())),
+            None => (self.embed_tokens.val(), None),
+        };
+        let v = w_t.dims()[0];
+        // For a few rows (decoding), `(W xᵀ)ᵀ` runs ~3x faster on CPU than `x Wᵀ` with a
+        // 49k-wide output; for many rows the plain product is faster.
+        let y = if b * t <= 64 { w_t.matmul(x.transpose()).transpose() } else { x.matmul(w_t.transpose()) };
+        let y = match bias {
+            Some(bias) => y + bias.unsqueeze(),
+            None => y,
+        };
+        y.reshape([b, t, v])
     }
 
     /// Logits for a batch (no cache).
