@@ -25,16 +25,10 @@ pub struct Loader {
     batches: Vec<Vec<usize>>,
 }
 
-/// SplitMix64 of (seed, epoch): the same order on every platform.
+/// The generator of (seed, epoch): the same order on every platform.
 fn rng(seed: u64, epoch: usize) -> impl FnMut() -> u64 {
-    let mut s = seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    move || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
+    let mut r = align_model::SplitMix64::new(seed ^ (epoch as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+    move || r.next_u64()
 }
 
 fn shuffle<T>(v: &mut [T], next: &mut impl FnMut() -> u64) {

@@ -96,17 +96,8 @@ impl LoraConfig {
 
 /// Deterministic uniform numbers for adapter init (independent of global RNG state).
 fn uniform(seed: u64, n: usize, bound: f64) -> Vec<f32> {
-    let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            let u = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
-            ((2.0 * u - 1.0) * bound) as f32
-        })
-        .collect()
+    let mut rng = align_model::SplitMix64::new(seed);
+    (0..n).map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32).collect()
 }
 
 fn param<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Param<Tensor<B, 2>> {

@@ -89,23 +89,9 @@ impl<B: Backend> Loader<'_, B> {
 /// A fresh linear layer `[d_in, d_out]` with N(0, std²) weights, as transformers
 /// initialises new heads (`initializer_range` 0.02), and a zero bias if asked.
 pub fn new_head<B: Backend>(d_in: usize, d_out: usize, bias: bool, seed: u64, device: &B::Device) -> Linear<B> {
-    // A small deterministic generator: the head must not depend on global RNG state, so
-    // two runs with one seed start identically.
-    let mut state = seed ^ 0x9E37_79B9_7F4A_7C15;
-    let mut uniform = move || {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        ((state >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let std = 0.02;
-    let w: Vec<f32> = (0..d_in * d_out)
-        .map(|_| {
-            // Box–Muller
-            let (u1, u2) = (uniform(), uniform());
-            (std * (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-        })
-        .collect();
+    // Not the global RNG: two runs with one seed start identically.
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let w: Vec<f32> = (0..d_in * d_out).map(|_| (0.02 * rng.normal()) as f32).collect();
     Linear {
         weight: Param::from_tensor(Tensor::from_data(TensorData::new(w, [d_in, d_out]), device)),
         bias: bias.then(|| Param::from_tensor(Tensor::zeros([d_out], device))),
