@@ -35,7 +35,7 @@ pub use error::{ModelError, Result};
 pub use load::{Heads, build, export};
 pub use rng::SplitMix64;
 pub use tokenizer::Tokenizer;
-pub use transformer::{KvCache, LowRank, Proj, TokenBatch, Transformer};
+pub use transformer::{KvCache, LowRank, Proj, TokenBatch, Transformer, cast_float};
 pub use weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource};
 
 /// A network with its tokenizer, as loaded from disk.

@@ -13,12 +13,12 @@
 //! segment id. Left padding is segment 0 (pads only see pads, so no row is empty and real
 //! tokens never see pads); packed sequences are segments 1, 2, …
 
-use burn::module::{Module, Param};
+use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Dropout, Linear};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::{attention, embedding};
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Int, Tensor, TensorData, activation};
+use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, activation};
 
 use crate::config::{ModelConfig, RopeScaling};
 
@@ -34,10 +34,14 @@ pub struct Norm<B: Backend> {
 }
 
 impl<B: Backend> Norm<B> {
+    /// Normalised in f32 whatever the activations' dtype (bf16 training), then cast back
+    /// before the weight, as transformers' `LlamaRMSNorm` does.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = x.cast(FloatDType::F32);
         let x = if self.center { x.clone() - x.mean_dim(D - 1) } else { x };
         let rms = (x.clone().square().mean_dim(D - 1) + self.eps).sqrt();
-        let y = (x / rms) * self.weight.val().unsqueeze();
+        let y = (x / rms).cast(dtype) * self.weight.val().unsqueeze();
         match &self.bias {
             Some(b) => y + b.val().unsqueeze(),
             None => y,
@@ -260,7 +264,11 @@ impl<B: Backend> Transformer<B> {
         if let Some(wpe) = &self.position_embeddings {
             h = h + embedding(wpe.val(), batch.positions.clone());
         }
-        let rope = self.inv_freq.as_ref().map(|inv| rope_cos_sin(inv.clone(), batch.positions.clone()));
+        let dtype = h.dtype();
+        let rope = self.inv_freq.as_ref().map(|inv| {
+            let (cos, sin) = rope_cos_sin(inv.clone(), batch.positions.clone());
+            (cos.cast(dtype), sin.cast(dtype))
+        });
 
         let past = cache.as_ref().map_or(0, |c| c.len);
         let key_segments = match cache.as_ref().and_then(|c| c.segments.clone()) {
@@ -319,14 +327,14 @@ impl<B: Backend> Transformer<B> {
         self.logits(self.forward_hidden(batch, None))
     }
 
-    /// Score-head outputs `[batch, seq, num_labels]`; `None` if built without one.
+    /// Score-head outputs `[batch, seq, num_labels]` in f32; `None` if built without one.
     pub fn scores(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
-        self.score.as_ref().map(|s| linear(s, hidden))
+        self.score.as_ref().map(|s| linear(s, hidden).cast(FloatDType::F32))
     }
 
-    /// Value-head outputs `[batch, seq]`; `None` if built without one.
+    /// Value-head outputs `[batch, seq]` in f32; `None` if built without one.
     pub fn values(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
-        self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2))
+        self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2).cast(FloatDType::F32))
     }
 
     /// Every block projection with its HF module name (`model.layers.3.self_attn.q_proj`;
@@ -488,4 +496,20 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Option<Vec<f32>> {
                 .collect()
         }
     })
+}
+
+/// Casts every float parameter of a module to `dtype` (bf16 training keeps the weights in
+/// bf16 and its f32 masters in the optimizer). Trainable parameters stay trainable; the
+/// RoPE frequencies are a constant and stay f32.
+pub fn cast_float<B: Backend, M: Module<B>>(module: M, dtype: FloatDType) -> M {
+    struct Cast(FloatDType);
+    impl<B: Backend> ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let trainable = tensor.is_require_grad();
+            let t = tensor.cast(self.0).detach();
+            Param::from_mapped_value(id, if trainable { t.require_grad() } else { t }, mapper)
+        }
+    }
+    module.map(&mut Cast(dtype))
 }

@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 
 use align_model::burn::module::{AutodiffModule, ModuleMapper, ModuleVisitor, Param};
 use align_model::burn::optim::GradientsParams;
-use align_model::burn::tensor::Tensor;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
+use align_model::burn::tensor::{FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 /// `[optimizer]` settings (HF TrainingArguments names where they exist).
@@ -38,10 +38,13 @@ impl Default for AdamWConfig {
     }
 }
 
-/// First and second moments of one parameter, flattened.
+/// First and second moments of one parameter, flattened, in f32; for a parameter held in a
+/// lower precision (bf16 training) also its f32 master copy, which the update is applied
+/// to so that steps smaller than a bf16 ulp are not lost.
 pub struct Moments<B: Backend> {
     pub m: Tensor<B, 1>,
     pub v: Tensor<B, 1>,
+    pub master: Option<Tensor<B, 1>>,
 }
 
 /// AdamW state: the step count and the moments of every trained parameter by path.
@@ -81,7 +84,7 @@ struct NormVisitor<'a, B: AutodiffBackend> {
 impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
         if let Some(g) = self.grads.get::<B::InnerBackend, D>(param.id) {
-            self.sum += g.square().sum().into_scalar().elem::<f64>();
+            self.sum += g.cast(FloatDType::F32).square().sum().into_scalar().elem::<f64>();
         }
     }
 }
@@ -120,13 +123,18 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let cfg = &self.opt.config;
         let shape = tensor.dims();
         let n: usize = shape.iter().product();
-        let g = g.reshape([n]) * self.grad_scale;
-        let mut p = tensor.inner().reshape([n]);
+        let dtype = FloatDType::from(tensor.dtype());
+        let g = g.reshape([n]).cast(FloatDType::F32) * self.grad_scale;
+        let prev = self.opt.state.remove(&key);
+        let mut p = match prev.as_ref().and_then(|s| s.master.clone()) {
+            Some(master) => master,
+            None => tensor.inner().reshape([n]).cast(FloatDType::F32),
+        };
         if cfg.weight_decay > 0.0 && decays(&key, D, cfg) {
             p = p.clone() - p * (self.lr * cfg.weight_decay);
         }
         let (b1, b2) = (cfg.adam_beta1, cfg.adam_beta2);
-        let (m, v) = match self.opt.state.remove(&key) {
+        let (m, v) = match prev {
             Some(s) => (s.m * b1 + g.clone() * (1.0 - b1), s.v * b2 + g.square() * (1.0 - b2)),
             None => (g.clone() * (1.0 - b1), g.square() * (1.0 - b2)),
         };
@@ -134,13 +142,45 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Step<'_, B> {
         let (c1, c2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
         let update = (m.clone() / c1) / ((v.clone() / c2).sqrt() + cfg.adam_epsilon);
         let p = p - update * self.lr;
-        self.opt.state.insert(key, Moments { m, v });
-        let p = Tensor::<B, D>::from_inner(p.reshape(shape)).require_grad();
+        let master = (dtype != FloatDType::F32).then(|| p.clone());
+        self.opt.state.insert(key, Moments { m, v, master });
+        let p = Tensor::<B, D>::from_inner(p.cast(dtype).reshape(shape)).require_grad();
         Param::from_mapped_value(id, p, mapper)
     }
 }
 
+/// Puts the f32 master copies back in place of their low-precision parameters.
+struct RestoreMasters<'a, B: AutodiffBackend> {
+    opt: &'a AdamW<B>,
+    path: Path,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for RestoreMasters<'_, B> {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let Some(master) = self.opt.state.get(&self.path.key()).and_then(|s| s.master.clone()) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let t = Tensor::<B, D>::from_inner(master.reshape(tensor.dims()));
+        Param::from_mapped_value(id, if tensor.is_require_grad() { t.require_grad() } else { t }, mapper)
+    }
+}
+
 impl<B: AutodiffBackend> AdamW<B> {
+    /// The model with every float parameter in f32 and each trained low-precision parameter
+    /// replaced by its f32 master copy: what bf16 training exports at the end.
+    pub fn model_with_masters<M: AutodiffModule<B>>(&self, model: M) -> M {
+        let model = align_model::cast_float(model, FloatDType::F32);
+        model.map(&mut RestoreMasters { opt: self, path: Path::default() })
+    }
+
     pub fn new(config: AdamWConfig) -> Self {
         AdamW { config, step: 0, state: BTreeMap::new() }
     }
@@ -251,6 +291,40 @@ mod tests {
             "{:?}",
             opt.state.keys().collect::<Vec<_>>()
         );
+    }
+
+    /// bf16 parameters: steps far below a bf16 ulp (2^-8 at 1.0) accumulate in the f32
+    /// master, the bf16 weight tracks the master's rounding, and the export is the master.
+    #[test]
+    fn bf16_parameters_keep_f32_masters() {
+        type B = Autodiff<Cpu>;
+        let dev = Default::default();
+        let model = Two::<B> {
+            w: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32; 4], [2, 2]), &dev)),
+            b: Param::from_tensor(Tensor::from_data(TensorData::new(vec![1.0f32; 2], [2]), &dev)),
+        };
+        let mut model = align_model::cast_float(model, FloatDType::BF16);
+        assert_eq!(model.w.val().dtype(), FloatDType::BF16.into());
+        let mut opt = AdamW::<B>::new(AdamWConfig::default());
+        // loss = sum(w) + sum(b): a constant gradient, so each Adam step moves by ~lr.
+        let lr = 1e-4;
+        for _ in 0..30 {
+            let loss = model.w.val().sum() + model.b.val().sum();
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = opt.step(model, grads, lr, 1.0);
+            assert_eq!(model.w.val().dtype(), FloatDType::BF16.into());
+        }
+        // 30 steps of 1e-4: the master is at 0.997; bf16 alone would have stayed at 1.0.
+        let master: Vec<f32> = opt.state["w"].master.clone().unwrap().into_data().to_vec().unwrap();
+        for m in &master {
+            assert!((*m as f64 - 0.997).abs() < 1e-6, "master {m}");
+        }
+        let bf16: Vec<f32> = model.w.val().into_data().convert::<f32>().to_vec().unwrap();
+        assert_eq!(bf16[0], half::bf16::from_f32(master[0]).to_f32());
+        let exported = opt.model_with_masters(model);
+        assert_eq!(exported.w.val().dtype(), FloatDType::F32.into());
+        let w: Vec<f32> = exported.w.val().into_data().to_vec().unwrap();
+        assert_eq!(w, master);
     }
 
     #[test]

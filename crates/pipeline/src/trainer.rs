@@ -16,7 +16,7 @@ use align_model::burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::ElementConversion;
 use align_model::burn::tensor::backend::AutodiffBackend;
-use align_model::burn::tensor::{Tensor, TensorData};
+use align_model::burn::tensor::{FloatDType, Tensor, TensorData};
 use align_model::weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource, save_safetensors, write_atomic};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -60,7 +60,11 @@ pub struct TrainingArguments {
     pub save_total_limit: Option<usize>,
     /// Seed of shuffling, adapter init and dropout. Default 42.
     pub seed: u64,
-    /// bf16 training. Not supported yet: `true` is an error. Default false.
+    /// bf16 mixed precision: weights, activations and gradients in bf16 (half the memory
+    /// and, on CUDA, tensor-core matmuls), while the optimizer keeps f32 master weights and
+    /// moments (as Apex O2 / HF `bf16` with f32 masters), norms and losses run in f32, and
+    /// `final/` is exported from the masters in f32. On the CPU backend bf16 is emulated
+    /// and slower than f32. Default false.
     pub bf16: bool,
     /// Recompute cheap activations in backward instead of keeping them (Burn's balanced
     /// checkpointing strategy, chosen by the stage runner): less memory, more compute.
@@ -165,7 +169,8 @@ struct TrainerState {
 fn save_optimizer<B: AutodiffBackend>(opt: &AdamW<B>, path: &Path) -> Result<()> {
     let mut map = TensorMap::default();
     for (k, s) in &opt.state {
-        for (suffix, t) in [("m", &s.m), ("v", &s.v)] {
+        let tensors = [("m", Some(&s.m)), ("v", Some(&s.v)), ("master", s.master.as_ref())];
+        for (suffix, t) in tensors.into_iter().filter_map(|(n, t)| t.map(|t| (n, t))) {
             let data: Vec<f32> =
                 t.clone().into_data().convert::<f32>().to_vec().map_err(|e| anyhow::anyhow!("{e:?}"))?;
             map.0.insert(format!("{k}.{suffix}"), HostTensor::new(vec![data.len()], data));
@@ -185,7 +190,12 @@ fn load_optimizer<B: AutodiffBackend>(opt: &mut AdamW<B>, path: &Path, device: &
         if let Some(k) = name.strip_suffix(".m") {
             let m = inner(src.load(&name)?);
             let v = inner(src.load(&format!("{k}.v"))?);
-            opt.state.insert(k.to_string(), Moments { m, v });
+            let master_name = format!("{k}.master");
+            let master = match src.names().contains(&master_name) {
+                true => Some(inner(src.load(&master_name)?)),
+                false => None,
+            };
+            opt.state.insert(k.to_string(), Moments { m, v, master });
         }
     }
     Ok(())
@@ -245,11 +255,9 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     if task.num_examples() == 0 {
         bail!("no training examples");
     }
-    if args.gradient_checkpointing {
-        tracing::warn!(
-            "gradient_checkpointing: not applied by this build (Burn 0.21's checkpointing is a backend setting); training runs without it"
-        );
-    }
+    // bf16: weights and activations in bf16, f32 masters and moments in the optimizer.
+    let dtype = if args.bf16 { FloatDType::BF16 } else { FloatDType::F32 };
+    model = align_model::cast_float(model, dtype);
     std::fs::create_dir_all(output_dir.join("checkpoints")).with_context(|| output_dir.display().to_string())?;
     let device = model.devices().first().cloned().context("the model has no device")?;
     let total = args.total_steps(task.num_examples());
@@ -280,7 +288,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
                 total
             );
         }
-        model = task.load_weights(model, &dir)?;
+        model = align_model::cast_float(task.load_weights(model, &dir)?, dtype);
         load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), &device)?;
         opt.step = s as u64;
         loader.restore(state.loader);
@@ -421,6 +429,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         }
     }
     progress.finish_and_clear();
+    let model = if args.bf16 { opt.model_with_masters(model) } else { model };
     Ok(TrainOutcome { model, steps: step, metrics })
 }
 
