@@ -109,6 +109,7 @@ impl Adapter {
                     prompt: Content::Text(item.context),
                     chosen: Content::Text(item.choices[item.gold].clone()),
                     rejected: Content::Text(item.choices[1 - item.gold].clone()),
+                    margin: None,
                 }
             }
             Adapter::Gsm8kR1Zero | Adapter::Gsm8kSft => {

@@ -28,6 +28,10 @@ pub struct DatasetConfig {
     /// Skip rows that fail validation (counted and reported) instead of stopping. Default false.
     #[serde(default)]
     pub skip_invalid: bool,
+    /// Skip this many (valid) rows first, e.g. `skip = 1000` with `limit = 500` for rows
+    /// 1000..1500 (HF's `split="validation[1000:1500]"`). Default 0.
+    #[serde(default)]
+    pub skip: usize,
     /// Read at most this many rows. Default all.
     #[serde(default)]
     pub limit: Option<usize>,
@@ -41,6 +45,7 @@ impl DatasetConfig {
             columns: ColumnMap::new(),
             adapter: None,
             skip_invalid: false,
+            skip: 0,
             limit: None,
         }
     }
@@ -82,7 +87,7 @@ pub fn examples<'a>(
         }
         other => Some(other),
     });
-    Ok(kept.take(cfg.limit.unwrap_or(usize::MAX)))
+    Ok(kept.skip(cfg.skip).take(cfg.limit.unwrap_or(usize::MAX)))
 }
 
 /// Read and validate every row into memory (see [`examples`]).

@@ -22,7 +22,7 @@ pub enum SchemaKind {
     PromptCompletion,
     /// `messages` (role/content)
     Conversation,
-    /// `prompt` (optional: implicit) + `chosen` + `rejected`
+    /// `prompt` (optional: implicit) + `chosen` + `rejected` (+ optional `margin`)
     Preference,
     /// `prompt` + `completion` + `label` (bool)
     UnpairedPreference,
@@ -50,13 +50,37 @@ impl Content {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "schema", rename_all = "snake_case")]
 pub enum Example {
-    Text { text: String },
-    PromptCompletion { prompt: Content, completion: Content },
-    Conversation { messages: Vec<ChatMessage> },
-    Preference { prompt: Content, chosen: Content, rejected: Content },
-    UnpairedPreference { prompt: Content, completion: Content, label: bool },
-    PromptAnswer { prompt: Content, answer: String },
-    ScoredConversation { messages: Vec<ChatMessage>, score: f64, reason: Option<String> },
+    Text {
+        text: String,
+    },
+    PromptCompletion {
+        prompt: Content,
+        completion: Content,
+    },
+    Conversation {
+        messages: Vec<ChatMessage>,
+    },
+    /// `margin`: optional, how much better chosen is (TRL's reward-model margin column).
+    Preference {
+        prompt: Content,
+        chosen: Content,
+        rejected: Content,
+        margin: Option<f64>,
+    },
+    UnpairedPreference {
+        prompt: Content,
+        completion: Content,
+        label: bool,
+    },
+    PromptAnswer {
+        prompt: Content,
+        answer: String,
+    },
+    ScoredConversation {
+        messages: Vec<ChatMessage>,
+        score: f64,
+        reason: Option<String>,
+    },
 }
 
 /// Renames columns to TRL's names before parsing: `{canonical: column_in_file}`.
@@ -295,7 +319,14 @@ impl Example {
                 };
                 check_prompt_completion(&row, &prompt, &chosen, "chosen")?;
                 check_prompt_completion(&row, &prompt, &rejected, "rejected")?;
-                Example::Preference { prompt, chosen, rejected }
+                let margin = match row.fields.get("margin") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::Number(n)) => Some(
+                        n.as_f64().filter(|x| x.is_finite()).ok_or_else(|| row.err("margin", "not a finite number"))?,
+                    ),
+                    Some(other) => return Err(row.err("margin", format!("expected a number, found {}", kind(other)))),
+                };
+                Example::Preference { prompt, chosen, rejected, margin }
             }
             SchemaKind::UnpairedPreference => {
                 let (prompt, completion) = (row.content("prompt")?, row.content("completion")?);

@@ -170,8 +170,8 @@ pub struct TokenizedPrompted {
 pub enum Tokenized {
     /// text, prompt/completion, conversation, scored conversation
     Sequence(TokenizedSequence),
-    /// preference pair sharing one prompt
-    Pair { prompt_ids: Vec<u32>, chosen_ids: Vec<u32>, rejected_ids: Vec<u32> },
+    /// preference pair sharing one prompt, with the row's margin if it has one
+    Pair { prompt_ids: Vec<u32>, chosen_ids: Vec<u32>, rejected_ids: Vec<u32>, margin: Option<f64> },
     /// unpaired preference
     Labelled { prompted: TokenizedPrompted, label: bool },
     /// prompt only (RL), with the ground truth
@@ -394,7 +394,7 @@ impl<'a> ExampleTokenizer<'a> {
                 self.count(d);
                 Tokenized::Sequence(s)
             }
-            Example::Preference { prompt, chosen, rejected } => {
+            Example::Preference { prompt, chosen, rejected, margin } => {
                 let c = self.split_content(prompt, chosen)?;
                 let r = self.split_content(prompt, rejected)?;
                 // One prompt for both: the shorter common prefix, the rest moves to each completion.
@@ -404,7 +404,7 @@ impl<'a> ExampleTokenizer<'a> {
                 let mut rejected_ids: Vec<u32> = r.prompt_ids[n..].iter().chain(&r.completion_ids).copied().collect();
                 let d = self.truncate(&mut prompt_ids, &mut [&mut chosen_ids, &mut rejected_ids]);
                 self.count(d);
-                Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids }
+                Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, margin: *margin }
             }
             Example::UnpairedPreference { prompt, completion, label } => {
                 let mut p = self.split_content(prompt, completion)?;

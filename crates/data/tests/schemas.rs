@@ -36,23 +36,31 @@ fn expected() -> Vec<Example> {
                 m("assistant", "Goodbye."),
             ],
         },
-        Example::Preference { prompt: text("The sky is"), chosen: text(" blue."), rejected: text(" green.") },
+        Example::Preference {
+            prompt: text("The sky is"),
+            chosen: text(" blue."),
+            rejected: text(" green."),
+            margin: None,
+        },
         // implicit prompt, text: the shared prefix, backing off the space
         Example::Preference {
             prompt: text("The capital of France is"),
             chosen: text(" Paris."),
             rejected: text(" Rome."),
+            margin: None,
         },
         Example::Preference {
             prompt: Content::Messages(vec![m("user", "Best pet?")]),
             chosen: Content::Messages(vec![m("assistant", "A cat.")]),
             rejected: Content::Messages(vec![m("assistant", "A rock.")]),
+            margin: None,
         },
         // implicit prompt, conversational: the shared leading messages
         Example::Preference {
             prompt: Content::Messages(vec![m("user", "2+2?")]),
             chosen: Content::Messages(vec![m("assistant", "4")]),
             rejected: Content::Messages(vec![m("assistant", "5")]),
+            margin: None,
         },
         Example::UnpairedPreference {
             prompt: text("Water boils at"),
@@ -89,6 +97,17 @@ fn write(name: &str, body: &str) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, body).unwrap();
     p
+}
+
+#[test]
+fn preference_rows_carry_an_optional_margin() {
+    let p = write(
+        "margin.jsonl",
+        "{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\", \"margin\": 1.5}\n{\"prompt\": \"a\", \"chosen\": \" b\", \"rejected\": \" c\"}\n",
+    );
+    let ex = load(p);
+    assert!(matches!(ex[0], Example::Preference { margin: Some(m), .. } if m == 1.5));
+    assert!(matches!(ex[1], Example::Preference { margin: None, .. }));
 }
 
 #[test]
@@ -149,6 +168,11 @@ fn bad_rows_name_file_line_and_field() {
             &["field `meta_eval_score`", "expected a number"],
         ),
         ("{\"chosen\": \"same\", \"rejected\": \"other\"}", SchemaKind::Auto, &["field `prompt`", "share no prefix"]),
+        (
+            "{\"prompt\": \"a\", \"chosen\": \"b\", \"rejected\": \"c\", \"margin\": \"big\"}",
+            SchemaKind::Auto,
+            &["field `margin`", "expected a number, found a string"],
+        ),
         ("{\"foo\": 1}", SchemaKind::Auto, &["bad.jsonl:1", "no known schema"]),
     ];
     for (line, schema, needles) in cases {
@@ -207,6 +231,7 @@ fn piqa_and_gsm8k_adapters() {
             prompt: text("Question: dresser\nAnswer:"),
             chosen: text(" finish, woodgrain with  bobby pin "),
             rejected: text(" replace drawer with bobby pin "),
+            margin: None,
         }
     );
     let sft = DatasetConfig {

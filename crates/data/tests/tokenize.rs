@@ -121,8 +121,9 @@ fn preference_pairs_share_the_prompt_and_truncate_with_counts() {
         prompt: Content::Text("The sky is".into()),
         chosen: Content::Text(" blue.".into()),
         rejected: Content::Text(" green and purple.".into()),
+        margin: None,
     };
-    let Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids } = t.tokenize(&ex).unwrap() else { panic!() };
+    let Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } = t.tokenize(&ex).unwrap() else { panic!() };
     assert_eq!(prompt_ids, tok.encode("The sky is", false).unwrap());
     assert_eq!(*chosen_ids.last().unwrap(), eos);
     assert_eq!(*rejected_ids.last().unwrap(), eos);
@@ -135,7 +136,9 @@ fn preference_pairs_share_the_prompt_and_truncate_with_counts() {
         ..Default::default()
     };
     let mut t = ExampleTokenizer::new(&tok, cfg);
-    let Tokenized::Pair { prompt_ids: p, chosen_ids: c, rejected_ids: r } = t.tokenize(&ex).unwrap() else { panic!() };
+    let Tokenized::Pair { prompt_ids: p, chosen_ids: c, rejected_ids: r, .. } = t.tokenize(&ex).unwrap() else {
+        panic!()
+    };
     assert_eq!(p, prompt_ids[prompt_ids.len() - 2..].to_vec(), "keep_end keeps the prompt's last tokens");
     assert!(c.len() <= 3 && r.len() == 3);
     let dropped = (prompt_ids.len() - 2) + (chosen_ids.len() - c.len()) + (rejected_ids.len() - r.len());
@@ -229,8 +232,9 @@ fn conversational_preference_and_scored_conversations_tokenise() {
         prompt: Content::Messages(vec![ChatMessage::new("user", "Best pet?")]),
         chosen: Content::Messages(vec![ChatMessage::new("assistant", "A cat.")]),
         rejected: Content::Messages(vec![ChatMessage::new("assistant", "A rock.")]),
+        margin: None,
     };
-    let Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids } = t.tokenize(&ex).unwrap() else { panic!() };
+    let Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } = t.tokenize(&ex).unwrap() else { panic!() };
     assert_eq!(
         tok.decode(&prompt_ids, false).unwrap(),
         "<|im_start|>user\nBest pet?<|im_end|>\n<|im_start|>assistant\n"

@@ -1,10 +1,12 @@
 //! Trainers for each alignment stage and the `align` command.
 //!
-//! Stage trainers arrive with their issues; today this crate holds the inference commands
-//! the stages build on: [`score`] (completion log-probs, comparable with the reference
-//! harness) and generation through align-rollout.
+//! - [`trainer`]: the loop every stage shares (AdamW, schedules, accumulation, clipping,
+//!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer.
+//! - Stages: [`sft`]; [`preference`] (reward model, DPO, ORPO, SimPO).
+//! - [`score`]: completion log-probs, comparable with the reference harness.
 
 pub mod optim;
+pub mod preference;
 pub mod score;
 pub mod sft;
 pub mod trainer;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use align_model::backend::{Cpu, DeviceKind};
 use align_model::burn::tensor::backend::Backend;
 use align_model::{ChatMessage, Heads, HfHead, load_pretrained, save_pretrained};
+use align_pipeline::preference::{PairwiseStage, PreferenceConfig, run_preference, score_dataset};
 use align_pipeline::score::{read_rows, score_rows};
 use align_rollout::{SamplingConfig, generate};
 use anyhow::{Context, Result, bail};
@@ -58,6 +59,45 @@ enum Command {
         /// Continue from the newest complete checkpoint in output_dir
         #[arg(long)]
         resume: bool,
+    },
+    /// Train a Bradley–Terry reward model (score head; full or LoRA) from a TOML config.
+    Reward {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Direct preference optimisation (sigmoid, cdpo, robust, hinge, ipo).
+    Dpo {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// ORPO: SFT plus an odds-ratio preference term, no reference model.
+    Orpo {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// SimPO: reference-free, length-normalised margin.
+    Simpo {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Score every row of a dataset with a reward model (JSONL on stdout).
+    ScoreReward {
+        /// A reward model: an HF sequence-classification directory (`align reward`'s final/)
+        #[arg(long)]
+        model: PathBuf,
+        /// JSONL/JSON/Parquet rows: prompt/completion, conversations, text or preference pairs
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
     },
     /// Merge a PEFT LoRA adapter into its base and write full HF safetensors.
     Merge {
@@ -123,6 +163,18 @@ fn load_with_adapter<B: Backend>(
     Ok(m)
 }
 
+fn pairwise<B: Backend>(
+    config: &std::path::Path,
+    stage: PairwiseStage,
+    resume: bool,
+    device: &B::Device,
+) -> Result<()> {
+    let cfg = PreferenceConfig::from_file(config)?;
+    let out = run_preference::<B>(&cfg, stage, resume, device)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
 fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
     match command {
         Command::Generate { model, adapter, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } => {
@@ -174,6 +226,25 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             let cfg = align_pipeline::sft::SftConfig::from_file(&config)?;
             let out = align_pipeline::sft::run_sft::<B>(&cfg, resume, device)?;
             println!("{}", out.display());
+        }
+        Command::Reward { config, resume } => pairwise::<B>(&config, PairwiseStage::Reward, resume, device)?,
+        Command::Dpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Dpo, resume, device)?,
+        Command::Orpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Orpo, resume, device)?,
+        Command::Simpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Simpo, resume, device)?,
+        Command::ScoreReward { model, data, batch_size } => {
+            let heads = Heads { lm: false, score: true, value: false };
+            let m = load_pretrained::<B>(&model, heads, device)?;
+            if !model.join("model.safetensors").exists() && !model.join("model.safetensors.index.json").exists() {
+                bail!("{}: not an HF checkpoint directory", model.display());
+            }
+            let cfg = align_data::DatasetConfig::new(data);
+            let tokenize =
+                align_data::TokenizeConfig { max_length: None, max_prompt_length: None, ..Default::default() };
+            let rows = score_dataset(&m.model, &m.tokenizer, &cfg, &tokenize, batch_size, device)?;
+            let mut w = std::io::stdout().lock();
+            for r in &rows {
+                writeln!(w, "{r}")?;
+            }
         }
         Command::Merge { model, adapter, out } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;

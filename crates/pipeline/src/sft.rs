@@ -20,7 +20,7 @@ use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, lo
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::trainer::{TrainTask, TrainingArguments, train};
+use crate::trainer::{Evaluation, LossTerms, TrainTask, TrainingArguments, train};
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,9 +130,10 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
         self.train.len()
     }
 
-    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<(Tensor<B, 1>, usize)> {
+    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<LossTerms<B>> {
         let seqs: Vec<&TokenizedSequence> = batch.iter().map(|&i| &self.train[i]).collect();
-        Ok(nll_sum(model, &self.host_batch(&seqs)?, &self.device))
+        let (sum, count) = nll_sum(model, &self.host_batch(&seqs)?, &self.device);
+        Ok(LossTerms { sum, count, metrics: vec![] })
     }
 
     fn loss_tokens(&self, batch: &[usize]) -> usize {
@@ -144,7 +145,7 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
         batch.iter().map(|&i| self.train[i].len()).sum()
     }
 
-    fn eval_loss(&self, model: &Transformer<B>) -> Result<Option<f64>> {
+    fn evaluate(&self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -156,7 +157,7 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
             sum += s.into_scalar().elem::<f64>();
             n += k;
         }
-        Ok(Some(sum / n.max(1) as f64))
+        Ok(Some(Evaluation { loss: sum / n.max(1) as f64, metrics: Default::default() }))
     }
 
     fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {

@@ -7,6 +7,7 @@
 //! and `trainer_state.json` (step, loader position, seed, metrics so far). It is written
 //! as `step-N.tmp` and renamed, so the newest `step-N` is always complete.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -135,20 +136,37 @@ impl TrainingArguments {
     }
 }
 
+/// The loss of one micro-batch.
+pub struct LossTerms<B: AutodiffBackend> {
+    /// Sum of the per-unit losses (tokens for SFT, pairs for preference stages).
+    pub sum: Tensor<B, 1>,
+    /// Units the sum covers (the step's loss is Σ sums / Σ units over its micro-batches).
+    pub count: usize,
+    /// Stage metrics as sums over the same units (`rewards/accuracies`: pairs with chosen >
+    /// rejected); logged divided by the units of the logging window.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// An evaluation on held-out data: the mean loss and stage metrics (logged as `eval_*`).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Evaluation {
+    pub loss: f64,
+    pub metrics: BTreeMap<String, f64>,
+}
+
 /// What a stage supplies: the loss of a micro-batch of example indices.
 pub trait TrainTask<B: AutodiffBackend> {
     type Model: AutodiffModule<B> + Clone;
     /// Number of training examples.
     fn num_examples(&self) -> usize;
-    /// Loss terms of a micro-batch: the sum of per-token losses and the number of tokens it
-    /// covers (the step's loss is Σ sums / Σ tokens over its micro-batches).
-    fn loss_sum(&self, model: &Self::Model, batch: &[usize]) -> Result<(Tensor<B, 1>, usize)>;
-    /// Tokens the micro-batch loss is normalised by, computed without the model.
+    /// The loss of a micro-batch.
+    fn loss_sum(&self, model: &Self::Model, batch: &[usize]) -> Result<LossTerms<B>>;
+    /// Units the micro-batch loss is normalised by, computed without the model.
     fn loss_tokens(&self, batch: &[usize]) -> usize;
     /// Non-padding tokens the micro-batch feeds the model (for tokens/s).
     fn input_tokens(&self, batch: &[usize]) -> usize;
-    /// Mean eval loss, if the task has eval data.
-    fn eval_loss(&self, _model: &Self::Model) -> Result<Option<f64>> {
+    /// Evaluate on held-out data, if the task has any.
+    fn evaluate(&self, _model: &Self::Model) -> Result<Option<Evaluation>> {
         Ok(None)
     }
     /// Save the trainable weights into a checkpoint directory.
@@ -231,6 +249,9 @@ pub struct StepMetrics {
     pub step_seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// Stage metrics (`rewards/chosen`, …) and their `eval_` counterparts.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// The result of a run.
@@ -320,7 +341,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let batches_per_epoch = loader.batches_per_epoch() as f64;
     if args.eval_on_start
         && step == 0
-        && let Some(e) = task.eval_loss(&model)?
+        && let Some(e) = task.evaluate(&model)?
     {
         let m = StepMetrics {
             step: 0,
@@ -330,13 +351,15 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             grad_norm: 0.0,
             tokens_per_second: 0.0,
             step_seconds: 0.0,
-            eval_loss: Some(e),
+            eval_loss: Some(e.loss),
+            extra: e.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect(),
         };
-        tracing::info!(eval_loss = e, "eval before training");
+        tracing::info!(eval_loss = e.loss, "eval before training");
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         metrics.push(m);
     }
     let (mut window_loss, mut window_tokens, mut window_start) = (0.0f64, 0usize, Instant::now());
+    let (mut window_metrics, mut window_units) = (BTreeMap::<String, f64>::new(), 0usize);
 
     while step < total {
         let t0 = Instant::now();
@@ -352,7 +375,11 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         let mut accumulated: Option<GradientsParams> = None;
         let mut loss_sum = 0.0f64;
         for b in &micro {
-            let (sum, n) = task.loss_sum(&model, b)?;
+            let LossTerms { sum, count: n, metrics: stage_metrics } = task.loss_sum(&model, b)?;
+            for (k, v) in stage_metrics {
+                *window_metrics.entry(k.to_string()).or_default() += v;
+            }
+            window_units += n;
             if n != task.loss_tokens(b) {
                 bail!(
                     "step {}: the task counted {} loss tokens but its loss covers {n}",
@@ -393,10 +420,11 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             fed as f64 / t0.elapsed().as_secs_f64().max(1e-9)
         ));
 
-        let eval_loss = match args.eval_steps {
-            Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => task.eval_loss(&model)?,
+        let eval = match args.eval_steps {
+            Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => task.evaluate(&model)?,
             _ => None,
         };
+        let eval_loss = eval.as_ref().map(|e| e.loss);
         if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval_loss.is_some() {
             let n = (step - metrics.last().map_or(0, |m| m.step)).max(1);
             let elapsed = window_start.elapsed().as_secs_f64();
@@ -409,6 +437,11 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
                 tokens_per_second: window_tokens as f64 / elapsed.max(1e-9),
                 step_seconds: t0.elapsed().as_secs_f64(),
                 eval_loss,
+                extra: window_metrics
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v / window_units.max(1) as f64))
+                    .chain(eval.iter().flat_map(|e| e.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v))))
+                    .collect(),
             };
             writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
             metrics_file.flush()?;
@@ -418,10 +451,13 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
                 lr,
                 grad_norm = norm,
                 tokens_per_s = m.tokens_per_second as u64,
+                eval_loss = m.eval_loss,
+                metrics = ?m.extra,
                 "train"
             );
             metrics.push(m);
             (window_loss, window_tokens, window_start) = (0.0, 0, Instant::now());
+            (window_metrics, window_units) = (BTreeMap::new(), 0);
         }
         if args.save_steps > 0 && step.is_multiple_of(args.save_steps) && step < total {
             let state = TrainerState { step, loader: loader.state(), seed: args.seed, total_steps: total };

@@ -1,0 +1,760 @@
+//! The pairwise stages: the reward model (`align reward`), DPO (`align dpo`), ORPO
+//! (`align orpo`) and SimPO (`align simpo`), all on preference pairs (a prompt, a chosen and
+//! a rejected completion). One config shape; the stage's own section picks the objective.
+//!
+//! A micro-batch of `b` pairs runs as one forward over `2b` right-padded rows, chosen rows
+//! first (TRL's `concatenated_forward`); a pair's loss is its unit, so the step loss is the
+//! mean over pairs.
+
+use std::path::{Path, PathBuf};
+
+use align_data::{DatasetConfig, ExampleTokenizer, HostBatch, TokenizeConfig, Tokenized, TokenizedSequence, pad_right};
+use align_lora::LoraConfig;
+use align_losses::preference::{
+    DpoLossType, PreferenceMetrics, bradley_terry_loss, dpo_loss, orpo_loss, orpo_odds_ratio, simpo_loss,
+};
+use align_losses::{sequence_logprobs, sft_loss, token_logprobs};
+use align_model::burn::backend::Autodiff;
+use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use align_model::burn::module::{AutodiffModule, Param};
+use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
+use align_model::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
+use align_model::weights::{SafetensorsSource, TensorMap, save_safetensors};
+use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::sft::ModelSpec;
+use crate::trainer::{Evaluation, LossTerms, TrainTask, TrainingArguments, train};
+
+/// `[reward]`: the Bradley–Terry reward model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardSettings {
+    /// Adds `c·(r_c + r_r)²` to keep rewards centred (TRL `center_rewards_coefficient`).
+    /// Default none.
+    pub center_rewards_coefficient: Option<f64>,
+    /// Subtract the rows' `margin` column inside the sigmoid when the data has one.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub use_margin: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `[dpo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpoSettings {
+    /// Deviation from the reference. Default 0.1.
+    pub beta: f64,
+    /// sigmoid | cdpo | robust | hinge | ipo. Default sigmoid.
+    pub loss_type: DpoLossType,
+    /// ε of `cdpo` and `robust` (ignored by `sigmoid`, as in TRL ≥ 0.29). Default 0.0.
+    pub label_smoothing: f64,
+    /// Compute the reference log-probs of every pair once before training and hold no
+    /// reference model afterwards. Default false.
+    pub precompute_ref_log_probs: bool,
+}
+
+impl Default for DpoSettings {
+    fn default() -> Self {
+        DpoSettings {
+            beta: 0.1,
+            loss_type: DpoLossType::Sigmoid,
+            label_smoothing: 0.0,
+            precompute_ref_log_probs: false,
+        }
+    }
+}
+
+/// `[orpo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrpoSettings {
+    /// λ, the odds-ratio weight (TRL's `beta`). Default 0.1.
+    pub beta: f64,
+    /// NLL over the chosen completion only (the paper) instead of prompt + chosen (TRL).
+    /// Default false.
+    pub completion_only_nll: bool,
+}
+
+impl Default for OrpoSettings {
+    fn default() -> Self {
+        OrpoSettings { beta: 0.1, completion_only_nll: false }
+    }
+}
+
+/// `[simpo]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SimpoSettings {
+    /// Reward scale β. Default 2.0 (the paper's range is 2.0–2.5).
+    pub beta: f64,
+    /// Target reward margin γ. Default 0.5 (TRL `simpo_gamma`).
+    pub gamma: f64,
+    /// Conservative smoothing ε. Default 0.0.
+    pub label_smoothing: f64,
+    /// Weight of an added chosen NLL term (TRL `cpo_alpha`; 0 for pure SimPO). Default 0.0.
+    pub sft_weight: f64,
+}
+
+impl Default for SimpoSettings {
+    fn default() -> Self {
+        SimpoSettings { beta: 2.0, gamma: 0.5, label_smoothing: 0.0, sft_weight: 0.0 }
+    }
+}
+
+/// Which pairwise objective a stage trains.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Objective {
+    Reward(RewardSettings),
+    Dpo(DpoSettings),
+    Orpo(OrpoSettings),
+    Simpo(SimpoSettings),
+}
+
+/// A pairwise stage config (TOML). Exactly the section of its stage may appear.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreferenceConfig {
+    /// Where metrics, checkpoints and `final/` go.
+    pub output_dir: PathBuf,
+    pub model: ModelSpec,
+    /// Preference rows (`prompt`/`chosen`/`rejected`, or an adapter such as `piqa_preference`).
+    pub data: DatasetConfig,
+    /// Held-out pairs evaluated every `eval_steps`. Default none.
+    #[serde(default)]
+    pub eval_data: Option<DatasetConfig>,
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    #[serde(default)]
+    pub training: TrainingArguments,
+    /// LoRA instead of full fine-tuning. Default none (full).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    #[serde(default)]
+    pub reward: Option<RewardSettings>,
+    #[serde(default)]
+    pub dpo: Option<DpoSettings>,
+    #[serde(default)]
+    pub orpo: Option<OrpoSettings>,
+    #[serde(default)]
+    pub simpo: Option<SimpoSettings>,
+}
+
+/// The stage names of `align` for [`PreferenceConfig::objective`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairwiseStage {
+    Reward,
+    Dpo,
+    Orpo,
+    Simpo,
+}
+
+impl PreferenceConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid stage config", path.display()))
+    }
+
+    /// The objective of `stage`, from its section (defaults when absent); a section of
+    /// another stage is an error, so a DPO config is never silently run as ORPO.
+    pub fn objective(&self, stage: PairwiseStage) -> Result<Objective> {
+        let present: Vec<&str> = [
+            ("reward", self.reward.is_some()),
+            ("dpo", self.dpo.is_some()),
+            ("orpo", self.orpo.is_some()),
+            ("simpo", self.simpo.is_some()),
+        ]
+        .iter()
+        .filter(|(_, p)| *p)
+        .map(|(n, _)| *n)
+        .collect();
+        let own = match stage {
+            PairwiseStage::Reward => "reward",
+            PairwiseStage::Dpo => "dpo",
+            PairwiseStage::Orpo => "orpo",
+            PairwiseStage::Simpo => "simpo",
+        };
+        if let Some(other) = present.iter().find(|n| **n != own) {
+            bail!("the config has a [{other}] section, but this is the {own} stage");
+        }
+        Ok(match stage {
+            PairwiseStage::Reward => Objective::Reward(self.reward.clone().unwrap_or_default()),
+            PairwiseStage::Dpo => Objective::Dpo(self.dpo.clone().unwrap_or_default()),
+            PairwiseStage::Orpo => Objective::Orpo(self.orpo.clone().unwrap_or_default()),
+            PairwiseStage::Simpo => Objective::Simpo(self.simpo.clone().unwrap_or_default()),
+        })
+    }
+}
+
+/// One tokenised preference pair: both rows share the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pair {
+    pub chosen: TokenizedSequence,
+    pub rejected: TokenizedSequence,
+    pub margin: Option<f64>,
+}
+
+fn row(prompt: &[u32], completion: &[u32]) -> TokenizedSequence {
+    TokenizedSequence {
+        input_ids: prompt.iter().chain(completion).copied().collect(),
+        loss_mask: std::iter::repeat_n(false, prompt.len())
+            .chain(std::iter::repeat_n(true, completion.len()))
+            .collect(),
+    }
+}
+
+/// Tokenise a preference dataset into pairs (errors name the row that is not a pair).
+pub fn load_pairs(tok: &Tokenizer, data: &DatasetConfig, cfg: &TokenizeConfig, what: &str) -> Result<Vec<Pair>> {
+    let (examples, _) = align_data::load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, cfg.clone());
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let out = t.tokenize_all(&examples, threads)?;
+    t.log_stats(what);
+    out.into_iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, margin } => {
+                if chosen_ids.is_empty() || rejected_ids.is_empty() {
+                    bail!("{}: example {i} has an empty completion after truncation", data.path.display());
+                }
+                Ok(Pair { chosen: row(&prompt_ids, &chosen_ids), rejected: row(&prompt_ids, &rejected_ids), margin })
+            }
+            _ => bail!("{}: example {i} is not a preference pair (needs chosen and rejected)", data.path.display()),
+        })
+        .collect()
+}
+
+/// `2b` right-padded rows: the chosen completions, then the rejected ones.
+pub fn pair_batch(pairs: &[&Pair], pad_id: u32) -> HostBatch {
+    let rows: Vec<&TokenizedSequence> =
+        pairs.iter().map(|p| &p.chosen).chain(pairs.iter().map(|p| &p.rejected)).collect();
+    pad_right(&rows, pad_id)
+}
+
+/// What one forward over a pair batch gives the objectives.
+pub struct PairForward<B: Backend> {
+    /// Completion log-probs per row `[2b]`, summed (or averaged when asked).
+    pub logps: Tensor<B, 1>,
+    /// Completion tokens per row.
+    pub tokens: Vec<f64>,
+    /// Per-token log-probs `[2b, t-1]` and the mask of every real next token (prompt
+    /// included), for a prompt+completion NLL.
+    pub token_logps: Tensor<B, 2>,
+    pub attended: Tensor<B, 2>,
+    pub completion: Tensor<B, 2>,
+}
+
+fn float2<B: Backend>(v: Vec<bool>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    let data: Vec<f32> = v.into_iter().map(|m| if m { 1.0 } else { 0.0 }).collect();
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// Completion log-probs of every row of a pair batch under `model`.
+pub fn pair_forward<B: Backend>(
+    model: &Transformer<B>,
+    batch: &HostBatch,
+    averaged: bool,
+    device: &B::Device,
+) -> PairForward<B> {
+    let [b, t] = batch.shape;
+    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
+    let (targets, mask) = batch.shifted_targets();
+    let tokens: Vec<f64> = mask.chunks(t - 1).map(|r| r.iter().filter(|&&m| m).count() as f64).collect();
+    let attended: Vec<bool> = (0..b)
+        .flat_map(|r| (1..t).map(move |j| (r, j)))
+        .map(|(r, j)| batch.segments[r * t + j] != 0 && batch.segments[r * t + j] == batch.segments[r * t + j - 1])
+        .collect();
+    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), device);
+    let completion = float2::<B>(mask, [b, t - 1], device);
+    let token_logps = token_logprobs(logits, targets, 1.0);
+    PairForward {
+        logps: sequence_logprobs(token_logps.clone(), completion.clone(), averaged),
+        tokens,
+        token_logps,
+        attended: float2::<B>(attended, [b, t - 1], device),
+        completion,
+    }
+}
+
+/// The reward model's score at each row's last real token, `[rows]`.
+pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
+    let [b, t] = batch.shape;
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
+    let scores = model.scores(hidden).expect("the reward model has a score head");
+    // Right padding: the last real token is at (real tokens − 1).
+    let last: Vec<i64> = (0..b)
+        .map(|r| batch.segments[r * t..(r + 1) * t].iter().filter(|&&s| s != 0).count().max(1) as i64 - 1)
+        .collect();
+    let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(last, [b, 1, 1]), device);
+    scores.narrow(2, 0, 1).gather(1, idx).reshape([b])
+}
+
+fn host<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
+    t.into_data().convert::<f64>().to_vec().expect("f64 data")
+}
+
+fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
+    t.into_scalar().elem::<f64>()
+}
+
+/// Where DPO's reference log-probs come from.
+pub enum Reference<B: AutodiffBackend> {
+    /// Computed once before training: `(chosen, rejected)` per train pair, then per eval pair.
+    Precomputed { train: Vec<(f64, f64)>, eval: Vec<(f64, f64)> },
+    /// The policy with its LoRA adapters disabled (no second copy of the weights).
+    AdaptersDisabled,
+    /// A frozen copy of the starting policy.
+    Frozen(Box<Transformer<B::InnerBackend>>),
+    /// Not needed (reward model, ORPO, SimPO).
+    None,
+}
+
+pub struct PreferenceTask<B: AutodiffBackend> {
+    pub objective: Objective,
+    pub train: Vec<Pair>,
+    pub eval: Vec<Pair>,
+    pub reference: Reference<B>,
+    pub pad_id: u32,
+    pub batch_size: usize,
+    pub config: ModelConfig,
+    pub lora: Option<LoraConfig>,
+    pub device: B::Device,
+}
+
+/// One micro-batch's loss terms on any backend (training: autodiff; eval: inner).
+struct Terms<B: Backend> {
+    /// Σ per-pair loss
+    sum: Tensor<B, 1>,
+    metrics: Vec<(&'static str, f64)>,
+}
+
+fn metric_sums(m: PreferenceMetrics, n: usize) -> Vec<(&'static str, f64)> {
+    let n = n as f64;
+    vec![
+        ("rewards/chosen", m.chosen * n),
+        ("rewards/rejected", m.rejected * n),
+        ("rewards/accuracies", m.accuracy * n),
+        ("rewards/margins", m.margin * n),
+    ]
+}
+
+impl<B: AutodiffBackend> PreferenceTask<B> {
+    /// Reference log-probs `(chosen, rejected)` of pairs `idx` (of the train or eval set).
+    fn reference_logps(
+        &self,
+        policy: Option<&Transformer<B::InnerBackend>>,
+        pairs: &[&Pair],
+        idx: &[usize],
+        eval: bool,
+    ) -> (Vec<f64>, Vec<f64>) {
+        let run = |m: &Transformer<B::InnerBackend>| {
+            let f = pair_forward(m, &pair_batch(pairs, self.pad_id), false, &self.device);
+            let v = host(f.logps);
+            let b = pairs.len();
+            (v[..b].to_vec(), v[b..].to_vec())
+        };
+        match &self.reference {
+            Reference::Precomputed { train, eval: ev } => {
+                let src = if eval { ev } else { train };
+                idx.iter().map(|&i| src[i]).unzip()
+            }
+            Reference::AdaptersDisabled => {
+                let mut m = policy.expect("the policy for an adapters-disabled reference").clone();
+                m.set_adapters_enabled(false);
+                run(&m)
+            }
+            Reference::Frozen(m) => run(m),
+            Reference::None => (vec![], vec![]),
+        }
+    }
+
+    /// The objective on pairs `idx` under `model` (any backend), given the inner policy for
+    /// a reference forward.
+    fn terms<M: Backend>(
+        &self,
+        model: &Transformer<M>,
+        inner: Option<&Transformer<B::InnerBackend>>,
+        pairs: &[&Pair],
+        idx: &[usize],
+        eval: bool,
+        device: &M::Device,
+    ) -> Terms<M> {
+        let n = pairs.len();
+        let batch = pair_batch(pairs, self.pad_id);
+        let t1 = |v: &[f64]| {
+            Tensor::<M, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]).convert::<M::FloatElem>(), device)
+        };
+        match &self.objective {
+            Objective::Reward(s) => {
+                let scores = last_token_scores(model, &batch, device);
+                let (c, r) = (scores.clone().narrow(0, 0, n), scores.narrow(0, n, n));
+                let margin = if s.use_margin && pairs.iter().any(|p| p.margin.is_some()) {
+                    Some(t1(&pairs.iter().map(|p| p.margin.unwrap_or(0.0)).collect::<Vec<_>>()))
+                } else {
+                    None
+                };
+                let m = PreferenceMetrics::from_rewards(&host(c.clone().detach()), &host(r.clone().detach()));
+                let losses = bradley_terry_loss(c, r, margin, s.center_rewards_coefficient);
+                Terms { sum: losses.sum(), metrics: metric_sums(m, n) }
+            }
+            Objective::Dpo(s) => {
+                let f = pair_forward(model, &batch, false, device);
+                let (rc, rr) = self.reference_logps(inner, pairs, idx, eval);
+                let (pc, pr) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
+                let (lc, lr) = (host(pc.clone().detach()), host(pr.clone().detach()));
+                let d = dpo_loss(
+                    pc,
+                    pr,
+                    t1(&rc),
+                    t1(&rr),
+                    t1(&f.tokens[..n]),
+                    t1(&f.tokens[n..]),
+                    s.loss_type,
+                    s.beta,
+                    s.label_smoothing,
+                );
+                let m = PreferenceMetrics::from_rewards(&host(d.chosen_rewards), &host(d.rejected_rewards));
+                let mut metrics = metric_sums(m, n);
+                metrics.push(("logps/chosen", lc.iter().sum()));
+                metrics.push(("logps/rejected", lr.iter().sum()));
+                Terms { sum: d.losses.sum(), metrics }
+            }
+            Objective::Orpo(s) => {
+                let f = pair_forward(model, &batch, true, device);
+                let (c, r) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
+                let nll_mask = if s.completion_only_nll { f.completion } else { f.attended };
+                let nll = sft_loss(f.token_logps.narrow(0, 0, n), nll_mask.narrow(0, 0, n));
+                let o = orpo_odds_ratio(c, r, s.beta);
+                let m =
+                    PreferenceMetrics::from_rewards(&host(o.chosen_rewards.clone()), &host(o.rejected_rewards.clone()));
+                let mut metrics = metric_sums(m, n);
+                metrics.push(("nll_loss", scalar(nll.clone().detach()) * n as f64));
+                metrics.push(("log_odds_ratio", host(o.log_odds.clone().detach()).iter().sum()));
+                // Σ over pairs of (nll − λ·logσ) = n · (nll − mean(λ·logσ)), TRL's per-batch loss.
+                Terms { sum: orpo_loss(nll, &o) * n as f64, metrics }
+            }
+            Objective::Simpo(s) => {
+                let f = pair_forward(model, &batch, true, device);
+                let (c, r) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
+                let (hc, hr) = (host(c.clone().detach()), host(r.clone().detach()));
+                let m = PreferenceMetrics::from_rewards(
+                    &hc.iter().map(|x| x * s.beta).collect::<Vec<_>>(),
+                    &hr.iter().map(|x| x * s.beta).collect::<Vec<_>>(),
+                );
+                let mut sum = simpo_loss(c, r, s.beta, s.gamma, s.label_smoothing).sum();
+                if s.sft_weight > 0.0 {
+                    let nll = sft_loss(f.token_logps.narrow(0, 0, n), f.attended.narrow(0, 0, n));
+                    sum = sum + nll * (s.sft_weight * n as f64);
+                }
+                Terms { sum, metrics: metric_sums(m, n) }
+            }
+        }
+    }
+}
+
+impl<B: AutodiffBackend> TrainTask<B> for PreferenceTask<B> {
+    type Model = Transformer<B>;
+
+    fn num_examples(&self) -> usize {
+        self.train.len()
+    }
+
+    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<LossTerms<B>> {
+        let pairs: Vec<&Pair> = batch.iter().map(|&i| &self.train[i]).collect();
+        let inner = matches!(self.reference, Reference::AdaptersDisabled).then(|| model.valid());
+        let t = self.terms::<B>(model, inner.as_ref(), &pairs, batch, false, &self.device);
+        Ok(LossTerms { sum: t.sum, count: pairs.len(), metrics: t.metrics })
+    }
+
+    fn loss_tokens(&self, batch: &[usize]) -> usize {
+        batch.len()
+    }
+
+    fn input_tokens(&self, batch: &[usize]) -> usize {
+        batch.iter().map(|&i| self.train[i].chosen.len() + self.train[i].rejected.len()).sum()
+    }
+
+    fn evaluate(&self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let m = model.valid();
+        let (mut loss, mut sums) = (0.0, std::collections::BTreeMap::<String, f64>::new());
+        let idx: Vec<usize> = (0..self.eval.len()).collect();
+        for chunk in idx.chunks(self.batch_size.max(1)) {
+            let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
+            let t = self.terms::<B::InnerBackend>(&m, Some(&m), &pairs, chunk, true, &self.device);
+            loss += scalar(t.sum);
+            for (k, v) in t.metrics {
+                *sums.entry(k.to_string()).or_default() += v;
+            }
+        }
+        let n = self.eval.len() as f64;
+        Ok(Some(Evaluation { loss: loss / n, metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect() }))
+    }
+
+    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+        save_trainable(model, self.lora.as_ref(), self.head(), dir)
+    }
+
+    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+        load_trainable(model, self.lora.as_ref(), &self.config, self.heads(), dir, &self.device)
+    }
+}
+
+impl<B: AutodiffBackend> PreferenceTask<B> {
+    fn head(&self) -> HfHead {
+        if matches!(self.objective, Objective::Reward(_)) { HfHead::SequenceClassification } else { HfHead::CausalLm }
+    }
+    fn heads(&self) -> Heads {
+        if matches!(self.objective, Objective::Reward(_)) {
+            Heads { lm: false, score: true, value: false }
+        } else {
+            Heads::LM
+        }
+    }
+}
+
+/// Save what a stage trains: the PEFT adapter (plus a reward model's score head, which
+/// LoRA trains in full, in `score.safetensors`), or the whole model in HF names.
+pub fn save_trainable<B: Backend>(
+    model: &Transformer<B>,
+    lora: Option<&LoraConfig>,
+    head: HfHead,
+    dir: &Path,
+) -> Result<()> {
+    match lora {
+        Some(cfg) => {
+            align_lora::save_peft(&mut model.clone(), cfg, "base", dir)?;
+            if head == HfHead::SequenceClassification {
+                let full = export(model, head)?;
+                let mut score = TensorMap::default();
+                if let Some(t) = full.0.get("score.weight") {
+                    score.0.insert("score.weight".into(), t.clone());
+                }
+                save_safetensors(&score, &dir.join("score.safetensors"))?;
+            }
+        }
+        None => save_safetensors(&export(model, head)?, &dir.join("model.safetensors"))?,
+    }
+    Ok(())
+}
+
+/// Inverse of [`save_trainable`] onto the starting model.
+pub fn load_trainable<B: Backend>(
+    model: Transformer<B>,
+    lora: Option<&LoraConfig>,
+    config: &ModelConfig,
+    heads: Heads,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    Ok(match lora {
+        Some(_) => {
+            let mut base = model;
+            for (_, p) in base.projections_mut() {
+                p.adapter = None;
+            }
+            let mut m = align_lora::load_peft(base, dir)?.0;
+            let score = dir.join("score.safetensors");
+            if score.exists() {
+                let mut src = SafetensorsSource::open_files(&[score])?;
+                let t = align_model::WeightSource::load(&mut src, "score.weight")?;
+                let [out, inp] = [t.shape[0], t.shape[1]];
+                // HF stores [out, in]; Burn's Linear holds [in, out].
+                let w = Tensor::<B, 2>::from_data(TensorData::new(t.data, [out, inp]), device).transpose();
+                if let Some(s) = m.score.as_mut() {
+                    s.weight = Param::from_tensor(w).set_require_grad(true);
+                }
+            }
+            m
+        }
+        None => {
+            let mut src = SafetensorsSource::open_files(&[dir.join("model.safetensors")])?;
+            align_model::build::<B>(config, &mut src, heads, device)?
+        }
+    })
+}
+
+/// Run (or resume) a pairwise stage on backend `B`; returns `final/`.
+pub fn run_preference<B: Backend>(
+    cfg: &PreferenceConfig,
+    stage: PairwiseStage,
+    resume: bool,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    if cfg.training.gradient_checkpointing {
+        preference_on::<Autodiff<B, BalancedCheckpointing>>(cfg, stage, resume, device)
+    } else {
+        preference_on::<Autodiff<B>>(cfg, stage, resume, device)
+    }
+}
+
+fn preference_on<B: AutodiffBackend>(
+    cfg: &PreferenceConfig,
+    stage: PairwiseStage,
+    resume: bool,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    let objective = cfg.objective(stage)?;
+    if let Objective::Dpo(s) = &objective {
+        if s.loss_type == DpoLossType::Sigmoid && s.label_smoothing > 0.0 {
+            tracing::warn!("label_smoothing is ignored by loss_type = \"sigmoid\" (as in TRL >= 0.29); use \"cdpo\"");
+        }
+        if s.loss_type == DpoLossType::Robust && !(0.0..0.5).contains(&s.label_smoothing) {
+            bail!("robust DPO needs 0 <= label_smoothing < 0.5, got {}", s.label_smoothing);
+        }
+    }
+    let reward = matches!(objective, Objective::Reward(_));
+    let heads = if reward { Heads { lm: false, score: true, value: false } } else { Heads::LM };
+    let pre = load_pretrained::<B>(&cfg.model.path, heads, device)?;
+    let tok = pre.tokenizer;
+    let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
+    let train_pairs = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
+    let eval_pairs = match &cfg.eval_data {
+        Some(d) => load_pairs(&tok, d, &cfg.tokenize, "eval")?,
+        None => vec![],
+    };
+    let mut model = pre.model;
+    if let Some(l) = &cfg.lora {
+        let (m, names) = align_lora::attach(model, l, cfg.training.seed)?;
+        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
+        model = m;
+        if reward {
+            // The new score head trains in full (PEFT's modules_to_save = ["score"]).
+            if let Some(s) = model.score.as_mut() {
+                s.weight = Param::from_tensor(s.weight.val().detach()).set_require_grad(true);
+            }
+        }
+    }
+    let mut task = PreferenceTask::<B> {
+        objective: objective.clone(),
+        train: train_pairs,
+        eval: eval_pairs,
+        reference: Reference::None,
+        pad_id,
+        batch_size: cfg.training.per_device_train_batch_size,
+        config: model.config.clone(),
+        lora: cfg.lora.clone(),
+        device: device.clone(),
+    };
+    if let Objective::Dpo(s) = &objective {
+        task.reference = if s.precompute_ref_log_probs {
+            let (train, eval) = precompute_reference(&task, &model.valid())?;
+            Reference::Precomputed { train, eval }
+        } else if cfg.lora.is_some() {
+            Reference::AdaptersDisabled
+        } else {
+            Reference::Frozen(Box::new(model.valid()))
+        };
+    }
+    std::fs::create_dir_all(&cfg.output_dir)?;
+    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
+    let out = train(&task, model, &cfg.training, &cfg.output_dir, resume)?;
+    let final_dir = cfg.output_dir.join("final");
+    match (&cfg.lora, reward) {
+        // A reward model ships merged: one HF sequence-classification checkpoint.
+        (Some(_), true) => {
+            let merged = align_lora::merge_and_unload(out.model.valid());
+            save_pretrained(&merged, Some(&tok), HfHead::SequenceClassification, &final_dir)?;
+        }
+        (Some(l), false) => {
+            align_lora::save_peft(&mut out.model.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
+            tok.save(&final_dir)?;
+        }
+        (None, _) => save_pretrained(&out.model.valid(), Some(&tok), task.head(), &final_dir)?,
+    }
+    tracing::info!(final_dir = %final_dir.display(), steps = out.steps, "stage done");
+    Ok(final_dir)
+}
+
+type RefLogps = Vec<(f64, f64)>;
+
+/// Reference log-probs of every train and eval pair under the starting policy (adapters
+/// disabled), computed once with a progress bar.
+fn precompute_reference<B: AutodiffBackend>(
+    task: &PreferenceTask<B>,
+    policy: &Transformer<B::InnerBackend>,
+) -> Result<(RefLogps, RefLogps)> {
+    let mut m = policy.clone();
+    m.set_adapters_enabled(false);
+    let total = task.train.len() + task.eval.len();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("ref log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .expect("valid template"),
+    );
+    let run = |set: &[Pair]| -> RefLogps {
+        let mut out = Vec::with_capacity(set.len());
+        for chunk in set.chunks(task.batch_size.max(1)) {
+            let pairs: Vec<&Pair> = chunk.iter().collect();
+            let f = pair_forward(&m, &pair_batch(&pairs, task.pad_id), false, &task.device);
+            let v = host(f.logps);
+            let b = pairs.len();
+            out.extend((0..b).map(|i| (v[i], v[b + i])));
+            bar.inc(b as u64);
+        }
+        out
+    };
+    let train = run(&task.train);
+    let eval = run(&task.eval);
+    bar.finish_and_clear();
+    tracing::info!(pairs = total, "reference log-probs precomputed; no reference model is held");
+    Ok((train, eval))
+}
+
+/// One reward-model score per row of a dataset: `{"row", "score"}` for sequences
+/// (prompt/completion, conversations, text), `{"row", "chosen", "rejected"}` for pairs.
+pub fn score_dataset<B: Backend>(
+    model: &Transformer<B>,
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    tokenize: &TokenizeConfig,
+    batch_size: usize,
+    device: &B::Device,
+) -> Result<Vec<serde_json::Value>> {
+    if model.score.is_none() {
+        bail!("the model has no score head: pass a reward model (a sequence-classification checkpoint)");
+    }
+    let (examples, _) = align_data::load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, tokenize.clone());
+    let tokenized = t.tokenize_all(&examples, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+    let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
+    // (row, which) for every sequence to score; which: None, Some(true) chosen, Some(false) rejected.
+    let mut seqs: Vec<(usize, Option<bool>, TokenizedSequence)> = vec![];
+    for (i, x) in tokenized.into_iter().enumerate() {
+        match x {
+            Tokenized::Sequence(s) => seqs.push((i, None, s)),
+            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } => {
+                seqs.push((i, Some(true), row(&prompt_ids, &chosen_ids)));
+                seqs.push((i, Some(false), row(&prompt_ids, &rejected_ids)));
+            }
+            Tokenized::Labelled { prompted, .. } => {
+                seqs.push((i, None, row(&prompted.prompt_ids, &prompted.completion_ids)))
+            }
+            Tokenized::Prompt { .. } => bail!("{}: row {i} has no completion to score", data.path.display()),
+        }
+    }
+    let mut scores = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let rows: Vec<&TokenizedSequence> = chunk.iter().map(|(_, _, s)| s).collect();
+        scores.extend(host(last_token_scores(model, &pad_right(&rows, pad), device)));
+    }
+    let mut out: Vec<serde_json::Value> = vec![];
+    for ((i, which, _), s) in seqs.iter().zip(scores) {
+        match which {
+            None => out.push(serde_json::json!({"row": i, "score": s})),
+            Some(true) => out.push(serde_json::json!({"row": i, "chosen": s})),
+            Some(false) => {
+                if let Some(last) = out.last_mut() {
+                    last["rejected"] = serde_json::json!(s);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
