@@ -7,6 +7,7 @@
 
 mod bench;
 mod bench_data;
+mod bench_dpo;
 mod bench_sft;
 mod fetch;
 
@@ -61,6 +62,9 @@ enum Cmd {
         /// SFT step throughput instead (LoRA r=16 and full fine-tuning, 8 × 256)
         #[arg(long)]
         sft: bool,
+        /// DPO step throughput instead (LoRA r=16, 4 pairs × 128, reference = adapters disabled)
+        #[arg(long)]
+        dpo: bool,
         /// GSM8K train JSONL for `--data`
         #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
         gsm8k: PathBuf,
@@ -96,7 +100,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, gsm8k } => {
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, gsm8k } => {
             let gguf = fetch::smollm2()?;
             if backends {
                 return bench_backends(&gguf, reps);
@@ -107,6 +111,14 @@ fn main() -> Result<()> {
                 let report = bench_sft::run(&gguf, peer, reps)?;
                 std::fs::create_dir_all("target/bench")?;
                 std::fs::write("target/bench/sft.json", serde_json::to_string_pretty(&report)?)?;
+                return Ok(());
+            }
+            if dpo {
+                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
+                let report = bench_dpo::run(&gguf, peer, reps)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/dpo.json", serde_json::to_string_pretty(&report)?)?;
                 return Ok(());
             }
             if data {

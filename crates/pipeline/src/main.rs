@@ -98,6 +98,18 @@ enum Command {
         data: PathBuf,
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
+        /// Also print the token ids each score was computed on
+        #[arg(long)]
+        with_ids: bool,
+        /// Skip this many rows first
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        /// Score at most this many rows
+        #[arg(long)]
+        limit: Option<usize>,
+        /// A built-in adapter for the rows (e.g. piqa_preference)
+        #[arg(long)]
+        adapter: Option<String>,
     },
     /// Merge a PEFT LoRA adapter into its base and write full HF safetensors.
     Merge {
@@ -231,16 +243,24 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
         Command::Dpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Dpo, resume, device)?,
         Command::Orpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Orpo, resume, device)?,
         Command::Simpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Simpo, resume, device)?,
-        Command::ScoreReward { model, data, batch_size } => {
+        Command::ScoreReward { model, data, batch_size, with_ids, skip, limit, adapter } => {
             let heads = Heads { lm: false, score: true, value: false };
             let m = load_pretrained::<B>(&model, heads, device)?;
             if !model.join("model.safetensors").exists() && !model.join("model.safetensors.index.json").exists() {
                 bail!("{}: not an HF checkpoint directory", model.display());
             }
-            let cfg = align_data::DatasetConfig::new(data);
+            let mut cfg = align_data::DatasetConfig::new(data);
+            cfg.skip = skip;
+            cfg.limit = limit;
+            if let Some(a) = adapter {
+                cfg.adapter = Some(
+                    serde_json::from_value(serde_json::Value::String(a.clone()))
+                        .map_err(|_| anyhow::anyhow!("unknown adapter {a:?}"))?,
+                );
+            }
             let tokenize =
                 align_data::TokenizeConfig { max_length: None, max_prompt_length: None, ..Default::default() };
-            let rows = score_dataset(&m.model, &m.tokenizer, &cfg, &tokenize, batch_size, device)?;
+            let rows = score_dataset(&m.model, &m.tokenizer, &cfg, &tokenize, batch_size, with_ids, device)?;
             let mut w = std::io::stdout().lock();
             for r in &rows {
                 writeln!(w, "{r}")?;

@@ -281,15 +281,32 @@ pub fn pair_forward<B: Backend>(
     }
 }
 
-/// The reward model's score at each row's last real token, `[rows]`.
-pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
+/// Where transformers' `…ForSequenceClassification` reads each row's score: the last token
+/// whose id is not `pad_token_id` (so when pad = EOS, as in SmolLM2, the token before a
+/// trailing EOS), else the last real token.
+pub fn score_positions(batch: &HostBatch, pad_token_id: Option<u32>) -> Vec<i64> {
     let [b, t] = batch.shape;
+    (0..b)
+        .map(|r| {
+            let row = r * t..(r + 1) * t;
+            let real = batch.segments[row.clone()].iter().filter(|&&s| s != 0).count().max(1);
+            let ids = &batch.input_ids[row][..real];
+            let last = match pad_token_id {
+                Some(p) => ids.iter().rposition(|&id| id != p as i64).unwrap_or(real - 1),
+                None => real - 1,
+            };
+            last as i64
+        })
+        .collect()
+}
+
+/// The reward model's score of each row, `[rows]`, read where transformers reads it
+/// ([`score_positions`]), so an exported reward model scores the same in both.
+pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
+    let b = batch.shape[0];
     let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let scores = model.scores(hidden).expect("the reward model has a score head");
-    // Right padding: the last real token is at (real tokens − 1).
-    let last: Vec<i64> = (0..b)
-        .map(|r| batch.segments[r * t..(r + 1) * t].iter().filter(|&&s| s != 0).count().max(1) as i64 - 1)
-        .collect();
+    let last = score_positions(batch, model.config.pad_token_id);
     let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(last, [b, 1, 1]), device);
     scores.narrow(2, 0, 1).gather(1, idx).reshape([b])
 }
@@ -486,7 +503,14 @@ impl<B: AutodiffBackend> TrainTask<B> for PreferenceTask<B> {
         let m = model.valid();
         let (mut loss, mut sums) = (0.0, std::collections::BTreeMap::<String, f64>::new());
         let idx: Vec<usize> = (0..self.eval.len()).collect();
+        let bar = indicatif::ProgressBar::new(idx.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "eval {bar:30} {pos}/{len} pairs [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
         for chunk in idx.chunks(self.batch_size.max(1)) {
+            bar.inc(chunk.len() as u64);
             let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
             let t = self.terms::<B::InnerBackend>(&m, Some(&m), &pairs, chunk, true, &self.device);
             loss += scalar(t.sum);
@@ -494,6 +518,7 @@ impl<B: AutodiffBackend> TrainTask<B> for PreferenceTask<B> {
                 *sums.entry(k.to_string()).or_default() += v;
             }
         }
+        bar.finish_and_clear();
         let n = self.eval.len() as f64;
         Ok(Some(Evaluation { loss: loss / n, metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect() }))
     }
@@ -708,13 +733,15 @@ fn precompute_reference<B: AutodiffBackend>(
 }
 
 /// One reward-model score per row of a dataset: `{"row", "score"}` for sequences
-/// (prompt/completion, conversations, text), `{"row", "chosen", "rejected"}` for pairs.
+/// (prompt/completion, conversations, text), `{"row", "chosen", "rejected"}` for pairs;
+/// `with_ids` adds the token ids each score was computed on.
 pub fn score_dataset<B: Backend>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     data: &DatasetConfig,
     tokenize: &TokenizeConfig,
     batch_size: usize,
+    with_ids: bool,
     device: &B::Device,
 ) -> Result<Vec<serde_json::Value>> {
     if model.score.is_none() {
@@ -745,15 +772,19 @@ pub fn score_dataset<B: Backend>(
         scores.extend(host(last_token_scores(model, &pad_right(&rows, pad), device)));
     }
     let mut out: Vec<serde_json::Value> = vec![];
-    for ((i, which, _), s) in seqs.iter().zip(scores) {
-        match which {
-            None => out.push(serde_json::json!({"row": i, "score": s})),
-            Some(true) => out.push(serde_json::json!({"row": i, "chosen": s})),
-            Some(false) => {
-                if let Some(last) = out.last_mut() {
-                    last["rejected"] = serde_json::json!(s);
-                }
-            }
+    for ((i, which, seq), s) in seqs.iter().zip(scores) {
+        let (key, ids_key) = match which {
+            None => ("score", "input_ids"),
+            Some(true) => ("chosen", "chosen_ids"),
+            Some(false) => ("rejected", "rejected_ids"),
+        };
+        if *which != Some(false) {
+            out.push(serde_json::json!({"row": i}));
+        }
+        let last = out.last_mut().expect("a row was pushed");
+        last[key] = serde_json::json!(s);
+        if with_ids {
+            last[ids_key] = serde_json::json!(seq.input_ids);
         }
     }
     Ok(out)

@@ -114,7 +114,7 @@ fn reward_model_learns_and_its_export_scores_as_evaluated() {
     let rm = load_pretrained::<Cpu>(&final_dir, Heads { lm: false, score: true, value: false }, &Default::default())
         .unwrap();
     let eval = cfg.eval_data.as_ref().unwrap();
-    let rows = score_dataset(&rm.model, &rm.tokenizer, eval, &cfg.tokenize, 4, &Default::default()).unwrap();
+    let rows = score_dataset(&rm.model, &rm.tokenizer, eval, &cfg.tokenize, 4, false, &Default::default()).unwrap();
     assert_eq!(rows.len(), 8);
     let acc =
         rows.iter().filter(|r| r["chosen"].as_f64().unwrap() > r["rejected"].as_f64().unwrap()).count() as f64 / 8.0;
@@ -159,4 +159,28 @@ fn a_config_is_never_run_as_another_stage() {
     let err = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train").unwrap_err();
     assert!(err.to_string().contains("schemas.jsonl: example 0 is not a preference pair"), "{err}");
     std::fs::remove_dir_all(&d).ok();
+}
+
+/// The stage configs kept in `pipelines/stages/` stay valid configs of their stage.
+#[test]
+fn stage_configs_in_pipelines_parse() {
+    let cfg = PreferenceConfig::from_file(&root().join("pipelines/stages/dpo-seed.toml")).unwrap();
+    match cfg.objective(PairwiseStage::Dpo).unwrap() {
+        align_pipeline::preference::Objective::Dpo(d) => assert_eq!((d.beta, d.loss_type), (0.1, Default::default())),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(cfg.training.gradient_accumulation_steps, 4);
+}
+
+/// Scores are read where transformers reads them: the last non-pad id, so with pad = EOS
+/// (SmolLM2) the token before a trailing EOS.
+#[test]
+fn score_positions_follow_transformers() {
+    use align_data::{TokenizedSequence, pad_right};
+    let s = |ids: Vec<u32>| TokenizedSequence { loss_mask: vec![true; ids.len()], input_ids: ids };
+    let (a, b) = (s(vec![5, 6, 7, 2]), s(vec![5, 6]));
+    let batch = pad_right(&[&a, &b], 2);
+    assert_eq!(align_pipeline::preference::score_positions(&batch, Some(2)), vec![2, 1]);
+    assert_eq!(align_pipeline::preference::score_positions(&batch, None), vec![3, 1]);
+    assert_eq!(align_pipeline::preference::score_positions(&batch, Some(9)), vec![3, 1]);
 }

@@ -1,0 +1,113 @@
+//! `cargo xtask bench --dpo`: DPO optimizer-step throughput on SmolLM2-135M with LoRA r=16 on
+//! every linear layer, 4 pairs of ≤128 tokens, the reference being the policy with its
+//! adapters disabled (a reference forward every step), next to TRL's DPOTrainer on the same
+//! shape (`bench_trl.py --method dpo --lora 16`) in the same run, as a ratio.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use align_data::TokenizedSequence;
+use align_lora::LoraConfig;
+use align_model::backend::{Autodiff, Cpu};
+use align_model::burn::optim::GradientsParams;
+use align_model::{Heads, load_pretrained};
+use align_pipeline::optim::{AdamW, AdamWConfig};
+use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceTask, Reference};
+use align_pipeline::trainer::TrainTask;
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+type B = Autodiff<Cpu>;
+
+const PAIRS: usize = 4;
+const LEN: usize = 128;
+
+/// Median tokens/s of a DPO step (policy and reference forwards, backward, AdamW) after one
+/// warm-up step; tokens = non-pad tokens of the chosen and rejected rows, as bench_trl.py counts.
+fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
+    let device = Default::default();
+    let pre = load_pretrained::<B>(gguf, Heads::LM, &device)?;
+    let lora = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.0, ..Default::default() };
+    let mut model = align_lora::attach(pre.model, &lora, 0)?.0;
+    let vocab = model.config.vocab_size as u64;
+    let mut rng = align_rollout::Rng::new(11);
+    let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 100 + (rng.next_u64() % (vocab - 200)) as u32).collect() };
+    // bench_trl.py's shape: prompt L/8..L/4 tokens, completions L/2..3L/4 (here their upper ends).
+    let seq = |p: &[u32], c: Vec<u32>| TokenizedSequence {
+        input_ids: p.iter().copied().chain(c.iter().copied()).collect(),
+        loss_mask: std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect(),
+    };
+    let train: Vec<Pair> = (0..PAIRS)
+        .map(|_| {
+            let prompt = ids(LEN / 4);
+            let (c, r) = (ids(3 * LEN / 4 - 1), ids(3 * LEN / 4 - 1));
+            Pair { chosen: seq(&prompt, c), rejected: seq(&prompt, r), margin: None }
+        })
+        .collect();
+    let task = PreferenceTask::<B> {
+        objective: Objective::Dpo(DpoSettings::default()),
+        train,
+        eval: vec![],
+        reference: Reference::AdaptersDisabled,
+        pad_id: 0,
+        batch_size: PAIRS,
+        config: model.config.clone(),
+        lora: Some(lora),
+        device,
+    };
+    let batch: Vec<usize> = (0..PAIRS).collect();
+    let tokens = task.input_tokens(&batch) as f64;
+    let mut opt = AdamW::<B>::new(AdamWConfig::default());
+    let mut times = Vec::new();
+    for i in 0..=reps {
+        let t = Instant::now();
+        let terms = task.loss_sum(&model, &batch)?;
+        let loss = terms.sum / terms.count as f64;
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        model = opt.step(model, grads, 1e-5, 1.0);
+        let _ = model.embed_tokens.val().into_data(); // wait for the update
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(tokens / times[times.len() / 2])
+}
+
+fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, steps: usize) -> Result<Value> {
+    let out = std::env::temp_dir().join(format!("align-bench-dpo-{}.json", std::process::id()));
+    let ok = Command::new(python)
+        .arg(peer.join("bench_trl.py"))
+        .arg("--model")
+        .arg(hf_dir)
+        .args(["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1"])
+        .args(["--batch-size", &PAIRS.to_string(), "--seq-len", &LEN.to_string(), "--lora", "16", "--json-out"])
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("running bench_trl.py")?
+        .success();
+    if !ok {
+        bail!("bench_trl.py --method dpo failed");
+    }
+    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
+}
+
+pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
+    let ours = align_tokens_per_second(gguf, reps)?;
+    let trl = match peer {
+        Some((py, peer_dir, hf)) => Some(trl_tokens_per_second(py, peer_dir, hf, reps)?),
+        None => None,
+    };
+    let theirs = trl.as_ref().and_then(|v| v["tokens_per_second"]["median"].as_f64());
+    println!(
+        "| DPO step, SmolLM2-135M, LoRA r=16, {PAIRS} pairs × ≤{LEN} tokens, CPU | align tokens/s | TRL DPOTrainer tokens/s | align / TRL |"
+    );
+    println!("|---|---|---|---|");
+    match theirs {
+        Some(t) => println!("| sigmoid, β 0.1, reference = adapters disabled | {ours:.1} | {t:.1} | {:.2} |", ours / t),
+        None => println!("| sigmoid, β 0.1, reference = adapters disabled | {ours:.1} | — | — |"),
+    }
+    Ok(json!({"align_tokens_per_s": ours, "trl_tokens_per_s": theirs, "trl": trl}))
+}
