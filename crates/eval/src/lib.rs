@@ -1,1 +1,9 @@
-//! Benchmarks and reports: multiple-choice log-likelihood, generative math, win rate, perplexity.
+//! Benchmarks and reports, so every stage is measured by the same tool:
+//!
+//! - [`multiple_choice`]: log-likelihood multiple choice exactly as lm-eval defines it
+//!   (PIQA built in; other sets from a TOML task of Jinja templates), `acc`, `acc_norm`,
+//!   `acc_bytes` with standard errors.
+
+pub mod multiple_choice;
+
+pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};

@@ -111,6 +111,9 @@ enum Command {
         #[arg(long)]
         adapter: Option<String>,
     },
+    /// Evaluate a model (see `align eval --help`).
+    #[command(subcommand)]
+    Eval(EvalCommand),
     /// Merge a PEFT LoRA adapter into its base and write full HF safetensors.
     Merge {
         /// The base model (GGUF or HF directory)
@@ -145,6 +148,60 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Multiple choice by log-likelihood, as lm-eval (acc, acc_norm, acc_bytes, stderr).
+    Mc {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// `piqa`, or a TOML task file (context / choices / gold templates)
+        #[arg(long, default_value = "piqa")]
+        task: String,
+        /// The rows (JSONL, JSON, Parquet)
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Writes <out>/<task>.jsonl (per item) and <out>/<task>.json (summary)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16)]
+        batch_size: usize,
+    },
+}
+
+fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
+    match command {
+        EvalCommand::Mc { model, adapter, task, data, skip, limit, out, batch_size } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+            let task = align_eval::McTask::resolve(&task)?;
+            let mut cfg = align_data::DatasetConfig::new(data);
+            cfg.skip = skip;
+            cfg.limit = limit;
+            let items = align_eval::load_items(&task, &cfg)?;
+            let rows: usize = items.iter().map(|i| i.choices.len()).sum();
+            let bar = indicatif::ProgressBar::new(rows as u64).with_style(
+                indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+                    .expect("valid template"),
+            );
+            bar.set_message(task.name.clone());
+            let start = std::time::Instant::now();
+            let results = align_eval::score_items(&m.model, &m.tokenizer, &task, &items, batch_size, device, |n| {
+                bar.inc(n as u64)
+            })?;
+            bar.finish_and_clear();
+            let summary = align_eval::summarize(&task, &results, start.elapsed().as_secs_f64());
+            align_eval::multiple_choice::write_results(&out, &summary, &results)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+    }
+    Ok(())
 }
 
 fn main() -> Result<()> {
@@ -266,6 +323,7 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
                 writeln!(w, "{r}")?;
             }
         }
+        Command::Eval(e) => eval::<B>(e, device)?,
         Command::Merge { model, adapter, out } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;
             let (adapted, _) = align_lora::load_peft(m.model, &adapter)?;
