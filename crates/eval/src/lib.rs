@@ -3,7 +3,10 @@
 //! - [`multiple_choice`]: log-likelihood multiple choice exactly as lm-eval defines it
 //!   (PIQA built in; other sets from a TOML task of Jinja templates), `acc`, `acc_norm`,
 //!   `acc_bytes` with standard errors.
+//! - [`math`]: GSM8K with the r1_zero prompt and grader (format rate, accuracy, mean
+//!   reward, per-sample file), and lm-eval's 5-shot GSM8K (strict and flexible match).
 
+pub mod math;
 pub mod multiple_choice;
 
 pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};

@@ -174,6 +174,76 @@ enum EvalCommand {
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
     },
+    /// GSM8K with the r1_zero prompt and grader: format_rate, accuracy, avg_reward.
+    R1Zero {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// GSM8K rows (question, answer)
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Writes <out>/r1_zero.jsonl (per sample) and <out>/r1_zero.json (summary)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1024)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+    /// lm-eval's GSM8K: k-shot "Question: …\nAnswer:", greedy, strict and flexible match.
+    Gsm8k {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// Few-shot rows (GSM8K train; its first rows are used)
+        #[arg(long)]
+        shots: PathBuf,
+        #[arg(long, default_value_t = 5)]
+        num_fewshot: usize,
+        #[arg(long, default_value_t = 0)]
+        skip: usize,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+}
+
+fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .expect("valid template"),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    align_model::weights::write_atomic(path, text.as_bytes())?;
+    Ok(())
 }
 
 fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
@@ -198,6 +268,85 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             bar.finish_and_clear();
             let summary = align_eval::summarize(&task, &results, start.elapsed().as_secs_f64());
             align_eval::multiple_choice::write_results(&out, &summary, &results)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        EvalCommand::R1Zero {
+            model,
+            adapter,
+            data,
+            skip,
+            limit,
+            out,
+            temperature,
+            top_p,
+            max_new_tokens,
+            seed,
+            batch_size,
+        } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+            let mut cfg = align_data::DatasetConfig::new(data);
+            cfg.skip = skip;
+            cfg.limit = limit;
+            let items = align_eval::math::load_gsm8k(&cfg)?;
+            let ecfg = align_eval::math::R1ZeroEvalConfig { temperature, top_p, max_new_tokens, seed, batch_size };
+            let b = bar(items.len(), "r1_zero");
+            let start = std::time::Instant::now();
+            let (samples, tokens) =
+                align_eval::math::eval_r1_zero(&m.model, &m.tokenizer, &items, &ecfg, |n| b.inc(n as u64))?;
+            b.finish_and_clear();
+            let summary = align_eval::math::summarize_math(&samples, start.elapsed().as_secs_f64(), tokens);
+            std::fs::create_dir_all(&out)?;
+            write_jsonl(&out.join("r1_zero.jsonl"), &samples)?;
+            align_model::weights::write_atomic(
+                &out.join("r1_zero.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        EvalCommand::Gsm8k {
+            model,
+            adapter,
+            data,
+            shots,
+            num_fewshot,
+            skip,
+            limit,
+            out,
+            max_new_tokens,
+            batch_size,
+        } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+            let mut cfg = align_data::DatasetConfig::new(data);
+            cfg.skip = skip;
+            cfg.limit = limit;
+            let items = align_eval::math::load_gsm8k(&cfg)?;
+            let shot_rows = align_eval::math::load_gsm8k(&align_data::DatasetConfig {
+                limit: Some(num_fewshot),
+                ..align_data::DatasetConfig::new(shots)
+            })?;
+            let ecfg = align_eval::math::Gsm8kEvalConfig { num_fewshot, max_new_tokens, batch_size };
+            let b = bar(items.len(), "gsm8k");
+            let start = std::time::Instant::now();
+            let samples =
+                align_eval::math::eval_gsm8k_lm_eval(&m.model, &m.tokenizer, &items, &shot_rows, &ecfg, |n| {
+                    b.inc(n as u64)
+                })?;
+            b.finish_and_clear();
+            let col = |f: fn(&align_eval::math::Gsm8kSample) -> f64| {
+                align_eval::multiple_choice::mean_with_stderr(&samples.iter().map(f).collect::<Vec<_>>())
+            };
+            let summary = serde_json::json!({
+                "task": "gsm8k", "num_fewshot": num_fewshot, "num_examples": samples.len(),
+                "exact_match,strict-match": col(|s| s.strict_match),
+                "exact_match,flexible-extract": col(|s| s.flexible_extract),
+                "seconds": start.elapsed().as_secs_f64(),
+            });
+            std::fs::create_dir_all(&out)?;
+            write_jsonl(&out.join("gsm8k.jsonl"), &samples)?;
+            align_model::weights::write_atomic(
+                &out.join("gsm8k.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
     }

@@ -12,7 +12,7 @@ pub use sampling::{Rng, SamplingConfig, sample_token};
 
 use align_model::burn::tensor::Tensor;
 use align_model::burn::tensor::backend::Backend;
-use align_model::{TokenBatch, Transformer};
+use align_model::{TokenBatch, Tokenizer, Transformer};
 
 /// One completion.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +31,18 @@ pub fn generate<B: Backend>(
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &SamplingConfig,
+) -> Vec<Completion> {
+    generate_until(model, prompts, pad_id, cfg, |_, _| false)
+}
+
+/// [`generate`], also ending row `i` as soon as `stop(i, tokens so far)` holds (stop
+/// strings: see [`generate_text`]).
+pub fn generate_until<B: Backend>(
+    model: &Transformer<B>,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    mut stop: impl FnMut(usize, &[u32]) -> bool,
 ) -> Vec<Completion> {
     let device = model.embed_tokens.val().device();
     let n = prompts.len();
@@ -59,7 +71,7 @@ pub fn generate<B: Backend>(
             let (tok, lp) = sample_token(row, cfg, allow_stop, &mut rng);
             c.tokens.push(tok);
             c.logprobs.push(lp);
-            if allow_stop && cfg.stop_token_ids.contains(&tok) {
+            if allow_stop && (cfg.stop_token_ids.contains(&tok) || stop(i, &c.tokens)) {
                 c.stopped = true;
             }
             next.push(tok);
@@ -75,6 +87,57 @@ pub fn generate<B: Backend>(
         last = hidden.reshape([n, d]);
     }
     out
+}
+
+/// A completion with its text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TextCompletion {
+    pub completion: Completion,
+    /// The decoded completion, cut after the first stop string (kept when
+    /// `include_stop_str_in_output`, else cut before it); special tokens skipped.
+    pub text: String,
+    /// Which stop string ended it, if one did.
+    pub stop_string: Option<String>,
+}
+
+/// Sample completions and decode them, also stopping at `stop_strings` (which may span
+/// several tokens): a row ends at the first token whose text completes a stop string.
+pub fn generate_text<B: Backend>(
+    model: &Transformer<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    stop_strings: &[String],
+    include_stop_str_in_output: bool,
+) -> Vec<TextCompletion> {
+    let longest = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
+    let completions = generate_until(model, prompts, pad_id, cfg, |_, tokens| {
+        if stop_strings.is_empty() {
+            return false;
+        }
+        // A new stop string must end in the newest token: compare the text of a tail long
+        // enough to hold the longest one (every token is at least one byte) with and
+        // without that token.
+        let from = tokens.len().saturating_sub(longest + 2);
+        let now = tokenizer.decode(&tokens[from..], true).unwrap_or_default();
+        let before = tokenizer.decode(&tokens[from..tokens.len() - 1], true).unwrap_or_default();
+        stop_strings.iter().any(|s| now.matches(s.as_str()).count() > before.matches(s.as_str()).count())
+    });
+    completions
+        .into_iter()
+        .map(|c| {
+            let full = tokenizer.decode(&c.tokens, true).unwrap_or_default();
+            let first =
+                stop_strings.iter().filter_map(|s| full.find(s.as_str()).map(|i| (i, s))).min_by_key(|(i, _)| *i);
+            let (text, stop_string) = match first {
+                Some((i, s)) if include_stop_str_in_output => (full[..i + s.len()].to_string(), Some(s.clone())),
+                Some((i, s)) => (full[..i].to_string(), Some(s.clone())),
+                None => (full, None),
+            };
+            TextCompletion { completion: c, text, stop_string }
+        })
+        .collect()
 }
 
 fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
