@@ -5,8 +5,12 @@
 //!   `acc_bytes` with standard errors.
 //! - [`math`]: GSM8K with the r1_zero prompt and grader (format rate, accuracy, mean
 //!   reward, per-sample file), and lm-eval's 5-shot GSM8K (strict and flexible match).
+//! - [`perplexity`]: rolling-window perplexity (token, word, byte; bits per byte).
+//! - [`win_rate`]: model A against model B on prompts, judged by a reward model.
 
 pub mod math;
 pub mod multiple_choice;
+pub mod perplexity;
+pub mod win_rate;
 
 pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};

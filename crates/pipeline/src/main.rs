@@ -225,6 +225,54 @@ enum EvalCommand {
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
+    /// Perplexity on a text file (.txt: the whole file) or a column of a dataset.
+    Perplexity {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        data: PathBuf,
+        /// The text column of JSONL/JSON/Parquet rows
+        #[arg(long, default_value = "text")]
+        column: String,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Predicted tokens per window
+        #[arg(long, default_value_t = 1024)]
+        max_length: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
+    /// Win rate of model A over model B on prompts, judged by a reward model.
+    WinRate {
+        #[arg(long)]
+        model_a: PathBuf,
+        #[arg(long)]
+        adapter_a: Option<PathBuf>,
+        #[arg(long)]
+        model_b: PathBuf,
+        #[arg(long)]
+        adapter_b: Option<PathBuf>,
+        /// The judge: an HF sequence-classification directory (`align reward`'s final/)
+        #[arg(long)]
+        reward_model: PathBuf,
+        /// Rows with a `prompt` field (plain text)
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
 }
 
 fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
@@ -345,6 +393,71 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             write_jsonl(&out.join("gsm8k.jsonl"), &samples)?;
             align_model::weights::write_atomic(
                 &out.join("gsm8k.json"),
+                serde_json::to_string_pretty(&summary)?.as_bytes(),
+            )?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        EvalCommand::Perplexity { model, adapter, data, column, limit, max_length, batch_size } => {
+            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+            let texts: Vec<String> = if data.extension().is_some_and(|e| e == "txt") {
+                vec![std::fs::read_to_string(&data).with_context(|| data.display().to_string())?]
+            } else {
+                let mut out = vec![];
+                for rec in align_data::RecordReader::open(&data)?.take(limit.unwrap_or(usize::MAX)) {
+                    let r = rec?;
+                    match r.fields.get(&column) {
+                        Some(serde_json::Value::String(t)) => out.push(t.clone()),
+                        _ => bail!("{}: field `{column}` missing or not a string", r.location),
+                    }
+                }
+                out
+            };
+            let b = bar(texts.len(), "perplexity");
+            let summary = align_eval::perplexity::perplexity(
+                &m.model,
+                &m.tokenizer,
+                &texts,
+                max_length,
+                batch_size,
+                device,
+                |n| b.inc(n as u64),
+            )?;
+            b.finish_and_clear();
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        EvalCommand::WinRate {
+            model_a,
+            adapter_a,
+            model_b,
+            adapter_b,
+            reward_model,
+            prompts,
+            limit,
+            out,
+            temperature,
+            max_new_tokens,
+            seed,
+            batch_size,
+        } => {
+            let a = load_with_adapter::<B>(&model_a, adapter_a.as_deref(), device)?;
+            let b = load_with_adapter::<B>(&model_b, adapter_b.as_deref(), device)?;
+            let rm = load_pretrained::<B>(&reward_model, Heads { lm: false, score: true, value: false }, device)?;
+            let mut texts = vec![];
+            for rec in align_data::RecordReader::open(&prompts)?.take(limit.unwrap_or(usize::MAX)) {
+                let r = rec?;
+                match r.fields.get("prompt") {
+                    Some(serde_json::Value::String(t)) => texts.push(t.clone()),
+                    _ => bail!("{}: field `prompt` missing or not a string", r.location),
+                }
+            }
+            let sampling = SamplingConfig { temperature, max_new_tokens, seed, ..Default::default() };
+            let c = align_eval::win_rate::Contender::of;
+            let (samples, summary) =
+                align_eval::win_rate::win_rate(&c(&a), &c(&b), &c(&rm), &texts, &sampling, batch_size, device)?;
+            std::fs::create_dir_all(&out)?;
+            write_jsonl(&out.join("win_rate.jsonl"), &samples)?;
+            align_model::weights::write_atomic(
+                &out.join("win_rate.json"),
                 serde_json::to_string_pretty(&summary)?.as_bytes(),
             )?;
             println!("{}", serde_json::to_string_pretty(&summary)?);

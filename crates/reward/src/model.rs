@@ -1,0 +1,37 @@
+//! The reward-model scorer: a sequence-classification network's score of prompt +
+//! completion, read where transformers reads it.
+
+use align_data::HostBatch;
+use align_model::Transformer;
+use align_model::burn::tensor::backend::Backend;
+use align_model::burn::tensor::{Int, Tensor, TensorData};
+
+/// Where transformers' `…ForSequenceClassification` reads each row's score: the last token
+/// whose id is not `pad_token_id` (so when pad = EOS, as in SmolLM2, the token before a
+/// trailing EOS), else the last real token.
+pub fn score_positions(batch: &HostBatch, pad_token_id: Option<u32>) -> Vec<i64> {
+    let [b, t] = batch.shape;
+    (0..b)
+        .map(|r| {
+            let row = r * t..(r + 1) * t;
+            let real = batch.segments[row.clone()].iter().filter(|&&s| s != 0).count().max(1);
+            let ids = &batch.input_ids[row][..real];
+            let last = match pad_token_id {
+                Some(p) => ids.iter().rposition(|&id| id != p as i64).unwrap_or(real - 1),
+                None => real - 1,
+            };
+            last as i64
+        })
+        .collect()
+}
+
+/// The reward model's score of each row, `[rows]`, read where transformers reads it
+/// ([`score_positions`]), so an exported reward model scores the same in both.
+pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
+    let b = batch.shape[0];
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
+    let scores = model.scores(hidden).expect("the reward model has a score head");
+    let last = score_positions(batch, model.config.pad_token_id);
+    let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(last, [b, 1, 1]), device);
+    scores.narrow(2, 0, 1).gather(1, idx).reshape([b])
+}
