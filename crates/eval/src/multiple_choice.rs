@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use align_data::{DatasetConfig, HostBatch, Record, RecordReader, TokenizedSequence, pad_right};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
-use align_model::{Tokenizer, Transformer};
+use align_model::{TokenBatch, Tokenizer, Transformer};
 use anyhow::{Context, Result, bail};
 use minijinja::Environment;
 use serde::{Deserialize, Serialize};
@@ -190,7 +190,9 @@ pub fn load_items(task: &McTask, data: &DatasetConfig) -> Result<Vec<McItem>> {
 }
 
 /// lm-eval's `_encode_pair`: trailing context spaces move to the continuation; the whole is
-/// tokenised and split at the context's token count. Returns (context ids, continuation ids).
+/// tokenised and split at the context's token count. Returns (the context's own ids, the
+/// whole's ids after that count) — as lm-eval, even where a token straddles the boundary,
+/// so every choice of an item shares the same context ids.
 pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result<(Vec<u32>, Vec<u32>)> {
     let trimmed = context.trim_end();
     let (context, continuation) = (trimmed, format!("{}{continuation}", &context[trimmed.len()..]));
@@ -200,7 +202,7 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, continuation: &str) -> Result
         bail!("the context encodes to no tokens");
     }
     let n = ctx.len().min(whole.len());
-    Ok((whole[..n].to_vec(), whole[n..].to_vec()))
+    Ok((ctx, whole[n..].to_vec()))
 }
 
 /// One scored item.
@@ -221,71 +223,153 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
     v.enumerate().fold((0, f64::NEG_INFINITY), |(bi, bv), (i, x)| if x > bv { (i, x) } else { (bi, bv) }).0
 }
 
-/// Score items on `model`, `batch_size` (context, continuation) rows per forward.
+/// Score items on `model`: with `shared_context`, each item's context runs once and its
+/// choices continue it from a KV cache (fewer FLOPs for long few-shot contexts); otherwise
+/// every (context, choice) row runs whole, `batch_size` rows per forward, longest first.
+#[allow(clippy::too_many_arguments)]
 pub fn score_items<B: Backend>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     task: &McTask,
     items: &[McItem],
     batch_size: usize,
+    shared_context: bool,
     device: &B::Device,
     mut progress: impl FnMut(usize),
 ) -> Result<Vec<McResult>> {
-    // Every (item, choice) as one row: context + continuation, loss on the continuation.
-    let mut rows: Vec<(usize, TokenizedSequence)> = vec![];
-    for (i, it) in items.iter().enumerate() {
-        for c in &it.choices {
-            let (ctx, cont) = encode_pair(tok, &it.context, &format!("{}{c}", task.target_delimiter))?;
-            if cont.is_empty() {
-                bail!("item {i}: choice {c:?} adds no tokens to its context");
-            }
-            let n = ctx.len();
-            rows.push((
-                i,
-                TokenizedSequence {
-                    input_ids: ctx.into_iter().chain(cont.iter().copied()).collect(),
+    let mut per_item: Vec<(Vec<f64>, Vec<bool>)> = vec![];
+    if shared_context {
+        for (i, it) in items.iter().enumerate() {
+            per_item
+                .push(score_item_shared_context(model, tok, task, it, device).with_context(|| format!("item {i}"))?);
+            progress(it.choices.len());
+        }
+    } else {
+        // Every (item, choice) as one row: context + continuation, loss on the continuation.
+        let mut rows: Vec<TokenizedSequence> = vec![];
+        for (i, it) in items.iter().enumerate() {
+            for c in &it.choices {
+                let (ctx, cont) = encode_pair(tok, &it.context, &format!("{}{c}", task.target_delimiter))?;
+                if cont.is_empty() {
+                    bail!("item {i}: choice {c:?} adds no tokens to its context");
+                }
+                let n = ctx.len();
+                rows.push(TokenizedSequence {
                     loss_mask: (0..n + cont.len()).map(|j| j >= n).collect(),
-                },
-            ));
+                    input_ids: ctx.into_iter().chain(cont).collect(),
+                });
+            }
+        }
+        // Longest first keeps padding low; results go back to their rows.
+        let mut order: Vec<usize> = (0..rows.len()).collect();
+        order.sort_by_key(|&r| std::cmp::Reverse(rows[r].len()));
+        let mut ll = vec![0.0f64; rows.len()];
+        let mut greedy = vec![false; rows.len()];
+        for chunk in order.chunks(batch_size.max(1)) {
+            let seqs: Vec<&TokenizedSequence> = chunk.iter().map(|&r| &rows[r]).collect();
+            let batch = pad_right(&seqs, tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0));
+            let (sums, all_greedy) = continuation_logprobs(model, &batch, device);
+            for (k, &r) in chunk.iter().enumerate() {
+                ll[r] = sums[k];
+                greedy[r] = all_greedy[k];
+            }
+            progress(chunk.len());
+        }
+        let mut r = 0;
+        for it in items {
+            let n = it.choices.len();
+            per_item.push((ll[r..r + n].to_vec(), greedy[r..r + n].to_vec()));
+            r += n;
         }
     }
-    // Longest first keeps padding low; results go back to their rows.
-    let mut order: Vec<usize> = (0..rows.len()).collect();
-    order.sort_by_key(|&r| std::cmp::Reverse(rows[r].1.len()));
-    let mut ll = vec![0.0f64; rows.len()];
-    let mut greedy = vec![false; rows.len()];
-    for chunk in order.chunks(batch_size.max(1)) {
-        let seqs: Vec<&TokenizedSequence> = chunk.iter().map(|&r| &rows[r].1).collect();
-        let batch = pad_right(&seqs, tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0));
-        let (sums, all_greedy) = continuation_logprobs(model, &batch, device);
-        for (k, &r) in chunk.iter().enumerate() {
-            ll[r] = sums[k];
-            greedy[r] = all_greedy[k];
+    Ok(items
+        .iter()
+        .zip(per_item)
+        .enumerate()
+        .map(|(i, (it, (lls, g)))| {
+            let pick = argmax(lls.iter().copied());
+            let pick_norm = argmax(lls.iter().zip(&it.choices).map(|(l, c)| l / c.chars().count().max(1) as f64));
+            let pick_bytes = argmax(lls.iter().zip(&it.choices).map(|(l, c)| l / c.len().max(1) as f64));
+            let hit = |p: usize| if p == it.gold { 1.0 } else { 0.0 };
+            McResult {
+                doc_id: i,
+                gold: it.gold,
+                acc: hit(pick),
+                acc_norm: hit(pick_norm),
+                acc_bytes: hit(pick_bytes),
+                loglikelihoods: lls,
+                is_greedy: g,
+            }
+        })
+        .collect())
+}
+
+/// Log-likelihoods of an item's choices with its context run once: the context fills a KV
+/// cache, repeated for the choices, whose continuations then run as one right-padded batch.
+/// Returns (log-likelihoods, is_greedy) per choice.
+pub fn score_item_shared_context<B: Backend>(
+    model: &Transformer<B>,
+    tok: &Tokenizer,
+    task: &McTask,
+    item: &McItem,
+    device: &B::Device,
+) -> Result<(Vec<f64>, Vec<bool>)> {
+    let mut ctx: Option<Vec<u32>> = None;
+    let mut conts = vec![];
+    for c in &item.choices {
+        let (cx, cont) = encode_pair(tok, &item.context, &format!("{}{c}", task.target_delimiter))?;
+        if cont.is_empty() {
+            bail!("choice {c:?} adds no tokens to its context");
         }
-        progress(chunk.len());
+        ctx = Some(cx);
+        conts.push(cont);
     }
-    let mut out = vec![];
-    let mut r = 0;
-    for (i, it) in items.iter().enumerate() {
-        let n = it.choices.len();
-        let lls = ll[r..r + n].to_vec();
-        let g = greedy[r..r + n].to_vec();
-        r += n;
-        let pick = argmax(lls.iter().copied());
-        let pick_norm = argmax(lls.iter().zip(&it.choices).map(|(l, c)| l / c.chars().count().max(1) as f64));
-        let pick_bytes = argmax(lls.iter().zip(&it.choices).map(|(l, c)| l / c.len().max(1) as f64));
-        let hit = |p: usize| if p == it.gold { 1.0 } else { 0.0 };
-        out.push(McResult {
-            doc_id: i,
-            gold: it.gold,
-            loglikelihoods: lls,
-            is_greedy: g,
-            acc: hit(pick),
-            acc_norm: hit(pick_norm),
-            acc_bytes: hit(pick_bytes),
-        });
+    let ctx = ctx.context("an item without choices")?;
+    let n = conts.len();
+    let mut cache = model.new_cache();
+    let hidden = model.forward_hidden(&TokenBatch::single(&ctx, device), Some(&mut cache));
+    let last = hidden.narrow(1, ctx.len() - 1, 1);
+    let first: Vec<f32> = align_model::burn::tensor::activation::log_softmax(model.logits(last), 2)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("float data");
+    let mut cache = cache.repeat_batch(n);
+    let width = conts.iter().map(Vec::len).max().unwrap_or(1);
+    let (mut ids, mut pos, mut seg) = (vec![], vec![], vec![]);
+    for c in &conts {
+        for j in 0..width {
+            let real = j < c.len();
+            ids.push(if real { c[j] as i64 } else { 0 });
+            pos.push(if real { (ctx.len() + j) as i64 } else { 0 });
+            seg.push(if real { 1 } else { 0 });
+        }
     }
-    Ok(out)
+    let batch = TokenBatch::<B>::from_host(ids, pos, seg, [n, width], device);
+    let logits = model.logits(model.forward_hidden(&batch, Some(&mut cache)));
+    let v = model.config.vocab_size;
+    let lp: Vec<f32> = align_model::burn::tensor::activation::log_softmax(logits, 2)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("float data");
+    let argmax = |row: &[f32]| {
+        row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0
+    };
+    let mut lls = vec![];
+    let mut greedy = vec![];
+    for (k, c) in conts.iter().enumerate() {
+        let mut ll = first[c[0] as usize] as f64;
+        let mut g = argmax(&first) == c[0] as usize;
+        for j in 1..c.len() {
+            let row = &lp[(k * width + j - 1) * v..(k * width + j) * v];
+            ll += row[c[j] as usize] as f64;
+            g &= argmax(row) == c[j] as usize;
+        }
+        lls.push(ll);
+        greedy.push(g);
+    }
+    Ok((lls, greedy))
 }
 
 /// Summed log-probs of each row's loss tokens and whether each is the argmax.

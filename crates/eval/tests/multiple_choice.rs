@@ -87,6 +87,28 @@ fewshot_data = "{}""#,
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// Running each context once from a KV cache gives the log-likelihoods of whole rows.
+#[test]
+fn shared_context_scores_equal_whole_rows() {
+    let dir = root().join("fixtures/models/llama-untied");
+    let m = load_pretrained::<Cpu>(&dir, Heads::LM, &Default::default()).unwrap();
+    let mut task = McTask::piqa();
+    task.num_fewshot = 2;
+    task.fewshot_data = Some(root().join("fixtures/data/piqa_head.jsonl"));
+    let data =
+        DatasetConfig { skip: 2, limit: Some(6), ..DatasetConfig::new(root().join("fixtures/data/piqa_head.jsonl")) };
+    let items = load_items(&task, &data).unwrap();
+    let dev = Default::default();
+    let whole = score_items(&m.model, &m.tokenizer, &task, &items, 5, false, &dev, |_| {}).unwrap();
+    let shared = score_items(&m.model, &m.tokenizer, &task, &items, 5, true, &dev, |_| {}).unwrap();
+    for (a, b) in whole.iter().zip(&shared) {
+        for (x, y) in a.loglikelihoods.iter().zip(&b.loglikelihoods) {
+            assert!((x - y).abs() < 1e-3, "{:?} vs {:?}", a.loglikelihoods, b.loglikelihoods);
+        }
+        assert_eq!(a.is_greedy, b.is_greedy);
+    }
+}
+
 #[test]
 fn stderr_is_the_sample_std_over_sqrt_n() {
     let s = mean_with_stderr(&[1.0, 0.0, 1.0, 1.0]);
@@ -119,7 +141,7 @@ fn smollm2_piqa_matches_lm_eval() {
     };
     let task = McTask::piqa();
     let items = load_items(&task, &data).unwrap();
-    let results = score_items(&m.model, &m.tokenizer, &task, &items, 16, &Default::default(), |_| {}).unwrap();
+    let results = score_items(&m.model, &m.tokenizer, &task, &items, 16, false, &Default::default(), |_| {}).unwrap();
     let mut worst = 0.0f64;
     for (r, want) in results.iter().zip(&reference) {
         let lls: Vec<f64> = want["loglikelihoods"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();

@@ -171,6 +171,20 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+
+    /// The cache of a one-row batch repeated for `n` rows: a shared prefix (a multiple-choice
+    /// context, a prompt sampled G times) computed once, continued by `n` rows.
+    pub fn repeat_batch(&self, n: usize) -> Self {
+        KvCache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.as_ref().map(|(k, v)| (k.clone().repeat_dim(0, n), v.clone().repeat_dim(0, n))))
+                .collect(),
+            segments: self.segments.as_ref().map(|s| s.clone().repeat_dim(0, n)),
+            len: self.len,
+        }
+    }
 }
 
 /// A batch of token ids with their positions and segment ids, all `[batch, seq]`.

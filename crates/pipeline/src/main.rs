@@ -173,6 +173,9 @@ enum EvalCommand {
         out: PathBuf,
         #[arg(long, default_value_t = 16)]
         batch_size: usize,
+        /// Run each item's context once and its choices from a KV cache (for long few-shot contexts)
+        #[arg(long)]
+        shared_context: bool,
     },
     /// GSM8K with the r1_zero prompt and grader: format_rate, accuracy, avg_reward.
     R1Zero {
@@ -296,7 +299,7 @@ fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> Resul
 
 fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
     match command {
-        EvalCommand::Mc { model, adapter, task, data, skip, limit, out, batch_size } => {
+        EvalCommand::Mc { model, adapter, task, data, skip, limit, out, batch_size, shared_context } => {
             let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
             let task = align_eval::McTask::resolve(&task)?;
             let mut cfg = align_data::DatasetConfig::new(data);
@@ -310,9 +313,16 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             );
             bar.set_message(task.name.clone());
             let start = std::time::Instant::now();
-            let results = align_eval::score_items(&m.model, &m.tokenizer, &task, &items, batch_size, device, |n| {
-                bar.inc(n as u64)
-            })?;
+            let results = align_eval::score_items(
+                &m.model,
+                &m.tokenizer,
+                &task,
+                &items,
+                batch_size,
+                shared_context,
+                device,
+                |n| bar.inc(n as u64),
+            )?;
             bar.finish_and_clear();
             let summary = align_eval::summarize(&task, &results, start.elapsed().as_secs_f64());
             align_eval::multiple_choice::write_results(&out, &summary, &results)?;
