@@ -7,10 +7,12 @@
 //!   reward, per-sample file), and lm-eval's 5-shot GSM8K (strict and flexible match).
 //! - [`perplexity`]: rolling-window perplexity (token, word, byte; bits per byte).
 //! - [`win_rate`]: model A against model B on prompts, judged by a reward model.
+//! - [`report`]: Markdown tables, PNG curves and JSON of metrics across runs and stages.
 
 pub mod math;
 pub mod multiple_choice;
 pub mod perplexity;
+pub mod report;
 pub mod win_rate;
 
 pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};

@@ -276,6 +276,19 @@ enum EvalCommand {
         #[arg(long, default_value_t = 8)]
         batch_size: usize,
     },
+    /// A report of runs and evaluations: report.md (table), report.json, one PNG per metric.
+    Report {
+        /// NAME=DIR of a run (its metrics.jsonl); repeatable
+        #[arg(long = "run")]
+        runs: Vec<String>,
+        /// NAME=FILE of an eval summary JSON (its numbers join NAME's row); repeatable
+        #[arg(long = "summary")]
+        summaries: Vec<String>,
+        #[arg(long, default_value = "align report")]
+        title: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
@@ -471,6 +484,29 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
                 serde_json::to_string_pretty(&summary)?.as_bytes(),
             )?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
+        }
+        EvalCommand::Report { runs, summaries, title, out } => {
+            let split = |s: &str| -> Result<(String, PathBuf)> {
+                let (n, p) = s.split_once('=').with_context(|| format!("{s:?}: expected NAME=PATH"))?;
+                Ok((n.to_string(), PathBuf::from(p)))
+            };
+            let runs: Vec<(String, PathBuf)> = runs.iter().map(|r| split(r)).collect::<Result<_>>()?;
+            let mut report = align_eval::report::from_runs(&title, &runs)?;
+            for s in &summaries {
+                let (name, path) = split(s)?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
+                        .with_context(|| path.display().to_string())?;
+                let mut m = std::collections::BTreeMap::new();
+                align_eval::report::flatten_numbers(&v, "", &mut m);
+                match report.rows.iter_mut().find(|r| r.name == name) {
+                    Some(row) => row.metrics.extend(m),
+                    None => report.rows.push(align_eval::report::ReportRow { name, metrics: m }),
+                }
+            }
+            for f in report.write(&out)? {
+                println!("{}", f.display());
+            }
         }
     }
     Ok(())
