@@ -89,7 +89,28 @@ pub fn train_step_tps<B: AutodiffBackend>(gguf: &Path, batch: usize, len: usize,
     Ok((batch * len) as f64 / s)
 }
 
-/// Run `bench_trl.py --method generate` with the given shape; returns its JSON.
+/// Run `../shared/peer/bench_trl.py` with `args` (after `--model DIR`); returns its JSON.
+pub fn bench_trl(python: &Path, peer: &Path, hf_dir: &Path, args: &[String]) -> Result<Value> {
+    let out = std::env::temp_dir().join(format!("align-bench-trl-{}-{}.json", std::process::id(), args.join("_")));
+    let status = Command::new(python)
+        .arg(peer.join("bench_trl.py"))
+        .arg("--model")
+        .arg(hf_dir)
+        .args(args)
+        .arg("--json-out")
+        .arg(&out)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("running {}", python.display()))?;
+    if !status.success() {
+        bail!("bench_trl.py {} failed ({status})", args.join(" "));
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    std::fs::remove_file(&out).ok();
+    Ok(v)
+}
+
+/// `bench_trl.py --method generate` with the given shape.
 fn peer_generate(
     python: &Path,
     peer: &Path,
@@ -99,24 +120,13 @@ fn peer_generate(
     new: usize,
     steps: usize,
 ) -> Result<Value> {
-    let out = std::env::temp_dir().join(format!("align-bench-{}-{batch}-{prompt}-{new}.json", std::process::id()));
-    let status = Command::new(python)
-        .arg(peer.join("bench_trl.py"))
-        .args(["--model"])
-        .arg(hf_dir)
-        .args(["--method", "generate", "--steps", &steps.to_string(), "--warmup", "1"])
-        .args(["--batch-size", &batch.to_string(), "--seq-len", &prompt.to_string()])
-        .args(["--max-new-tokens", &new.to_string(), "--json-out"])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .with_context(|| format!("running {}", python.display()))?;
-    if !status.success() {
-        bail!("bench_trl.py --method generate failed ({status})");
-    }
-    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
-    std::fs::remove_file(&out).ok();
-    Ok(v)
+    let args =
+        ["--method", "generate", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &batch.to_string()]
+            .into_iter()
+            .chain(["--seq-len", &prompt.to_string(), "--max-new-tokens", &new.to_string()])
+            .map(String::from)
+            .collect::<Vec<_>>();
+    bench_trl(python, peer, hf_dir, &args)
 }
 
 pub struct PeerSetup {

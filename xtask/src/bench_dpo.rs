@@ -4,7 +4,6 @@
 //! shape (`bench_trl.py --method dpo --lora 16`) in the same run, as a ratio.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use align_data::TokenizedSequence;
@@ -15,7 +14,7 @@ use align_model::{Heads, load_pretrained};
 use align_pipeline::optim::{AdamW, AdamWConfig};
 use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceTask, Reference};
 use align_pipeline::trainer::TrainTask;
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 type B = Autodiff<Cpu>;
@@ -76,22 +75,12 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
 }
 
 fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, steps: usize) -> Result<Value> {
-    let out = std::env::temp_dir().join(format!("align-bench-dpo-{}.json", std::process::id()));
-    let ok = Command::new(python)
-        .arg(peer.join("bench_trl.py"))
-        .arg("--model")
-        .arg(hf_dir)
-        .args(["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1"])
-        .args(["--batch-size", &PAIRS.to_string(), "--seq-len", &LEN.to_string(), "--lora", "16", "--json-out"])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running bench_trl.py")?
-        .success();
-    if !ok {
-        bail!("bench_trl.py --method dpo failed");
-    }
-    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
+    let args = ["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &PAIRS.to_string()]
+        .into_iter()
+        .chain(["--seq-len", &LEN.to_string(), "--lora", "16"])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    crate::bench::bench_trl(python, peer, hf_dir, &args)
 }
 
 pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {

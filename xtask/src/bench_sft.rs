@@ -3,7 +3,6 @@
 //! same model and batch (`bench_trl.py --method sft`) in the same run.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Instant;
 
 use align_data::{TokenizedSequence, pad_right};
@@ -13,7 +12,7 @@ use align_model::burn::optim::GradientsParams;
 use align_model::{Heads, load_pretrained};
 use align_pipeline::optim::{AdamW, AdamWConfig};
 use align_pipeline::sft::nll_sum;
-use anyhow::{Context, Result, bail};
+use anyhow::Result;
 use serde_json::{Value, json};
 
 type B = Autodiff<Cpu>;
@@ -55,33 +54,12 @@ fn align_step_seconds(gguf: &Path, lora_rank: usize, reps: usize) -> Result<f64>
 }
 
 fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, lora: usize, steps: usize) -> Result<Value> {
-    let out = std::env::temp_dir().join(format!("align-bench-sft-{}-{lora}.json", std::process::id()));
-    let ok = Command::new(python)
-        .arg(peer.join("bench_trl.py"))
-        .arg("--model")
-        .arg(hf_dir)
-        .args([
-            "--method",
-            "sft",
-            "--steps",
-            &steps.to_string(),
-            "--warmup",
-            "1",
-            "--batch-size",
-            "8",
-            "--seq-len",
-            "256",
-        ])
-        .args(["--lora", &lora.to_string(), "--json-out"])
-        .arg(&out)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .context("running bench_trl.py")?
-        .success();
-    if !ok {
-        bail!("bench_trl.py --method sft failed");
-    }
-    Ok(serde_json::from_str(&std::fs::read_to_string(&out)?)?)
+    let args = ["--method", "sft", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", "8"]
+        .into_iter()
+        .chain(["--seq-len", "256", "--lora", &lora.to_string()])
+        .map(String::from)
+        .collect::<Vec<_>>();
+    crate::bench::bench_trl(python, peer, hf_dir, &args)
 }
 
 pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {

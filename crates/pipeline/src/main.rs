@@ -10,7 +10,7 @@ use align_pipeline::preference::{PairwiseStage, PreferenceConfig, run_preference
 use align_pipeline::score::{read_rows, score_rows};
 use align_rollout::{SamplingConfig, generate};
 use anyhow::{Context, Result, bail};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "align", version, about = "LLM alignment training: SFT, reward models, DPO/ORPO, PPO, GRPO")]
@@ -53,41 +53,15 @@ enum Command {
         seed: u64,
     },
     /// Supervised fine-tuning (full or LoRA) from a TOML stage config.
-    Sft {
-        #[arg(long)]
-        config: PathBuf,
-        /// Continue from the newest complete checkpoint in output_dir
-        #[arg(long)]
-        resume: bool,
-    },
+    Sft(StageArgs),
     /// Train a Bradley–Terry reward model (score head; full or LoRA) from a TOML config.
-    Reward {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        resume: bool,
-    },
+    Reward(StageArgs),
     /// Direct preference optimisation (sigmoid, cdpo, robust, hinge, ipo).
-    Dpo {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        resume: bool,
-    },
+    Dpo(StageArgs),
     /// ORPO: SFT plus an odds-ratio preference term, no reference model.
-    Orpo {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        resume: bool,
-    },
+    Orpo(StageArgs),
     /// SimPO: reference-free, length-normalised margin.
-    Simpo {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        resume: bool,
-    },
+    Simpo(StageArgs),
     /// Score every row of a dataset with a reward model (JSONL on stdout).
     ScoreReward {
         /// A reward model: an HF sequence-classification directory (`align reward`'s final/)
@@ -150,24 +124,59 @@ enum Command {
     },
 }
 
+/// `--config FILE [--resume]` of a training stage.
+#[derive(Args)]
+struct StageArgs {
+    /// The stage's TOML config
+    #[arg(long)]
+    config: PathBuf,
+    /// Continue from the newest complete checkpoint in output_dir
+    #[arg(long)]
+    resume: bool,
+}
+
+/// The model to evaluate.
+#[derive(Args)]
+struct ModelArgs {
+    /// A GGUF file or an HF directory
+    #[arg(long)]
+    model: PathBuf,
+    /// A PEFT LoRA adapter to apply on top
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+}
+
+/// The rows to evaluate on.
+#[derive(Args)]
+struct RowsArgs {
+    /// JSONL, JSON or Parquet rows
+    #[arg(long)]
+    data: PathBuf,
+    /// Skip this many rows first
+    #[arg(long, default_value_t = 0)]
+    skip: usize,
+    /// Use at most this many rows
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl RowsArgs {
+    fn dataset(&self) -> align_data::DatasetConfig {
+        align_data::DatasetConfig { skip: self.skip, limit: self.limit, ..align_data::DatasetConfig::new(&self.data) }
+    }
+}
+
 #[derive(Subcommand)]
 enum EvalCommand {
     /// Multiple choice by log-likelihood, as lm-eval (acc, acc_norm, acc_bytes, stderr).
     Mc {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
         /// `piqa`, or a TOML task file (context / choices / gold templates)
         #[arg(long, default_value = "piqa")]
         task: String,
-        /// The rows (JSONL, JSON, Parquet)
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        skip: usize,
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        rows: RowsArgs,
         /// Writes <out>/<task>.jsonl (per item) and <out>/<task>.json (summary)
         #[arg(long)]
         out: PathBuf,
@@ -179,17 +188,10 @@ enum EvalCommand {
     },
     /// GSM8K with the r1_zero prompt and grader: format_rate, accuracy, avg_reward.
     R1Zero {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
-        /// GSM8K rows (question, answer)
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        skip: usize,
-        #[arg(long)]
-        limit: Option<usize>,
+        #[command(flatten)]
+        model: ModelArgs,
+        #[command(flatten)]
+        rows: RowsArgs,
         /// Writes <out>/r1_zero.jsonl (per sample) and <out>/r1_zero.json (summary)
         #[arg(long)]
         out: PathBuf,
@@ -206,10 +208,8 @@ enum EvalCommand {
     },
     /// lm-eval's GSM8K: k-shot "Question: …\nAnswer:", greedy, strict and flexible match.
     Gsm8k {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         data: PathBuf,
         /// Few-shot rows (GSM8K train; its first rows are used)
@@ -230,10 +230,8 @@ enum EvalCommand {
     },
     /// Perplexity on a text file (.txt: the whole file) or a column of a dataset.
     Perplexity {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long)]
-        adapter: Option<PathBuf>,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         data: PathBuf,
         /// The text column of JSONL/JSON/Parquet rows
@@ -312,12 +310,10 @@ fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> Resul
 
 fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
     match command {
-        EvalCommand::Mc { model, adapter, task, data, skip, limit, out, batch_size, shared_context } => {
-            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+        EvalCommand::Mc { model, task, rows, out, batch_size, shared_context } => {
+            let m = load_with_adapter::<B>(&model.model, model.adapter.as_deref(), device)?;
             let task = align_eval::McTask::resolve(&task)?;
-            let mut cfg = align_data::DatasetConfig::new(data);
-            cfg.skip = skip;
-            cfg.limit = limit;
+            let cfg = rows.dataset();
             let items = align_eval::load_items(&task, &cfg)?;
             let rows: usize = items.iter().map(|i| i.choices.len()).sum();
             let bar = indicatif::ProgressBar::new(rows as u64).with_style(
@@ -341,23 +337,9 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             align_eval::multiple_choice::write_results(&out, &summary, &results)?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
-        EvalCommand::R1Zero {
-            model,
-            adapter,
-            data,
-            skip,
-            limit,
-            out,
-            temperature,
-            top_p,
-            max_new_tokens,
-            seed,
-            batch_size,
-        } => {
-            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
-            let mut cfg = align_data::DatasetConfig::new(data);
-            cfg.skip = skip;
-            cfg.limit = limit;
+        EvalCommand::R1Zero { model, rows, out, temperature, top_p, max_new_tokens, seed, batch_size } => {
+            let m = load_with_adapter::<B>(&model.model, model.adapter.as_deref(), device)?;
+            let cfg = rows.dataset();
             let items = align_eval::math::load_gsm8k(&cfg)?;
             let ecfg = align_eval::math::R1ZeroEvalConfig { temperature, top_p, max_new_tokens, seed, batch_size };
             let b = bar(items.len(), "r1_zero");
@@ -374,19 +356,8 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             )?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
-        EvalCommand::Gsm8k {
-            model,
-            adapter,
-            data,
-            shots,
-            num_fewshot,
-            skip,
-            limit,
-            out,
-            max_new_tokens,
-            batch_size,
-        } => {
-            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+        EvalCommand::Gsm8k { model, data, shots, num_fewshot, skip, limit, out, max_new_tokens, batch_size } => {
+            let m = load_with_adapter::<B>(&model.model, model.adapter.as_deref(), device)?;
             let mut cfg = align_data::DatasetConfig::new(data);
             cfg.skip = skip;
             cfg.limit = limit;
@@ -420,8 +391,8 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             )?;
             println!("{}", serde_json::to_string_pretty(&summary)?);
         }
-        EvalCommand::Perplexity { model, adapter, data, column, limit, max_length, batch_size } => {
-            let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
+        EvalCommand::Perplexity { model, data, column, limit, max_length, batch_size } => {
+            let m = load_with_adapter::<B>(&model.model, model.adapter.as_deref(), device)?;
             let texts: Vec<String> = if data.extension().is_some_and(|e| e == "txt") {
                 vec![std::fs::read_to_string(&data).with_context(|| data.display().to_string())?]
             } else {
@@ -599,15 +570,15 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             println!("{}", m.tokenizer.decode(&c.tokens, true)?);
             tracing::info!(tokens = c.tokens.len(), seconds = format!("{secs:.2}"), "generated");
         }
-        Command::Sft { config, resume } => {
+        Command::Sft(StageArgs { config, resume }) => {
             let cfg = align_pipeline::sft::SftConfig::from_file(&config)?;
             let out = align_pipeline::sft::run_sft::<B>(&cfg, resume, device)?;
             println!("{}", out.display());
         }
-        Command::Reward { config, resume } => pairwise::<B>(&config, PairwiseStage::Reward, resume, device)?,
-        Command::Dpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Dpo, resume, device)?,
-        Command::Orpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Orpo, resume, device)?,
-        Command::Simpo { config, resume } => pairwise::<B>(&config, PairwiseStage::Simpo, resume, device)?,
+        Command::Reward(a) => pairwise::<B>(&a.config, PairwiseStage::Reward, a.resume, device)?,
+        Command::Dpo(a) => pairwise::<B>(&a.config, PairwiseStage::Dpo, a.resume, device)?,
+        Command::Orpo(a) => pairwise::<B>(&a.config, PairwiseStage::Orpo, a.resume, device)?,
+        Command::Simpo(a) => pairwise::<B>(&a.config, PairwiseStage::Simpo, a.resume, device)?,
         Command::ScoreReward { model, data, batch_size, with_ids, skip, limit, adapter } => {
             let heads = Heads { lm: false, score: true, value: false };
             let m = load_pretrained::<B>(&model, heads, device)?;

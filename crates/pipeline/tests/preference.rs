@@ -2,23 +2,13 @@
 //! at ln 2), the reward model learns and its HF export scores exactly as it was evaluated,
 //! ORPO and SimPO lower their losses, and a config is never run as another stage.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{metrics, root, tmp};
+use std::path::Path;
 
 use align_model::backend::Cpu;
 use align_model::{Heads, load_pretrained};
 use align_pipeline::preference::{PairwiseStage, PreferenceConfig, load_pairs, run_preference, score_dataset};
-use align_pipeline::trainer::StepMetrics;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("align-pref-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// 16 PIQA train pairs, 8 held out; `extra` appends sections.
 fn config(out: &Path, training: &str, extra: &str) -> PreferenceConfig {
@@ -53,19 +43,11 @@ lr_scheduler_type = "constant"
     toml::from_str(&text).unwrap()
 }
 
-fn metrics(dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 const LORA: &str = "[lora]\nr = 8\nlora_alpha = 16\nlora_dropout = 0.0\ntarget_modules = \"all-linear\"\n";
 
 #[test]
 fn dpo_reference_modes_agree_and_start_at_ln2() {
-    let d = tmp("dpo");
+    let d = tmp("pref-dpo");
     // One micro-batch of all 16 pairs: every step sees the same data, so the loss must fall.
     let training = "per_device_train_batch_size = 16\nlearning_rate = 1e-3\nmax_steps = 3\neval_steps = 3";
     let runs = [
@@ -96,7 +78,7 @@ fn dpo_reference_modes_agree_and_start_at_ln2() {
 
 #[test]
 fn reward_model_learns_and_its_export_scores_as_evaluated() {
-    let d = tmp("reward");
+    let d = tmp("pref-reward");
     let cfg = config(
         &d.join("rm"),
         "per_device_train_batch_size = 4\nlearning_rate = 3e-3\nmax_steps = 12\neval_steps = 12",
@@ -127,7 +109,7 @@ fn reward_model_learns_and_its_export_scores_as_evaluated() {
 
 #[test]
 fn orpo_and_simpo_lower_their_losses() {
-    let d = tmp("orpo");
+    let d = tmp("pref-orpo");
     for (stage, name, extra) in [
         (PairwiseStage::Orpo, "orpo", "[orpo]\nbeta = 0.1\n"),
         (PairwiseStage::Orpo, "orpo-completion-nll", "[orpo]\ncompletion_only_nll = true\n"),
@@ -148,7 +130,7 @@ fn orpo_and_simpo_lower_their_losses() {
 
 #[test]
 fn a_config_is_never_run_as_another_stage() {
-    let d = tmp("wrong");
+    let d = tmp("pref-wrong");
     let cfg = config(&d.join("x"), "max_steps = 1", "[dpo]\nbeta = 0.2\n");
     let err = run_preference::<Cpu>(&cfg, PairwiseStage::Orpo, false, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("[dpo] section") && err.to_string().contains("orpo stage"), "{err}");

@@ -2,17 +2,14 @@
 //! SIGKILL mid-way resumes and logs exactly the losses of an uninterrupted run; LoRA SFT
 //! saves a PEFT adapter that reloads.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{metrics, root, tmp};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use align_model::backend::Cpu;
 use align_pipeline::sft::{SftConfig, run_sft};
-use align_pipeline::trainer::StepMetrics;
-
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 fn config(out: &Path, extra: &str) -> String {
     let r = root();
@@ -34,24 +31,9 @@ max_prompt_length = 96
     )
 }
 
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("align-sft-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn metrics(dir: &Path) -> Vec<StepMetrics> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
 #[test]
 fn tiny_model_overfits_a_small_set() {
-    let d = tmp("overfit");
+    let d = tmp("sft-overfit");
     let text = config(
         &d.join("run"),
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 3e-3\nmax_steps = 80\nlogging_steps = 10\nsave_steps = 0\nlr_scheduler_type = \"constant\"\n",
@@ -68,7 +50,7 @@ fn tiny_model_overfits_a_small_set() {
 
 #[test]
 fn killed_run_resumes_with_identical_losses() {
-    let d = tmp("resume");
+    let d = tmp("sft-resume");
     let training = "[training]\nper_device_train_batch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-3\nmax_steps = 40\nlogging_steps = 1\nsave_steps = 8\nwarmup_ratio = 0.1\nlr_scheduler_type = \"cosine\"\n";
     let full = d.join("full.toml");
     std::fs::write(&full, config(&d.join("full"), training)).unwrap();
@@ -114,7 +96,7 @@ fn killed_run_resumes_with_identical_losses() {
 
 #[test]
 fn packed_lora_sft_writes_a_peft_adapter() {
-    let d = tmp("lora");
+    let d = tmp("sft-lora");
     let text = config(
         &d.join("run"),
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e-2\nmax_steps = 20\nlogging_steps = 5\nsave_steps = 5\nsave_total_limit = 1\nlr_scheduler_type = \"constant\"\n[lora]\nr = 4\nlora_alpha = 8\nlora_dropout = 0.0\n",
@@ -144,7 +126,7 @@ fn packed_lora_sft_writes_a_peft_adapter() {
 
 #[test]
 fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
-    let d = tmp("nan");
+    let d = tmp("sft-nan");
     let text = config(
         &d.join("run"),
         "[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e12\nmax_steps = 30\nlogging_steps = 1\nsave_steps = 1\nlr_scheduler_type = \"constant\"\n",
@@ -161,7 +143,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
 /// Burn's balanced activation checkpointing changes memory, not the numbers.
 #[test]
 fn gradient_checkpointing_gives_the_same_losses() {
-    let d = tmp("ckpt");
+    let d = tmp("sft-ckpt");
     let training =
         "per_device_train_batch_size = 4\nlearning_rate = 1e-3\nmax_steps = 6\nlogging_steps = 1\nsave_steps = 0\n";
     let mut losses = vec![];
@@ -183,7 +165,7 @@ fn gradient_checkpointing_gives_the_same_losses() {
 /// is an f32 checkpoint that loads.
 #[test]
 fn bf16_training_tracks_f32_and_resumes_exactly() {
-    let d = tmp("bf16");
+    let d = tmp("sft-bf16");
     let training = "per_device_train_batch_size = 4\nlearning_rate = 1e-3\nmax_steps = 6\nlogging_steps = 1\nsave_steps = 3\nlr_scheduler_type = \"constant\"\n";
     let mut losses = vec![];
     for (name, bf16) in [("f32", false), ("bf16", true)] {
