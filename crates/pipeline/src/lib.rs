@@ -2,9 +2,11 @@
 //!
 //! - [`trainer`]: the loop every stage shares (AdamW, schedules, accumulation, clipping,
 //!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer.
-//! - Stages: [`sft`]; [`preference`] (reward model, DPO, ORPO, SimPO).
+//! - Stages, all configured by [`config::StageConfig`]: [`sft`]; [`preference`] (reward
+//!   model, DPO, ORPO, SimPO).
 //! - [`score`]: completion log-probs, comparable with the reference harness.
 
+pub mod config;
 pub mod optim;
 pub mod preference;
 pub mod score;

@@ -24,8 +24,8 @@ use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, lo
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use crate::sft::ModelSpec;
-use crate::trainer::{Evaluation, LossTerms, TrainTask, TrainingArguments, train};
+use crate::config::StageConfig;
+use crate::trainer::{Evaluation, LossTerms, TrainTask, train};
 
 /// `[reward]`: the Bradley–Terry reward model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -116,34 +116,8 @@ pub enum Objective {
     Simpo(SimpoSettings),
 }
 
-/// A pairwise stage config (TOML). Exactly the section of its stage may appear.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PreferenceConfig {
-    /// Where metrics, checkpoints and `final/` go.
-    pub output_dir: PathBuf,
-    pub model: ModelSpec,
-    /// Preference rows (`prompt`/`chosen`/`rejected`, or an adapter such as `piqa_preference`).
-    pub data: DatasetConfig,
-    /// Held-out pairs evaluated every `eval_steps`. Default none.
-    #[serde(default)]
-    pub eval_data: Option<DatasetConfig>,
-    #[serde(default)]
-    pub tokenize: TokenizeConfig,
-    #[serde(default)]
-    pub training: TrainingArguments,
-    /// LoRA instead of full fine-tuning. Default none (full).
-    #[serde(default)]
-    pub lora: Option<LoraConfig>,
-    #[serde(default)]
-    pub reward: Option<RewardSettings>,
-    #[serde(default)]
-    pub dpo: Option<DpoSettings>,
-    #[serde(default)]
-    pub orpo: Option<OrpoSettings>,
-    #[serde(default)]
-    pub simpo: Option<SimpoSettings>,
-}
+/// A pairwise stage's config: the stage config shared by every stage.
+pub type PreferenceConfig = StageConfig;
 
 /// The stage names of `align` for [`PreferenceConfig::objective`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,33 +128,19 @@ pub enum PairwiseStage {
     Simpo,
 }
 
-impl PreferenceConfig {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid stage config", path.display()))
-    }
-
+impl StageConfig {
     /// The objective of `stage`, from its section (defaults when absent); a section of
     /// another stage is an error, so a DPO config is never silently run as ORPO.
     pub fn objective(&self, stage: PairwiseStage) -> Result<Objective> {
-        let present: Vec<&str> = [
-            ("reward", self.reward.is_some()),
-            ("dpo", self.dpo.is_some()),
-            ("orpo", self.orpo.is_some()),
-            ("simpo", self.simpo.is_some()),
-        ]
-        .iter()
-        .filter(|(_, p)| *p)
-        .map(|(n, _)| *n)
-        .collect();
         let own = match stage {
             PairwiseStage::Reward => "reward",
             PairwiseStage::Dpo => "dpo",
             PairwiseStage::Orpo => "orpo",
             PairwiseStage::Simpo => "simpo",
         };
-        if let Some(other) = present.iter().find(|n| **n != own) {
-            bail!("the config has a [{other}] section, but this is the {own} stage");
+        self.check_sections(own, Some(own))?;
+        if self.packing {
+            bail!("packing applies to the sft stage only, not to {own}");
         }
         Ok(match stage {
             PairwiseStage::Reward => Objective::Reward(self.reward.clone().unwrap_or_default()),

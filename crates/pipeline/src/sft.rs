@@ -18,47 +18,12 @@ use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, save_safetensors};
 use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
-use crate::trainer::{Evaluation, LossTerms, TrainTask, TrainingArguments, train};
+use crate::config::StageConfig;
+use crate::trainer::{Evaluation, LossTerms, TrainTask, train};
 
-/// `[model]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelSpec {
-    /// A GGUF file or an HF directory.
-    pub path: PathBuf,
-}
-
-/// An SFT stage config (TOML).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SftConfig {
-    /// Where metrics, checkpoints and `final/` go.
-    pub output_dir: PathBuf,
-    pub model: ModelSpec,
-    pub data: DatasetConfig,
-    /// Held-out data for `eval_steps`. Default none.
-    #[serde(default)]
-    pub eval_data: Option<DatasetConfig>,
-    #[serde(default)]
-    pub tokenize: TokenizeConfig,
-    #[serde(default)]
-    pub training: TrainingArguments,
-    /// LoRA instead of full fine-tuning. Default none (full).
-    #[serde(default)]
-    pub lora: Option<LoraConfig>,
-    /// Pack micro-batches into rows of `tokenize.max_length` (best-fit decreasing). Default false.
-    #[serde(default)]
-    pub packing: bool,
-}
-
-impl SftConfig {
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid SFT config", path.display()))
-    }
-}
+/// The SFT stage's config: the stage config shared by every stage.
+pub type SftConfig = StageConfig;
 
 /// Tokenise a dataset into training sequences.
 fn sequences(
@@ -198,6 +163,7 @@ pub fn run_sft<B: Backend>(cfg: &SftConfig, resume: bool, device: &B::Device) ->
 }
 
 fn sft_on<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+    cfg.check_sections("sft", None)?;
     let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
     let tok = pre.tokenizer;
     let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;

@@ -134,6 +134,12 @@ fn a_config_is_never_run_as_another_stage() {
     let cfg = config(&d.join("x"), "max_steps = 1", "[dpo]\nbeta = 0.2\n");
     let err = run_preference::<Cpu>(&cfg, PairwiseStage::Orpo, false, &Default::default()).unwrap_err();
     assert!(err.to_string().contains("[dpo] section") && err.to_string().contains("orpo stage"), "{err}");
+    let err = align_pipeline::sft::run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("[dpo] section") && err.to_string().contains("sft stage"), "{err}");
+    let mut packed = config(&d.join("p"), "max_steps = 1", "");
+    packed.packing = true;
+    let err = run_preference::<Cpu>(&packed, PairwiseStage::Dpo, false, &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("packing applies to the sft stage only"), "{err}");
     // and an SFT row is not a pair
     let mut cfg = config(&d.join("y"), "max_steps = 1", "");
     cfg.data = align_data::DatasetConfig::new(root().join("fixtures/data/schemas.jsonl"));

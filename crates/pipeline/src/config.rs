@@ -1,0 +1,83 @@
+//! The TOML config every training stage reads: what to train (`[model]`, `[lora]`), on
+//! what (`[data]`, `[eval_data]`, `[tokenize]`), how (`[training]`), and the stage's own
+//! section (`packing` for SFT; `[reward]`, `[dpo]`, `[orpo]`, `[simpo]` for the pairwise
+//! stages). A section of another stage is refused, so a DPO config never runs as ORPO.
+//! One struct rather than one per stage: serde's `flatten` cannot be combined with
+//! `deny_unknown_fields`, which every config keeps.
+
+use std::path::{Path, PathBuf};
+
+use align_data::{DatasetConfig, TokenizeConfig};
+use align_lora::LoraConfig;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
+use crate::trainer::TrainingArguments;
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A GGUF file or an HF directory.
+    pub path: PathBuf,
+}
+
+/// A training stage's config (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    /// Where metrics, checkpoints and `final/` go.
+    pub output_dir: PathBuf,
+    pub model: ModelSpec,
+    /// Training rows (SFT: text, prompt/completion or conversations; pairwise stages:
+    /// `prompt`/`chosen`/`rejected` or an adapter such as `piqa_preference`).
+    pub data: DatasetConfig,
+    /// Held-out rows evaluated every `eval_steps`. Default none.
+    #[serde(default)]
+    pub eval_data: Option<DatasetConfig>,
+    #[serde(default)]
+    pub tokenize: TokenizeConfig,
+    #[serde(default)]
+    pub training: TrainingArguments,
+    /// LoRA instead of full fine-tuning. Default none (full).
+    #[serde(default)]
+    pub lora: Option<LoraConfig>,
+    /// SFT: pack micro-batches into rows of `tokenize.max_length` (best-fit decreasing).
+    /// Default false.
+    #[serde(default)]
+    pub packing: bool,
+    /// `align reward` settings. Default none.
+    #[serde(default)]
+    pub reward: Option<RewardSettings>,
+    /// `align dpo` settings. Default none.
+    #[serde(default)]
+    pub dpo: Option<DpoSettings>,
+    /// `align orpo` settings. Default none.
+    #[serde(default)]
+    pub orpo: Option<OrpoSettings>,
+    /// `align simpo` settings. Default none.
+    #[serde(default)]
+    pub simpo: Option<SimpoSettings>,
+}
+
+impl StageConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        toml::from_str(&text).with_context(|| format!("{}: invalid stage config", path.display()))
+    }
+
+    /// Refuse a stage section other than `own` (`None`: the stage has none).
+    pub fn check_sections(&self, stage: &str, own: Option<&str>) -> Result<()> {
+        let present = [
+            ("reward", self.reward.is_some()),
+            ("dpo", self.dpo.is_some()),
+            ("orpo", self.orpo.is_some()),
+            ("simpo", self.simpo.is_some()),
+        ];
+        if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
+            bail!("the config has a [{other}] section, but this is the {stage} stage");
+        }
+        Ok(())
+    }
+}
