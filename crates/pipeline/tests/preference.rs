@@ -158,6 +158,10 @@ fn stage_configs_in_pipelines_parse() {
         other => panic!("{other:?}"),
     }
     assert_eq!(cfg.training.gradient_accumulation_steps, 4);
+    for f in std::fs::read_dir(root().join("pipelines/stages")).unwrap() {
+        let path = f.unwrap().path();
+        PreferenceConfig::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+    }
 }
 
 /// Scores are read where transformers reads them: the last non-pad id, so with pad = EOS
