@@ -19,13 +19,12 @@ use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpoi
 use align_model::burn::module::{AutodiffModule, Param};
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use align_model::weights::{SafetensorsSource, TensorMap, save_safetensors};
-use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
+use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
-use crate::trainer::{Evaluation, LossTerms, TrainTask, train};
+use crate::trainer::{Evaluation, LossTerms, TrainTask, load_trainable, save_trainable, train};
 
 /// `[reward]`: the Bradley–Terry reward model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -475,67 +474,6 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
             Heads::LM
         }
     }
-}
-
-/// Save what a stage trains: the PEFT adapter (plus a reward model's score head, which
-/// LoRA trains in full, in `score.safetensors`), or the whole model in HF names.
-pub fn save_trainable<B: Backend>(
-    model: &Transformer<B>,
-    lora: Option<&LoraConfig>,
-    head: HfHead,
-    dir: &Path,
-) -> Result<()> {
-    match lora {
-        Some(cfg) => {
-            align_lora::save_peft(&mut model.clone(), cfg, "base", dir)?;
-            if head == HfHead::SequenceClassification {
-                let full = export(model, head)?;
-                let mut score = TensorMap::default();
-                if let Some(t) = full.0.get("score.weight") {
-                    score.0.insert("score.weight".into(), t.clone());
-                }
-                save_safetensors(&score, &dir.join("score.safetensors"))?;
-            }
-        }
-        None => save_safetensors(&export(model, head)?, &dir.join("model.safetensors"))?,
-    }
-    Ok(())
-}
-
-/// Inverse of [`save_trainable`] onto the starting model.
-pub fn load_trainable<B: Backend>(
-    model: Transformer<B>,
-    lora: Option<&LoraConfig>,
-    config: &ModelConfig,
-    heads: Heads,
-    dir: &Path,
-    device: &B::Device,
-) -> Result<Transformer<B>> {
-    Ok(match lora {
-        Some(_) => {
-            let mut base = model;
-            for (_, p) in base.projections_mut() {
-                p.adapter = None;
-            }
-            let mut m = align_lora::load_peft(base, dir)?.0;
-            let score = dir.join("score.safetensors");
-            if score.exists() {
-                let mut src = SafetensorsSource::open_files(&[score])?;
-                let t = align_model::WeightSource::load(&mut src, "score.weight")?;
-                let [out, inp] = [t.shape[0], t.shape[1]];
-                // HF stores [out, in]; Burn's Linear holds [in, out].
-                let w = Tensor::<B, 2>::from_data(TensorData::new(t.data, [out, inp]), device).transpose();
-                if let Some(s) = m.score.as_mut() {
-                    s.weight = Param::from_tensor(w).set_require_grad(true);
-                }
-            }
-            m
-        }
-        None => {
-            let mut src = SafetensorsSource::open_files(&[dir.join("model.safetensors")])?;
-            align_model::build::<B>(config, &mut src, heads, device)?
-        }
-    })
 }
 
 /// Run (or resume) a pairwise stage on backend `B`; returns `final/`.

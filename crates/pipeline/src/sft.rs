@@ -15,8 +15,7 @@ use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpoi
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
-use align_model::weights::{SafetensorsSource, save_safetensors};
-use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, export, load_pretrained, save_pretrained};
+use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained};
 use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
@@ -126,27 +125,11 @@ impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
     }
 
     fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
-        match &self.lora {
-            Some(cfg) => align_lora::save_peft(&mut model.clone(), cfg, "base", dir)?,
-            None => save_safetensors(&export(&model.valid(), HfHead::CausalLm)?, &dir.join("model.safetensors"))?,
-        }
-        Ok(())
+        crate::trainer::save_trainable(model, self.lora.as_ref(), HfHead::CausalLm, dir)
     }
 
     fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
-        Ok(match &self.lora {
-            Some(_) => {
-                let mut base = model;
-                for (_, p) in base.projections_mut() {
-                    p.adapter = None;
-                }
-                align_lora::load_peft(base, dir)?.0
-            }
-            None => {
-                let mut src = SafetensorsSource::open_files(&[dir.join("model.safetensors")])?;
-                align_model::build::<B>(&self.config, &mut src, Heads::LM, &self.device)?
-            }
-        })
+        crate::trainer::load_trainable(model, self.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
     }
 }
 
