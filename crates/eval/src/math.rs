@@ -68,6 +68,8 @@ pub struct MathSample {
     pub format_reward: f64,
     pub answer_reward: f64,
     pub reward: f64,
+    /// Tokens generated for the response.
+    pub completion_tokens: usize,
 }
 
 /// The r1_zero summary.
@@ -81,19 +83,35 @@ pub struct MathSummary {
     pub generated_tokens: usize,
 }
 
-/// Generate with the r1_zero prompt and grade each response.
+/// Generate with the r1_zero prompt and grade each response, batch by batch. `done` holds
+/// the samples of an interrupted run (whole batches, as `on_batch` received them): they are
+/// checked against `items` and kept, and generation continues after them with the same
+/// per-batch seeds, so a resumed run equals an uninterrupted one. `on_batch` gets each new
+/// batch's samples (to append them to a file); returns every sample.
 pub fn eval_r1_zero<B: Backend>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     items: &[MathItem],
     cfg: &R1ZeroEvalConfig,
-    mut progress: impl FnMut(usize),
-) -> Result<(Vec<MathSample>, usize)> {
+    done: Vec<MathSample>,
+    mut on_batch: impl FnMut(&[MathSample]) -> Result<()>,
+) -> Result<Vec<MathSample>> {
+    let bs = cfg.batch_size.max(1);
+    if done.len() > items.len() || (!done.len().is_multiple_of(bs) && done.len() != items.len()) {
+        bail!(
+            "{} samples already written do not form whole batches of {bs} of these {} items",
+            done.len(),
+            items.len()
+        );
+    }
+    if let Some(i) = done.iter().zip(items).position(|(d, it)| d.prompt != r1_zero_prompt(&it.question)) {
+        bail!("sample {i} already written is for another question: the output holds another run");
+    }
     let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
     let stop_ids: Vec<u32> = tok.eos_token_id.into_iter().collect();
-    let mut samples = vec![];
-    let mut generated = 0;
-    for (b, chunk) in items.chunks(cfg.batch_size.max(1)).enumerate() {
+    let first = done.len() / bs;
+    let mut samples = done;
+    for (b, chunk) in items.chunks(bs).enumerate().skip(first) {
         let prompts: Vec<String> = chunk.iter().map(|it| r1_zero_prompt(&it.question)).collect();
         let ids: Vec<Vec<u32>> = prompts.iter().map(|p| tok.encode(p, true)).collect::<align_model::Result<_>>()?;
         // One seed per batch, so a subset or a resumed run samples the same per batch.
@@ -106,24 +124,30 @@ pub fn eval_r1_zero<B: Backend>(
             ..Default::default()
         };
         let outs = generate_text(model, tok, &ids, pad, &sampling, &["</answer>".to_string()], true);
-        for ((it, prompt), out) in chunk.iter().zip(prompts).zip(outs) {
-            generated += out.completion.tokens.len();
-            let s = r1_zero_reward(&out.text, &it.ground_truth);
-            samples.push(MathSample {
-                prompt,
-                response: out.text,
-                ground_truth: it.ground_truth.clone(),
-                format_reward: s.format_reward,
-                answer_reward: s.answer_reward,
-                reward: s.reward,
-            });
-        }
-        progress(chunk.len());
+        let batch: Vec<MathSample> = chunk
+            .iter()
+            .zip(prompts)
+            .zip(outs)
+            .map(|((it, prompt), out)| {
+                let s = r1_zero_reward(&out.text, &it.ground_truth);
+                MathSample {
+                    prompt,
+                    completion_tokens: out.completion.tokens.len(),
+                    response: out.text,
+                    ground_truth: it.ground_truth.clone(),
+                    format_reward: s.format_reward,
+                    answer_reward: s.answer_reward,
+                    reward: s.reward,
+                }
+            })
+            .collect();
+        on_batch(&batch)?;
+        samples.extend(batch);
     }
-    Ok((samples, generated))
+    Ok(samples)
 }
 
-pub fn summarize_math(samples: &[MathSample], seconds: f64, generated_tokens: usize) -> MathSummary {
+pub fn summarize_math(samples: &[MathSample], seconds: f64) -> MathSummary {
     let n = samples.len().max(1) as f64;
     MathSummary {
         num_examples: samples.len(),
@@ -131,7 +155,7 @@ pub fn summarize_math(samples: &[MathSample], seconds: f64, generated_tokens: us
         accuracy: samples.iter().map(|s| s.answer_reward).sum::<f64>() / n,
         avg_reward: samples.iter().map(|s| s.reward).sum::<f64>() / n,
         seconds,
-        generated_tokens,
+        generated_tokens: samples.iter().map(|s| s.completion_tokens).sum(),
     }
 }
 

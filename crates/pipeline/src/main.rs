@@ -342,14 +342,34 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             let cfg = rows.dataset();
             let items = align_eval::math::load_gsm8k(&cfg)?;
             let ecfg = align_eval::math::R1ZeroEvalConfig { temperature, top_p, max_new_tokens, seed, batch_size };
-            let b = bar(items.len(), "r1_zero");
-            let start = std::time::Instant::now();
-            let (samples, tokens) =
-                align_eval::math::eval_r1_zero(&m.model, &m.tokenizer, &items, &ecfg, |n| b.inc(n as u64))?;
-            b.finish_and_clear();
-            let summary = align_eval::math::summarize_math(&samples, start.elapsed().as_secs_f64(), tokens);
+            // Samples are appended batch by batch; a rerun with the same --out resumes.
             std::fs::create_dir_all(&out)?;
-            write_jsonl(&out.join("r1_zero.jsonl"), &samples)?;
+            let path = out.join("r1_zero.jsonl");
+            let done: Vec<align_eval::math::MathSample> = match std::fs::read_to_string(&path) {
+                Ok(text) => text
+                    .lines()
+                    .enumerate()
+                    .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1)))
+                    .collect::<Result<_>>()?,
+                Err(_) => vec![],
+            };
+            if !done.is_empty() {
+                tracing::info!(samples = done.len(), file = %path.display(), "resuming");
+            }
+            let b = bar(items.len(), "r1_zero");
+            b.set_position(done.len() as u64);
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+            let start = std::time::Instant::now();
+            let samples = align_eval::math::eval_r1_zero(&m.model, &m.tokenizer, &items, &ecfg, done, |batch| {
+                for s in batch {
+                    writeln!(file, "{}", serde_json::to_string(s)?)?;
+                }
+                file.sync_data()?;
+                b.inc(batch.len() as u64);
+                Ok(())
+            })?;
+            b.finish_and_clear();
+            let summary = align_eval::math::summarize_math(&samples, start.elapsed().as_secs_f64());
             align_model::weights::write_atomic(
                 &out.join("r1_zero.json"),
                 serde_json::to_string_pretty(&summary)?.as_bytes(),
