@@ -3,10 +3,10 @@
 //! reward stage tokenises a prompt/completion row), and A wins a prompt when its score is
 //! higher (a tie counts half).
 
-use align_data::{Content, Example, ExampleTokenizer, TokenizeConfig, Tokenized, TokenizedSequence, pad_right};
+use align_data::{Content, Example, ExampleTokenizer, TokenizeConfig, Tokenized, TokenizedSequence};
 use align_model::burn::tensor::backend::Backend;
 use align_model::{Tokenizer, Transformer};
-use align_reward::last_token_scores;
+use align_reward::score_sequences;
 use align_rollout::{SamplingConfig, generate_text};
 use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
@@ -91,13 +91,8 @@ pub fn reward_scores<B: Backend>(
         }
     }
     let pad = rm.tokenizer.pad_token_id.or(rm.tokenizer.eos_token_id).unwrap_or(0);
-    let mut out = vec![];
-    for chunk in seqs.chunks(batch.max(1)) {
-        let refs: Vec<&TokenizedSequence> = chunk.iter().collect();
-        let s = last_token_scores(rm.model, &pad_right(&refs, pad), device);
-        out.extend(s.into_data().convert::<f64>().to_vec::<f64>().expect("float data"));
-    }
-    Ok(out)
+    let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+    Ok(score_sequences(rm.model, &refs, pad, batch, device))
 }
 
 /// A's win rate over B on `prompts`.

@@ -636,11 +636,8 @@ pub fn score_dataset<B: Backend>(
             Tokenized::Prompt { .. } => bail!("{}: row {i} has no completion to score", data.path.display()),
         }
     }
-    let mut scores = Vec::with_capacity(seqs.len());
-    for chunk in seqs.chunks(batch_size.max(1)) {
-        let rows: Vec<&TokenizedSequence> = chunk.iter().map(|(_, _, s)| s).collect();
-        scores.extend(host(last_token_scores(model, &pad_right(&rows, pad), device)));
-    }
+    let rows: Vec<&TokenizedSequence> = seqs.iter().map(|(_, _, s)| s).collect();
+    let scores = align_reward::score_sequences(model, &rows, pad, batch_size, device);
     let mut out: Vec<serde_json::Value> = vec![];
     for ((i, which, seq), s) in seqs.iter().zip(scores) {
         let (key, ids_key) = match which {

@@ -5,4 +5,4 @@ pub mod math;
 pub mod model;
 
 pub use math::{R1ZeroScore, answers_equal, normalize_answer, r1_zero_reward};
-pub use model::{last_token_scores, score_positions};
+pub use model::{last_token_scores, score_positions, score_sequences};

@@ -1,7 +1,7 @@
 //! The reward-model scorer: a sequence-classification network's score of prompt +
 //! completion, read where transformers reads it.
 
-use align_data::HostBatch;
+use align_data::{HostBatch, TokenizedSequence, pad_right};
 use align_model::Transformer;
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
@@ -34,4 +34,20 @@ pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, 
     let last = score_positions(batch, model.config.pad_token_id);
     let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(last, [b, 1, 1]), device);
     scores.narrow(2, 0, 1).gather(1, idx).reshape([b])
+}
+
+/// Scores of token sequences, `batch_size` right-padded rows per forward, in order.
+pub fn score_sequences<B: Backend>(
+    model: &Transformer<B>,
+    seqs: &[&TokenizedSequence],
+    pad_id: u32,
+    batch_size: usize,
+    device: &B::Device,
+) -> Vec<f64> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch_size.max(1)) {
+        let s = last_token_scores(model, &pad_right(chunk, pad_id), device);
+        out.extend(s.into_data().convert::<f64>().to_vec::<f64>().expect("float data"));
+    }
+    out
 }
