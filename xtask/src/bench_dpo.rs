@@ -4,14 +4,11 @@
 //! shape (`bench_trl.py --method dpo --lora 16`) in the same run, as a ratio.
 
 use std::path::Path;
-use std::time::Instant;
 
 use align_data::TokenizedSequence;
 use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
-use align_model::burn::optim::GradientsParams;
 use align_model::{Heads, load_pretrained};
-use align_pipeline::optim::{AdamW, AdamWConfig};
 use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceTask, Reference};
 use align_pipeline::trainer::TrainTask;
 use anyhow::Result;
@@ -28,7 +25,7 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
     let device = Default::default();
     let pre = load_pretrained::<B>(gguf, Heads::LM, &device)?;
     let lora = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.0, ..Default::default() };
-    let mut model = align_lora::attach(pre.model, &lora, 0)?.0;
+    let model = align_lora::attach(pre.model, &lora, 0)?.0;
     let vocab = model.config.vocab_size as u64;
     let mut rng = align_rollout::Rng::new(11);
     let mut ids = |n: usize| -> Vec<u32> { (0..n).map(|_| 100 + (rng.next_u64() % (vocab - 200)) as u32).collect() };
@@ -57,21 +54,11 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
     };
     let batch: Vec<usize> = (0..PAIRS).collect();
     let tokens = task.input_tokens(&batch) as f64;
-    let mut opt = AdamW::<B>::new(AdamWConfig::default());
-    let mut times = Vec::new();
-    for i in 0..=reps {
-        let t = Instant::now();
-        let terms = task.loss_sum(&model, &batch)?;
-        let loss = terms.sum / terms.count as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
-        model = opt.step(model, grads, 1e-5, 1.0);
-        let _ = model.embed_tokens.val().into_data(); // wait for the update
-        if i > 0 {
-            times.push(t.elapsed().as_secs_f64());
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(tokens / times[times.len() / 2])
+    let secs = crate::bench_sft::median_step_seconds(model, reps, |m| {
+        let terms = task.loss_sum(m, &batch)?;
+        Ok(terms.sum / terms.count as f64)
+    })?;
+    Ok(tokens / secs)
 }
 
 fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, steps: usize) -> Result<Value> {

@@ -9,7 +9,8 @@ use align_data::{TokenizedSequence, pad_right};
 use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
 use align_model::burn::optim::GradientsParams;
-use align_model::{Heads, load_pretrained};
+use align_model::burn::tensor::Tensor;
+use align_model::{Heads, Transformer, load_pretrained};
 use align_pipeline::optim::{AdamW, AdamWConfig};
 use align_pipeline::sft::nll_sum;
 use anyhow::Result;
@@ -36,13 +37,25 @@ fn align_step_seconds(gguf: &Path, lora_rank: usize, reps: usize) -> Result<f64>
         .collect();
     let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
     let batch = pad_right(&refs, 0);
+    median_step_seconds(model, reps, |m| {
+        let (sum, n) = nll_sum(m, &batch, &device);
+        Ok(sum / n as f64)
+    })
+}
+
+/// Median seconds of an optimizer step (the loss `loss` gives, backward, AdamW) over `reps`
+/// steps after one warm-up step.
+pub fn median_step_seconds(
+    mut model: Transformer<B>,
+    reps: usize,
+    mut loss: impl FnMut(&Transformer<B>) -> Result<Tensor<B, 1>>,
+) -> Result<f64> {
     let mut opt = AdamW::<B>::new(AdamWConfig::default());
     let mut times = Vec::new();
     for i in 0..=reps {
         let t = Instant::now();
-        let (sum, n) = nll_sum(&model, &batch, &device);
-        let loss = sum / n as f64;
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        let l = loss(&model)?;
+        let grads = GradientsParams::from_grads(l.backward(), &model);
         model = opt.step(model, grads, 1e-5, 1.0);
         let _ = model.embed_tokens.val().into_data(); // wait for the update
         if i > 0 {
