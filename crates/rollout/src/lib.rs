@@ -42,10 +42,26 @@ pub fn generate_until<B: Backend>(
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &SamplingConfig,
+    stop: impl FnMut(usize, &[u32]) -> bool,
+) -> Vec<Completion> {
+    generate_groups_until(model, prompts, 1, pad_id, cfg, stop)
+}
+
+/// `group_size` completions of each prompt, prompt-major (the completions of prompt `p`
+/// are rows `p·G .. (p+1)·G`, the layout group methods normalise over). Each prompt is
+/// prefilled once and its KV cache repeated `G` times. `stop(row, tokens so far)` ends a
+/// row early.
+pub fn generate_groups_until<B: Backend>(
+    model: &Transformer<B>,
+    prompts: &[Vec<u32>],
+    group_size: usize,
+    pad_id: u32,
+    cfg: &SamplingConfig,
     mut stop: impl FnMut(usize, &[u32]) -> bool,
 ) -> Vec<Completion> {
     let device = model.embed_tokens.val().device();
-    let n = prompts.len();
+    let (p, g) = (prompts.len(), group_size.max(1));
+    let n = p * g;
     let mut out: Vec<Completion> = vec![Completion { tokens: vec![], logprobs: vec![], stopped: false }; n];
     if n == 0 || cfg.max_new_tokens == 0 {
         return out;
@@ -55,13 +71,21 @@ pub fn generate_until<B: Backend>(
     let batch = TokenBatch::<B>::left_padded(prompts, pad_id, &device);
     let hidden = model.forward_hidden(&batch, Some(&mut cache));
     let [_, t, d] = hidden.dims();
-    let mut last = hidden.narrow(1, t - 1, 1).reshape([n, d]);
-    let mut positions: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut last = hidden.narrow(1, t - 1, 1).reshape([p, d]);
+    // Batch row r decodes completion (r mod p)·G + r / p: the repeated cache tiles the
+    // whole prompt batch G times.
+    if g > 1 {
+        cache = cache.repeat_batch(g);
+        last = last.repeat_dim(0, g);
+    }
+    let slot = |r: usize| (r % p) * g + r / p;
+    let mut positions: Vec<i64> = (0..n).map(|r| prompts[r % p].len() as i64).collect();
     for step in 0..cfg.max_new_tokens {
         let logits = model.logits(last.unsqueeze_dim(1)).reshape([n as i32, -1]);
         let logits = host_rows(logits);
         let mut next = Vec::with_capacity(n);
-        for (i, row) in logits.iter().enumerate() {
+        for (r, row) in logits.iter().enumerate() {
+            let i = slot(r);
             let c = &mut out[i];
             if c.stopped {
                 next.push(pad_id);
@@ -111,8 +135,24 @@ pub fn generate_text<B: Backend>(
     stop_strings: &[String],
     include_stop_str_in_output: bool,
 ) -> Vec<TextCompletion> {
+    generate_text_groups(model, tokenizer, prompts, 1, pad_id, cfg, stop_strings, include_stop_str_in_output)
+}
+
+/// [`generate_text`] with `group_size` completions per prompt, prompt-major (as
+/// [`generate_groups_until`]).
+#[allow(clippy::too_many_arguments)]
+pub fn generate_text_groups<B: Backend>(
+    model: &Transformer<B>,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<u32>],
+    group_size: usize,
+    pad_id: u32,
+    cfg: &SamplingConfig,
+    stop_strings: &[String],
+    include_stop_str_in_output: bool,
+) -> Vec<TextCompletion> {
     let longest = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
-    let completions = generate_until(model, prompts, pad_id, cfg, |_, tokens| {
+    let completions = generate_groups_until(model, prompts, group_size, pad_id, cfg, |_, tokens| {
         if stop_strings.is_empty() {
             return false;
         }

@@ -40,9 +40,10 @@ impl Default for SamplingConfig {
 /// The sampler's generator.
 pub use align_model::SplitMix64 as Rng;
 
-/// Pick a token from `logits`; returns it with its log-prob under the temperature
-/// (over the full vocabulary, before truncation). Stop tokens are masked when
-/// `allow_stop` is false.
+/// Pick a token from `logits`; returns it with its log-prob under the temperature over the
+/// full vocabulary, before truncation and before the `min_new_tokens` mask: the quantity a
+/// trainer recomputes from the model's logits. Stop tokens are masked when `allow_stop` is
+/// false.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, allow_stop: bool, rng: &mut Rng) -> (u32, f32) {
     let masked: Vec<f32> = if allow_stop || cfg.stop_token_ids.is_empty() {
         logits.to_vec()
@@ -55,13 +56,18 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, allow_stop: bool, rng:
         }
         l
     };
-    let logp = crate::log_softmax_row(&masked, cfg.temperature);
+    let raw = crate::log_softmax_row(logits, cfg.temperature);
+    let logp = if allow_stop || cfg.stop_token_ids.is_empty() {
+        raw.clone()
+    } else {
+        crate::log_softmax_row(&masked, cfg.temperature)
+    };
     if cfg.temperature <= 0.0 {
         let (i, _) = masked
             .iter()
             .enumerate()
             .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best });
-        return (i as u32, logp[i]);
+        return (i as u32, raw[i]);
     }
     // Candidates by descending probability, truncated by top-k then top-p.
     let mut order: Vec<usize> = (0..logp.len()).filter(|&i| logp[i].is_finite()).collect();
@@ -86,12 +92,12 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, allow_stop: bool, rng:
     let mut u = rng.uniform() * total;
     for (&i, w) in order.iter().zip(&weights) {
         if u < *w {
-            return (i as u32, logp[i]);
+            return (i as u32, raw[i]);
         }
         u -= w;
     }
     let i = *order.last().expect("at least one finite logit");
-    (i as u32, logp[i])
+    (i as u32, raw[i])
 }
 
 #[cfg(test)]
