@@ -6,10 +6,10 @@ use align_data::adapters::{gsm8k_ground_truth, r1_zero_prompt};
 use align_data::{DatasetConfig, RecordReader};
 use align_model::burn::tensor::backend::Backend;
 use align_model::{Tokenizer, Transformer};
+pub use align_reward::gsm8k_lm_eval_matches;
 use align_reward::r1_zero_reward;
 use align_rollout::{SamplingConfig, generate_text};
 use anyhow::{Context, Result, bail};
-use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// A GSM8K row: the question and its ground-truth number (and the worked answer, for shots).
@@ -183,32 +183,6 @@ pub struct Gsm8kSample {
     pub ground_truth: String,
     pub strict_match: f64,
     pub flexible_extract: f64,
-}
-
-/// `strict-match`: the number after "#### " (lm-eval's regex `#### (\-?[0-9\.\,]+)`, first
-/// match); `flexible-extract`: the last number-like span (`(-?[$0-9.,]{2,})|(-?[0-9]+)`).
-/// Both then compare as lm-eval's `exact_match` with `,`, `$`, a leading "… #### " and a
-/// trailing "." ignored.
-pub fn gsm8k_lm_eval_matches(response: &str, ground_truth: &str) -> (f64, f64) {
-    let strict = Regex::new(r"#### (\-?[0-9\.\,]+)").expect("valid regex");
-    let flexible = Regex::new(r"(-?[$0-9.,]{2,})|(-?[0-9]+)").expect("valid regex");
-    let clean = |s: &str| -> String {
-        let s = s.replace([',', '$'], "");
-        let s = match s.rfind("#### ") {
-            Some(i) => s[i + 5..].to_string(),
-            None => s,
-        };
-        s.trim().trim_end_matches('.').to_string()
-    };
-    let gt = clean(ground_truth);
-    let strict_pick = strict.captures(response).and_then(|c| c.get(1)).map(|m| m.as_str().to_string());
-    let flexible_pick = flexible
-        .captures_iter(response)
-        .last()
-        .and_then(|c| c.get(1).or_else(|| c.get(2)))
-        .map(|m| m.as_str().to_string());
-    let hit = |p: Option<String>| if p.is_some_and(|p| clean(&p) == gt) { 1.0 } else { 0.0 };
-    (hit(strict_pick), hit(flexible_pick))
 }
 
 /// lm-eval's GSM8K: k-shot context from `shots`, greedy generation, both matches.

@@ -2,6 +2,9 @@
 //! with the numeric equivalence the reference grader applies
 //! ("1,000", "1000", "1000.0", "$1000" are one answer).
 
+use std::sync::LazyLock;
+
+use regex::Regex;
 use serde::{Deserialize, Serialize};
 
 /// The r1_zero reward of one response.
@@ -212,6 +215,34 @@ pub fn answers_equal(given: &str, ground_truth: &str) -> bool {
         }
         _ => false,
     }
+}
+
+/// `strict-match`: the number after "#### " (lm-eval's regex `#### (\-?[0-9\.\,]+)`, first
+/// match); `flexible-extract`: the last number-like span (`(-?[$0-9.,]{2,})|(-?[0-9]+)`).
+/// Both then compare as lm-eval's `exact_match` with `,`, `$`, a leading "… #### " and a
+/// trailing "." ignored.
+pub fn gsm8k_lm_eval_matches(response: &str, ground_truth: &str) -> (f64, f64) {
+    static STRICT: LazyLock<Regex> = LazyLock::new(|| Regex::new(r"#### (\-?[0-9\.\,]+)").expect("valid regex"));
+    static FLEXIBLE: LazyLock<Regex> =
+        LazyLock::new(|| Regex::new(r"(-?[$0-9.,]{2,})|(-?[0-9]+)").expect("valid regex"));
+    let (strict, flexible) = (&*STRICT, &*FLEXIBLE);
+    let clean = |s: &str| -> String {
+        let s = s.replace([',', '$'], "");
+        let s = match s.rfind("#### ") {
+            Some(i) => s[i + 5..].to_string(),
+            None => s,
+        };
+        s.trim().trim_end_matches('.').to_string()
+    };
+    let gt = clean(ground_truth);
+    let strict_pick = strict.captures(response).and_then(|c| c.get(1)).map(|m| m.as_str().to_string());
+    let flexible_pick = flexible
+        .captures_iter(response)
+        .last()
+        .and_then(|c| c.get(1).or_else(|| c.get(2)))
+        .map(|m| m.as_str().to_string());
+    let hit = |p: Option<String>| if p.is_some_and(|p| clean(&p) == gt) { 1.0 } else { 0.0 };
+    (hit(strict_pick), hit(flexible_pick))
 }
 
 #[cfg(test)]

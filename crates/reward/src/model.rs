@@ -51,3 +51,70 @@ pub fn score_sequences<B: Backend>(
     }
     out
 }
+
+/// The reward model as a [`Reward`]: prompt + completion are tokenised as the reward stage
+/// tokenised its pairs (the joint text, plus EOS when `append_eos`), scored in batches.
+pub struct RewardModelScorer<B: Backend> {
+    pub name: String,
+    pub model: Transformer<B>,
+    pub tokenizer: align_model::Tokenizer,
+    pub batch_size: usize,
+    pub append_eos: bool,
+    pub device: B::Device,
+}
+
+impl<B: Backend> RewardModelScorer<B> {
+    /// Load a sequence-classification checkpoint (HF directory or GGUF is refused: a GGUF
+    /// has no score head).
+    pub fn load(path: &std::path::Path, batch_size: usize, device: &B::Device) -> crate::Result<Self> {
+        let heads = align_model::Heads { lm: false, score: true, value: false };
+        let pre = align_model::load_pretrained::<B>(path, heads, device)
+            .map_err(|source| crate::RewardError::Model { reward: "reward_model".into(), source })?;
+        if pre.model.score.is_none() {
+            return Err(crate::RewardError::Config(format!(
+                "{}: not a reward model (no score head); train one with `align reward`",
+                path.display()
+            )));
+        }
+        Ok(RewardModelScorer {
+            name: "reward_model".into(),
+            model: pre.model,
+            tokenizer: pre.tokenizer,
+            batch_size,
+            append_eos: true,
+            device: device.clone(),
+        })
+    }
+
+    fn tokens(&self, s: &crate::Sample) -> crate::Result<TokenizedSequence> {
+        let mut ids = self
+            .tokenizer
+            .encode(&format!("{}{}", s.prompt, s.completion), false)
+            .map_err(|source| crate::RewardError::Model { reward: self.name.clone(), source })?;
+        if self.append_eos
+            && let Some(e) = self.tokenizer.eos_token_id
+        {
+            ids.push(e);
+        }
+        let n = ids.len();
+        Ok(TokenizedSequence { input_ids: ids, loss_mask: vec![true; n] })
+    }
+}
+
+impl<B: Backend> crate::Reward for RewardModelScorer<B> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn score(&self, s: &crate::Sample) -> crate::Result<crate::RewardOutput> {
+        Ok(self.score_batch(std::slice::from_ref(s))?.remove(0))
+    }
+    fn score_batch(&self, samples: &[crate::Sample]) -> crate::Result<Vec<crate::RewardOutput>> {
+        let seqs = samples.iter().map(|s| self.tokens(s)).collect::<crate::Result<Vec<_>>>()?;
+        let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+        let pad = self.tokenizer.pad_token_id.or(self.tokenizer.eos_token_id).unwrap_or(0);
+        Ok(score_sequences(&self.model, &refs, pad, self.batch_size, &self.device)
+            .into_iter()
+            .map(crate::RewardOutput::scalar)
+            .collect())
+    }
+}
