@@ -363,6 +363,30 @@ impl<'a> ExampleTokenizer<'a> {
         }
     }
 
+    /// The prompt an RL stage generates from, truncated by `max_prompt_length` (keeping
+    /// the configured end): a row's `prompt` (chat template applied to messages, with the
+    /// generation prompt), or a conversation's turns before its last assistant turn.
+    /// `None` for plain text, which has no prompt.
+    pub fn generation_prompt(&mut self, ex: &Example) -> Result<Option<Vec<u32>>> {
+        let mut ids = match ex {
+            Example::Text { .. } => return Ok(None),
+            Example::PromptCompletion { prompt, .. }
+            | Example::Preference { prompt, .. }
+            | Example::UnpairedPreference { prompt, .. }
+            | Example::PromptAnswer { prompt, .. } => self.prompt_ids(prompt)?,
+            Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
+                let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
+                if last == 0 {
+                    return Err(DataError::Config("a conversation with no turn before its assistant reply".into()));
+                }
+                self.prompt_ids(&Content::Messages(messages[..last].to_vec()))?
+            }
+        };
+        let d = self.truncate(&mut ids, &mut []);
+        self.count(d);
+        Ok(Some(ids))
+    }
+
     /// Tokenise one example.
     pub fn tokenize(&mut self, ex: &Example) -> Result<Tokenized> {
         let sequence = |p: TokenizedPrompted| {

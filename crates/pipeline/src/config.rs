@@ -1,7 +1,7 @@
 //! The TOML config every training stage reads: what to train (`[model]`, `[lora]`), on
 //! what (`[data]`, `[eval_data]`, `[tokenize]`), how (`[training]`), and the stage's own
 //! section (`packing` for SFT; `[reward]`, `[dpo]`, `[orpo]`, `[simpo]` for the pairwise
-//! stages). A section of another stage is refused, so a DPO config never runs as ORPO.
+//! stages; `[grpo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
 //! One struct rather than one per stage: serde's `flatten` cannot be combined with
 //! `deny_unknown_fields`, which every config keeps.
 
@@ -12,6 +12,7 @@ use align_lora::LoraConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+use crate::grpo::GrpoSettings;
 use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
 use crate::trainer::TrainingArguments;
 
@@ -59,6 +60,9 @@ pub struct StageConfig {
     /// `align simpo` settings. Default none.
     #[serde(default)]
     pub simpo: Option<SimpoSettings>,
+    /// `align grpo` settings (with its reward functions). Default none.
+    #[serde(default)]
+    pub grpo: Option<GrpoSettings>,
 }
 
 impl StageConfig {
@@ -74,6 +78,7 @@ impl StageConfig {
             ("dpo", self.dpo.is_some()),
             ("orpo", self.orpo.is_some()),
             ("simpo", self.simpo.is_some()),
+            ("grpo", self.grpo.is_some()),
         ];
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");

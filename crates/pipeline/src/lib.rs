@@ -7,8 +7,10 @@
 //! - [`score`]: completion log-probs, comparable with the reference harness.
 
 pub mod config;
+pub mod grpo;
 pub mod optim;
 pub mod preference;
+pub mod rl;
 pub mod score;
 pub mod sft;
 pub mod trainer;

@@ -62,6 +62,47 @@ enum Command {
     Orpo(StageArgs),
     /// SimPO: reference-free, length-normalised margin.
     Simpo(StageArgs),
+    /// GRPO: group-relative policy optimisation with reward functions ([grpo] section).
+    Grpo(StageArgs),
+    /// Best-of-N: sample N completions per prompt, score them with a reward model, print
+    /// each with its reward, mark the best, and write the selections as SFT rows.
+    BestOfN {
+        /// The policy: a GGUF file or an HF directory
+        #[arg(long)]
+        policy: PathBuf,
+        /// A PEFT LoRA adapter on the policy
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        /// A reward model (`align reward`'s final/)
+        #[arg(long)]
+        reward_model: PathBuf,
+        /// Candidates per prompt
+        #[arg(long, default_value_t = 8)]
+        n: usize,
+        /// Rows with a prompt (JSONL/JSON/Parquet: `prompt` column or conversations)
+        #[arg(long)]
+        prompts: PathBuf,
+        /// Use at most this many prompts
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Where the selections go (JSONL: prompt, completion, reward, best, candidates)
+        #[arg(long, default_value = "best_of_n.jsonl")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        /// 0 = off
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Reward-model sequences per forward
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+    },
     /// Score every row of a dataset with a reward model (JSONL on stdout).
     ScoreReward {
         /// A reward model: an HF sequence-classification directory (`align reward`'s final/)
@@ -599,6 +640,54 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
         Command::Dpo(a) => pairwise::<B>(&a.config, PairwiseStage::Dpo, a.resume, device)?,
         Command::Orpo(a) => pairwise::<B>(&a.config, PairwiseStage::Orpo, a.resume, device)?,
         Command::Simpo(a) => pairwise::<B>(&a.config, PairwiseStage::Simpo, a.resume, device)?,
+        Command::Grpo(a) => {
+            let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
+            let out = align_pipeline::grpo::run_grpo::<B>(&cfg, a.resume, device)?;
+            println!("{}", out.display());
+        }
+        Command::BestOfN {
+            policy,
+            adapter,
+            reward_model,
+            n,
+            prompts,
+            limit,
+            out,
+            temperature,
+            top_p,
+            top_k,
+            max_new_tokens,
+            seed,
+            batch_size,
+        } => {
+            let m = load_with_adapter::<B>(&policy, adapter.as_deref(), device)?;
+            let rm = align_reward::RewardModelScorer::<B>::load(&reward_model, batch_size, device)?;
+            let mut data = align_data::DatasetConfig::new(prompts);
+            data.limit = limit;
+            let rows = align_pipeline::rl::load_prompts(&m.tokenizer, &data, &Default::default(), "prompts")?;
+            let sampling = align_pipeline::rl::Generation {
+                temperature,
+                top_k,
+                top_p,
+                max_new_tokens,
+                min_new_tokens: 0,
+                stop_strings: vec![],
+                include_stop_str_in_output: true,
+            };
+            let selections = align_pipeline::rl::best_of_n(&m.model, &m.tokenizer, &rm, &rows, n, &sampling, seed)?;
+            let mut w = std::io::stdout().lock();
+            for (i, sel) in selections.iter().enumerate() {
+                writeln!(w, "=== prompt {} ===\n{}", i + 1, rows[i].text)?;
+                for (k, c) in sel.candidates.iter().enumerate() {
+                    let mark = if k == sel.best { "  <== best" } else { "" };
+                    writeln!(w, "--- candidate {} (reward {:.4}){mark}\n{}", k + 1, c.reward, c.completion.trim_end())?;
+                }
+            }
+            let text: String =
+                selections.iter().map(|s| serde_json::to_string(s).map(|l| l + "\n")).collect::<Result<_, _>>()?;
+            align_model::weights::write_atomic(&out, text.as_bytes())?;
+            tracing::info!(prompts = selections.len(), n, out = %out.display(), "best-of-n selections written");
+        }
         Command::ScoreReward { model, data, batch_size, with_ids, skip, limit, adapter } => {
             let heads = Heads { lm: false, score: true, value: false };
             let m = load_pretrained::<B>(&model, heads, device)?;

@@ -200,7 +200,7 @@ fn save_optimizer<B: AutodiffBackend>(opt: &AdamW<B>, path: &Path) -> Result<()>
     Ok(())
 }
 
-fn load_optimizer<B: AutodiffBackend>(opt: &mut AdamW<B>, path: &Path, device: &B::Device) -> Result<()> {
+pub(crate) fn load_optimizer<B: AutodiffBackend>(opt: &mut AdamW<B>, path: &Path, device: &B::Device) -> Result<()> {
     let mut src = SafetensorsSource::open_files(&[path.to_path_buf()])?;
     let inner = |t: HostTensor| {
         let n = t.data.len();
@@ -480,13 +480,29 @@ fn write_checkpoint<B: AutodiffBackend, T: TrainTask<B>>(
     output_dir: &Path,
     keep: Option<usize>,
 ) -> Result<()> {
-    let dir = output_dir.join("checkpoints").join(format!("step-{}", state.step));
-    let tmp = output_dir.join("checkpoints").join(format!("step-{}.tmp", state.step));
+    let save = |dir: &Path| task.save_weights(model, dir);
+    write_checkpoint_with(&save, opt, state.step, &serde_json::to_value(state)?, metrics, output_dir, keep)
+}
+
+/// Write `checkpoints/step-N/` atomically: the trainable weights (`save`), the optimizer,
+/// `metrics.json` and, last, `trainer_state.json` (`state`), whose presence marks the
+/// checkpoint complete; keep the newest `keep`.
+pub(crate) fn write_checkpoint_with<B: AutodiffBackend>(
+    save: &dyn Fn(&Path) -> Result<()>,
+    opt: &AdamW<B>,
+    step: usize,
+    state: &serde_json::Value,
+    metrics: &[StepMetrics],
+    output_dir: &Path,
+    keep: Option<usize>,
+) -> Result<()> {
+    let dir = output_dir.join("checkpoints").join(format!("step-{step}"));
+    let tmp = output_dir.join("checkpoints").join(format!("step-{step}.tmp"));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    task.save_weights(model, &tmp)?;
+    save(&tmp)?;
     save_optimizer(opt, &tmp.join("optimizer.safetensors"))?;
     let json = json!({"state": state, "metrics": metrics});
     let text = serde_json::to_string_pretty(&json)?;
@@ -509,7 +525,7 @@ fn write_checkpoint<B: AutodiffBackend, T: TrainTask<B>>(
 }
 
 /// Element-wise sum of two gradient sets (gradient accumulation).
-fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+pub(crate) fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     model: &M,
     a: GradientsParams,
     mut b: GradientsParams,

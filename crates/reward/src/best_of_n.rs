@@ -11,12 +11,13 @@ pub struct Candidate {
 }
 
 /// A prompt's candidates and the chosen one, as written to the selections JSONL: the
-/// `prompt`/`completion` columns make it an SFT dataset as is.
+/// `prompt`/`completion` columns make it an SFT dataset as is (a conversational prompt,
+/// a list of messages, gets the completion as an assistant message).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BestOfN {
-    pub prompt: String,
+    pub prompt: serde_json::Value,
     /// The best candidate's completion.
-    pub completion: String,
+    pub completion: serde_json::Value,
     pub reward: f64,
     pub best: usize,
     pub candidates: Vec<Candidate>,
@@ -37,15 +38,14 @@ pub fn best_index(rewards: &[f64]) -> Option<usize> {
 
 impl BestOfN {
     /// Pick the best of `candidates`; `None` when there is nothing to pick.
-    pub fn select(prompt: String, candidates: Vec<Candidate>) -> Option<Self> {
+    pub fn select(prompt: serde_json::Value, candidates: Vec<Candidate>) -> Option<Self> {
         let rewards: Vec<f64> = candidates.iter().map(|c| c.reward).collect();
         let best = best_index(&rewards)?;
-        Some(BestOfN {
-            prompt,
-            completion: candidates[best].completion.clone(),
-            reward: candidates[best].reward,
-            best,
-            candidates,
-        })
+        let text = candidates[best].completion.clone();
+        let completion = match prompt {
+            serde_json::Value::Array(_) => serde_json::json!([{"role": "assistant", "content": text}]),
+            _ => serde_json::Value::String(text),
+        };
+        Some(BestOfN { prompt, completion, reward: candidates[best].reward, best, candidates })
     }
 }

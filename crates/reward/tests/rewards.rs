@@ -148,8 +148,10 @@ fn best_of_n_picks_the_highest_and_writes_an_sft_row() {
         Candidate { completion: " b".into(), reward: 1.5 },
         Candidate { completion: " c".into(), reward: -0.3 },
     ];
-    let sel = BestOfN::select("Question: x\nAnswer:".into(), cands).unwrap();
-    assert_eq!((sel.best, sel.completion.as_str(), sel.reward), (1, " b", 1.5));
+    let sel = BestOfN::select(json!("Question: x\nAnswer:"), cands.clone()).unwrap();
+    assert_eq!((sel.best, sel.completion.as_str(), sel.reward), (1, Some(" b"), 1.5));
+    let chat = BestOfN::select(json!([{"role": "user", "content": "x?"}]), cands).unwrap();
+    assert_eq!(chat.completion, json!([{"role": "assistant", "content": " b"}]));
     // The selections file is a prompt/completion dataset as it stands.
     let dir = std::env::temp_dir().join(format!("align-bon-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -1,0 +1,361 @@
+//! What the online RL stages (GRPO, PPO) share: prompts from a dataset, a generation batch
+//! sampled from the policy, the forward pass over prompt + completion that recomputes the
+//! completion's log-probs, and resuming an online loop.
+//!
+//! A generation batch is laid out as TRL lays it out: prompts left-padded, completions
+//! right-padded after them, so every completion starts at the same column and the loss
+//! works on `[batch, completion_width]` tensors.
+
+use std::path::Path;
+use std::time::Instant;
+
+use align_data::{DatasetConfig, ExampleTokenizer, LoaderState, TokenizeConfig};
+use align_losses::{token_entropy, token_logprobs};
+use align_model::burn::tensor::backend::Backend;
+use align_model::burn::tensor::{Int, Tensor, TensorData};
+use align_model::{TokenBatch, Tokenizer, Transformer};
+use align_rollout::{SamplingConfig, generate_text_groups};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::trainer::StepMetrics;
+
+/// A prompt to generate from, with the row it came from (rewards read ground truths and
+/// external scores from it).
+#[derive(Debug, Clone)]
+pub struct RlPrompt {
+    pub ids: Vec<u32>,
+    /// The prompt as the policy sees it (decoded ids, special tokens kept).
+    pub text: String,
+    /// `align_data::Example` as JSON.
+    pub example: serde_json::Value,
+}
+
+/// Every row's generation prompt (`prompt` column, or a conversation before its last
+/// assistant turn); a row without one is an error naming the file and row.
+pub fn load_prompts(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    tokenize: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<RlPrompt>> {
+    let (examples, _) = align_data::load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, tokenize.clone());
+    let mut out = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.iter().enumerate() {
+        let at = || format!("{}: row {}", data.path.display(), data.skip + i + 1);
+        let ids = t
+            .generation_prompt(ex)
+            .with_context(at)?
+            .with_context(|| format!("{}: plain text has no prompt to generate from", at()))?;
+        let text = tok.decode(&ids, false).with_context(at)?;
+        out.push(RlPrompt { ids, text, example: serde_json::to_value(ex)? });
+    }
+    t.log_stats(what);
+    if out.is_empty() {
+        anyhow::bail!("{}: no prompts", data.path.display());
+    }
+    Ok(out)
+}
+
+/// Sampling settings of a generation batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub min_new_tokens: usize,
+    pub stop_strings: Vec<String>,
+    pub include_stop_str_in_output: bool,
+}
+
+/// The completions of a generation batch, prompt-major (`group` per prompt).
+#[derive(Debug, Clone, Default)]
+pub struct Rollouts {
+    /// Index into the generation's prompts of each completion.
+    pub prompt: Vec<usize>,
+    pub completions: Vec<Vec<u32>>,
+    /// Log-probs under the sampling temperature, one per completion token.
+    pub logps: Vec<Vec<f32>>,
+    pub texts: Vec<String>,
+    /// Ended by `max_new_tokens` rather than EOS or a stop string.
+    pub truncated: Vec<bool>,
+    pub seconds: f64,
+}
+
+impl Rollouts {
+    pub fn len(&self) -> usize {
+        self.completions.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.completions.is_empty()
+    }
+    pub fn tokens(&self) -> usize {
+        self.completions.iter().map(Vec::len).sum()
+    }
+}
+
+/// Sample `group` completions of each prompt from `model`, seeded by `seed`.
+pub fn rollout<B: Backend>(
+    model: &Transformer<B>,
+    tok: &Tokenizer,
+    prompts: &[&RlPrompt],
+    group: usize,
+    sampling: &Generation,
+    seed: u64,
+) -> Rollouts {
+    let t0 = Instant::now();
+    let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
+    let cfg = SamplingConfig {
+        temperature: sampling.temperature,
+        top_k: sampling.top_k,
+        top_p: sampling.top_p,
+        max_new_tokens: sampling.max_new_tokens,
+        min_new_tokens: sampling.min_new_tokens,
+        stop_token_ids: tok.eos_token_id.into_iter().collect(),
+        seed,
+    };
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
+    let outs = generate_text_groups(
+        model,
+        tok,
+        &ids,
+        group,
+        pad,
+        &cfg,
+        &sampling.stop_strings,
+        sampling.include_stop_str_in_output,
+    );
+    let mut r = Rollouts::default();
+    for (i, o) in outs.into_iter().enumerate() {
+        r.prompt.push(i / group.max(1));
+        r.truncated.push(!o.completion.stopped);
+        r.completions.push(o.completion.tokens);
+        r.logps.push(o.completion.logprobs);
+        r.texts.push(o.text);
+    }
+    r.seconds = t0.elapsed().as_secs_f64();
+    r
+}
+
+/// `[b, width]` float tensor from host rows (zero-padded).
+pub fn rows_tensor<B: Backend>(rows: &[Vec<f64>], width: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut v = vec![0.0f64; rows.len() * width];
+    for (i, r) in rows.iter().enumerate() {
+        v[i * width..i * width + r.len().min(width)].copy_from_slice(&r[..r.len().min(width)]);
+    }
+    Tensor::from_data(TensorData::new(v, [rows.len(), width]).convert::<B::FloatElem>(), device)
+}
+
+/// Host copy of a `[b, t]` tensor.
+pub fn host_rows<B: Backend>(t: Tensor<B, 2>) -> Vec<Vec<f64>> {
+    let [_, w] = t.dims();
+    let v: Vec<f64> = t.into_data().convert::<f64>().to_vec().expect("float data");
+    v.chunks(w.max(1)).map(<[f64]>::to_vec).collect()
+}
+
+/// The completion mask `[b][width]`: 1 on each completion's tokens, 0 on padding and on
+/// the rows `exclude` marks (masked truncated completions).
+pub fn completion_mask(completions: &[&[u32]], width: usize, exclude: &[bool]) -> Vec<Vec<f64>> {
+    completions
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let on = if exclude.get(i).copied().unwrap_or(false) { 0.0 } else { 1.0 };
+            (0..width).map(|j| if j < c.len() { on } else { 0.0 }).collect()
+        })
+        .collect()
+}
+
+/// Prompt + completion rows, prompts left-padded and completions right-padded, so
+/// completion tokens start at column `prompt_width` in every row.
+pub struct CompletionBatch<B: Backend> {
+    pub tokens: TokenBatch<B>,
+    pub prompt_width: usize,
+    pub completion_width: usize,
+    /// The completion ids `[b, completion_width]` (padding: `pad_id`).
+    pub targets: Tensor<B, 2, Int>,
+}
+
+pub fn completion_batch<B: Backend>(
+    prompts: &[&[u32]],
+    completions: &[&[u32]],
+    pad_id: u32,
+    device: &B::Device,
+) -> CompletionBatch<B> {
+    let b = prompts.len();
+    let pw = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+    let cw = completions.iter().map(|c| c.len()).max().unwrap_or(0).max(1);
+    let w = pw + cw;
+    let (mut ids, mut pos, mut seg) = (vec![pad_id as i64; b * w], vec![0i64; b * w], vec![0i64; b * w]);
+    let mut targets = vec![pad_id as i64; b * cw];
+    for (r, (p, c)) in prompts.iter().zip(completions).enumerate() {
+        let start = pw - p.len();
+        for (k, &t) in p.iter().chain(c.iter()).enumerate() {
+            ids[r * w + start + k] = t as i64;
+            pos[r * w + start + k] = k as i64;
+            seg[r * w + start + k] = 1;
+        }
+        for (k, &t) in c.iter().enumerate() {
+            targets[r * cw + k] = t as i64;
+        }
+    }
+    CompletionBatch {
+        tokens: TokenBatch::from_host(ids, pos, seg, [b, w], device),
+        prompt_width: pw,
+        completion_width: cw,
+        targets: Tensor::from_data(TensorData::new(targets, [b, cw]), device),
+    }
+}
+
+/// The model's view of each completion: per-token log-probs at `temperature`
+/// `[b, completion_width]`, the hidden states that predict them (for a value head), and
+/// optionally the entropy of each of those next-token distributions.
+pub struct CompletionForward<B: Backend> {
+    pub logps: Tensor<B, 2>,
+    pub hidden: Tensor<B, 3>,
+    pub entropy: Option<Tensor<B, 2>>,
+}
+
+pub fn completion_forward<B: Backend>(
+    model: &Transformer<B>,
+    batch: &CompletionBatch<B>,
+    temperature: f32,
+    with_entropy: bool,
+) -> CompletionForward<B> {
+    let hidden = model.forward_hidden(&batch.tokens, None);
+    // Position t predicts token t + 1: completion token k is predicted at prompt_width − 1 + k.
+    let hidden = hidden.narrow(1, batch.prompt_width - 1, batch.completion_width);
+    let logits = model.logits(hidden.clone());
+    let entropy = with_entropy.then(|| token_entropy(logits.clone().detach(), temperature));
+    let logps = token_logprobs(logits, batch.targets.clone(), temperature);
+    CompletionForward { logps, hidden, entropy }
+}
+
+/// Where an online loop stands (saved as a checkpoint's `trainer_state.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RlState {
+    pub step: usize,
+    /// Generation batches sampled so far (seeds the next one).
+    pub generation: usize,
+    pub loader: LoaderState,
+    pub seed: u64,
+    pub total_steps: usize,
+    /// The adaptive KL coefficient (PPO).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl_coef: Option<f64>,
+}
+
+/// Rewrite `path` (JSONL of objects with a `step` field) keeping rows up to `step`: a
+/// resumed run rewrites what followed its checkpoint.
+pub fn truncate_jsonl_after(path: &Path, step: usize) -> Result<Vec<String>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    let mut keep = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step) {
+            keep.push(line.to_string());
+        }
+    }
+    let mut body = keep.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(path, body).with_context(|| path.display().to_string())?;
+    Ok(keep)
+}
+
+/// Metrics of the steps since the last log row, averaged.
+#[derive(Default)]
+pub struct MetricWindow {
+    sums: std::collections::BTreeMap<String, f64>,
+    counts: std::collections::BTreeMap<String, usize>,
+}
+
+impl MetricWindow {
+    pub fn add(&mut self, key: impl Into<String>, value: f64) {
+        let k = key.into();
+        *self.sums.entry(k.clone()).or_default() += value;
+        *self.counts.entry(k).or_default() += 1;
+    }
+    pub fn take(&mut self) -> std::collections::BTreeMap<String, f64> {
+        let out = self.sums.iter().map(|(k, v)| (k.clone(), v / self.counts[k].max(1) as f64)).collect();
+        *self = MetricWindow::default();
+        out
+    }
+}
+
+/// Metrics rows of an earlier run up to `step` (resume).
+pub fn metrics_until(path: &Path, step: usize) -> Result<Vec<StepMetrics>> {
+    truncate_jsonl_after(path, step)?
+        .iter()
+        .map(|l| serde_json::from_str(l).with_context(|| path.display().to_string()))
+        .collect()
+}
+
+/// Mean and Bessel-corrected standard deviation (torch's `std`, as TRL logs it; 0 for
+/// fewer than two values).
+pub fn mean_std(v: &[f64]) -> (f64, f64) {
+    if v.is_empty() {
+        return (0.0, 0.0);
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    if v.len() < 2 {
+        return (m, 0.0);
+    }
+    let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// Best-of-N (rejection sampling): `n` samples of each prompt (one prefill per prompt,
+/// several prompts per batch), scored by `reward`, the best kept. A selection's `prompt`
+/// is the row's own `prompt` (text or messages), so the file trains the SFT stage as is.
+pub fn best_of_n<B: Backend>(
+    model: &Transformer<B>,
+    tok: &Tokenizer,
+    reward: &dyn align_reward::Reward,
+    prompts: &[RlPrompt],
+    n: usize,
+    sampling: &Generation,
+    seed: u64,
+) -> Result<Vec<align_reward::BestOfN>> {
+    if n == 0 {
+        anyhow::bail!("best-of-n needs n >= 1");
+    }
+    // About 64 sequences per decoding batch.
+    let per_batch = (64 / n).max(1);
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "best-of-n {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]",
+        )
+        .expect("valid template"),
+    );
+    let mut out = Vec::with_capacity(prompts.len());
+    for (b, chunk) in prompts.chunks(per_batch).enumerate() {
+        let ps: Vec<&RlPrompt> = chunk.iter().collect();
+        let r = rollout(model, tok, &ps, n, sampling, seed.wrapping_add(b as u64));
+        let samples: Vec<align_reward::Sample> = (0..r.len())
+            .map(|i| align_reward::Sample {
+                prompt: &ps[r.prompt[i]].text,
+                completion: &r.texts[i],
+                completion_ids: &r.completions[i],
+                example: &ps[r.prompt[i]].example,
+            })
+            .collect();
+        let scores = reward.score_batch(&samples)?;
+        for (p, prompt) in ps.iter().enumerate() {
+            let candidates = (p * n..(p + 1) * n)
+                .map(|i| align_reward::Candidate { completion: r.texts[i].clone(), reward: scores[i].score })
+                .collect();
+            let row_prompt = prompt.example.get("prompt").cloned().unwrap_or_else(|| prompt.text.clone().into());
+            let sel = align_reward::BestOfN::select(row_prompt, candidates)
+                .with_context(|| format!("prompt {}: every candidate's reward is NaN", out.len() + 1))?;
+            out.push(sel);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
