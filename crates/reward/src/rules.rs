@@ -43,6 +43,35 @@ impl Reward for R1Zero {
     }
 }
 
+/// Partial credit towards the r1_zero format, for policies that never produce it whole
+/// (the strict grader then gives every sample 0 and GRPO no signal): the mean of four
+/// checks, in order — "</think>" appears; an "<answer>" follows it; an "</answer>" follows
+/// that; and "</think> <answer>" appears exactly (the grader's condition). Each check is a
+/// component. A fully formatted response scores 1.
+#[derive(Debug, Clone)]
+pub struct R1ZeroFormat;
+
+impl Reward for R1ZeroFormat {
+    fn name(&self) -> &str {
+        "r1_zero_format"
+    }
+    fn score(&self, s: &Sample) -> Result<RewardOutput> {
+        let t = s.completion;
+        let think = t.find("</think>");
+        let open = think.and_then(|i| t[i..].find("<answer>").map(|j| i + j));
+        let close = open.and_then(|i| t[i..].find("</answer>"));
+        let checks = [
+            ("think_closed", think.is_some()),
+            ("answer_opened", open.is_some()),
+            ("answer_closed", close.is_some()),
+            ("exact", t.contains("</think> <answer>") && t.contains("</answer>")),
+        ];
+        let components: BTreeMap<String, f64> =
+            checks.iter().map(|(k, v)| (k.to_string(), if *v { 1.0 } else { 0.0 })).collect();
+        Ok(RewardOutput { score: components.values().sum::<f64>() / 4.0, components })
+    }
+}
+
 /// Which number lm-eval's GSM8K reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

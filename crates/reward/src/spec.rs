@@ -2,7 +2,7 @@
 //!
 //! ```toml
 //! [[grpo.rewards]]
-//! kind = "r1_zero"        # r1_zero | gsm8k | length | coherence | model | adlf
+//! kind = "r1_zero"        # r1_zero | r1_zero_format | gsm8k | length | coherence | model | adlf
 //! weight = 1.0            # default 1.0
 //! ```
 
@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::combine::{Adlf, WeightedSum};
 use crate::model::RewardModelScorer;
-use crate::rules::{Coherence, Gsm8kMatch, Gsm8kMatchMode, R1Zero, SoftOverlong};
+use crate::rules::{Coherence, Gsm8kMatch, Gsm8kMatchMode, R1Zero, R1ZeroFormat, SoftOverlong};
 use crate::{Result, Reward, RewardError};
 
 fn answer() -> String {
@@ -49,6 +49,8 @@ pub enum RewardSpec {
         #[serde(default)]
         format_weight: f64,
     },
+    /// Partial credit towards the r1_zero format (four checks, mean), for shaping.
+    R1ZeroFormat,
     /// lm-eval's GSM8K number match.
     Gsm8k {
         /// Default "answer".
@@ -128,6 +130,7 @@ pub fn build_reward<B: Backend>(spec: &RewardSpec, device: &B::Device) -> Result
             }
             Box::new(R1Zero { answer_field: answer_field.clone(), format_weight: *format_weight })
         }
+        RewardSpec::R1ZeroFormat => Box::new(R1ZeroFormat),
         RewardSpec::Gsm8k { answer_field, mode } => {
             Box::new(Gsm8kMatch { answer_field: answer_field.clone(), mode: *mode })
         }

@@ -45,6 +45,22 @@ fn r1_zero_scores_format_and_answer_from_a_gsm8k_answer_field() {
 }
 
 #[test]
+fn r1_zero_format_gives_partial_credit_in_order() {
+    let f = terms("[[rewards]]\nkind = \"r1_zero_format\"\n");
+    let ex = json!({});
+    let score = |t: &str| f[0].0.score(&sample(t, &[], &ex)).unwrap();
+    assert_eq!(score(" no tags at all").score, 0.0);
+    assert_eq!(score(" reasoning </think> The answer is 6").score, 0.25);
+    assert_eq!(score(" x </think>\n<answer> 6").score, 0.5);
+    assert_eq!(score(" x </think><answer>6</answer>").score, 0.75);
+    let full = score(" x </think> <answer> 6 </answer>");
+    assert_eq!(full.score, 1.0);
+    assert_eq!(full.components["exact"], 1.0);
+    // Out of order earns only what comes in order.
+    assert_eq!(score(" <answer> 6 </answer> then </think>").score, 0.25);
+}
+
+#[test]
 fn gsm8k_match_strict_and_flexible() {
     let f = terms("[[rewards]]\nkind = \"gsm8k\"\nmode = \"strict\"\n[[rewards]]\nkind = \"gsm8k\"\n");
     assert_eq!(f[0].0.name(), "gsm8k");
