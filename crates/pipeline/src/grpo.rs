@@ -27,7 +27,7 @@ use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
 use align_model::{Heads, HfHead, Tokenizer, Transformer, load_pretrained, save_pretrained};
-use align_reward::{Reward, RewardTerm, Sample, build_terms};
+use align_reward::{Reward, RewardTerm, build_terms};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -36,7 +36,8 @@ use crate::config::StageConfig;
 use crate::optim::{AdamW, grad_norm, learning_rate};
 use crate::rl::{
     Generation, MetricWindow, RlPrompt, RlState, Rollouts, completion_batch, completion_forward, completion_mask,
-    host_rows, load_prompts, mean_std, metrics_until, rollout, rows_tensor, truncate_jsonl_after,
+    evaluate_prompts, host_rows, load_prompts, mean_std, metrics_until, rollout, rows_tensor, score_rollouts,
+    truncate_jsonl_after,
 };
 use crate::trainer::{
     StepMetrics, add_grads, checkpoints, load_optimizer, load_trainable, save_trainable, write_checkpoint_with,
@@ -233,38 +234,6 @@ pub fn run_grpo<B: Backend>(cfg: &StageConfig, resume: bool, device: &B::Device)
     }
 }
 
-/// Scores of a generation batch: per function, and the components of each.
-pub struct Scored {
-    /// `[completion][function]`
-    pub per_func: Vec<Vec<Option<f64>>>,
-    /// `(function name, component) → value per completion`
-    pub components: BTreeMap<String, Vec<f64>>,
-}
-
-/// Score completions with every reward function.
-pub fn score_rollouts(rewards: &[(Box<dyn Reward>, f64)], prompts: &[&RlPrompt], r: &Rollouts) -> Result<Scored> {
-    let samples: Vec<Sample> = (0..r.len())
-        .map(|i| Sample {
-            prompt: &prompts[r.prompt[i]].text,
-            completion: &r.texts[i],
-            completion_ids: &r.completions[i],
-            example: &prompts[r.prompt[i]].example,
-        })
-        .collect();
-    let mut per_func = vec![vec![None; rewards.len()]; r.len()];
-    let mut components = BTreeMap::<String, Vec<f64>>::new();
-    for (k, (f, _)) in rewards.iter().enumerate() {
-        let outs = f.score_batch(&samples)?;
-        for (i, o) in outs.into_iter().enumerate() {
-            per_func[i][k] = (!o.score.is_nan()).then_some(o.score);
-            for (c, v) in o.components {
-                components.entry(format!("{}/{c}", f.name())).or_insert_with(|| vec![0.0; r.len()])[i] = v;
-            }
-        }
-    }
-    Ok(Scored { per_func, components })
-}
-
 struct Stage<'a, B: AutodiffBackend> {
     cfg: &'a StageConfig,
     s: &'a GrpoSettings,
@@ -287,6 +256,18 @@ struct Batch {
 }
 
 impl<B: AutodiffBackend> Stage<'_, B> {
+    fn evaluate(
+        &self,
+        policy: &Transformer<B::InnerBackend>,
+        prompts: &[RlPrompt],
+        step: usize,
+    ) -> Result<BTreeMap<String, f64>> {
+        let sampling = self.s.generation(self.s.eval_temperature);
+        let batch = self.cfg.training.per_device_train_batch_size;
+        let seed = self.cfg.training.seed;
+        evaluate_prompts(policy, self.tok, &self.rewards, prompts, &sampling, batch, seed, &self.cfg.output_dir, step)
+    }
+
     fn mask_of(&self, completions: &[&[u32]], truncated: &[bool], width: usize) -> Vec<Vec<f64>> {
         let exclude: Vec<bool> = truncated.iter().map(|&t| t && self.s.mask_truncated_completions).collect();
         completion_mask(completions, width, &exclude)
@@ -444,60 +425,6 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         window.add("clip_ratio/region_mean", c.region_mean);
         loss
     }
-
-    /// Mean reward (and per function and component) of one greedy (or `eval_temperature`)
-    /// completion per held-out prompt; samples go to `eval/step-N.jsonl`.
-    fn evaluate(
-        &self,
-        policy: &Transformer<B::InnerBackend>,
-        prompts: &[RlPrompt],
-        step: usize,
-        out_dir: &Path,
-    ) -> Result<BTreeMap<String, f64>> {
-        let bs = self.cfg.training.per_device_train_batch_size.max(1);
-        let sampling = self.s.generation(self.s.eval_temperature);
-        let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "eval {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("valid template"),
-        );
-        let dir = out_dir.join("eval");
-        std::fs::create_dir_all(&dir)?;
-        let mut f = std::fs::File::create(dir.join(format!("step-{step}.jsonl")))?;
-        let (mut totals, mut sums, mut n) = (vec![], BTreeMap::<String, f64>::new(), 0usize);
-        let mut lengths = vec![];
-        for (b, chunk) in prompts.chunks(bs).enumerate() {
-            let ps: Vec<&RlPrompt> = chunk.iter().collect();
-            let r = rollout(policy, self.tok, &ps, 1, &sampling, self.cfg.training.seed.wrapping_add(b as u64));
-            let scored = score_rollouts(&self.rewards, &ps, &r)?;
-            for i in 0..r.len() {
-                let mut total = 0.0;
-                let mut row = json!({"prompt": ps[i].text, "completion": r.texts[i], "tokens": r.completions[i].len()});
-                for (k, (func, w)) in self.rewards.iter().enumerate() {
-                    let v = scored.per_func[i][k].unwrap_or(0.0);
-                    total += w * v;
-                    *sums.entry(format!("rewards/{}", func.name())).or_default() += v;
-                    row[func.name()] = json!(v);
-                }
-                for (c, v) in &scored.components {
-                    *sums.entry(format!("rewards/{c}")).or_default() += v[i];
-                    row[c] = json!(v[i]);
-                }
-                row["reward"] = json!(total);
-                writeln!(f, "{row}")?;
-                totals.push(total);
-                lengths.push(r.completions[i].len() as f64);
-                n += 1;
-            }
-            bar.inc(chunk.len() as u64);
-        }
-        bar.finish_and_clear();
-        let mut m: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect();
-        m.insert("reward".into(), mean_std(&totals).0);
-        m.insert("completions/mean_length".into(), mean_std(&lengths).0);
-        Ok(m)
-    }
 }
 
 fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
@@ -608,7 +535,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
     progress.set_position(step as u64);
     let eval_every = args.eval_steps.filter(|&e| e > 0 && !eval_prompts.is_empty());
     if args.eval_on_start && step == 0 && eval_every.is_some() {
-        let e = stage.evaluate(&model.valid(), &eval_prompts, 0, out)?;
+        let e = stage.evaluate(&model.valid(), &eval_prompts, 0)?;
         tracing::info!(reward = e.get("reward"), "eval before training");
         let m = StepMetrics {
             step: 0,
@@ -704,7 +631,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
             ));
             let eval = match eval_every {
                 Some(e) if step.is_multiple_of(e) || step == total => {
-                    Some(stage.evaluate(&model.valid(), &eval_prompts, step, out)?)
+                    Some(stage.evaluate(&model.valid(), &eval_prompts, step)?)
                 }
                 _ => None,
             };

@@ -6,6 +6,8 @@
 //! right-padded after them, so every completion starts at the same column and the loss
 //! works on `[batch, completion_width]` tensors.
 
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
@@ -14,9 +16,11 @@ use align_losses::{token_entropy, token_logprobs};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{TokenBatch, Tokenizer, Transformer};
+use align_reward::{Reward, Sample};
 use align_rollout::{SamplingConfig, generate_text_groups};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
 use crate::trainer::StepMetrics;
 
@@ -358,4 +362,92 @@ pub fn best_of_n<B: Backend>(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// Scores of a generation batch: per function, and the components of each.
+pub struct Scored {
+    /// `[completion][function]`
+    pub per_func: Vec<Vec<Option<f64>>>,
+    /// `(function name, component) → value per completion`
+    pub components: BTreeMap<String, Vec<f64>>,
+}
+
+/// Score completions with every reward function.
+pub fn score_rollouts(rewards: &[(Box<dyn Reward>, f64)], prompts: &[&RlPrompt], r: &Rollouts) -> Result<Scored> {
+    let samples: Vec<Sample> = (0..r.len())
+        .map(|i| Sample {
+            prompt: &prompts[r.prompt[i]].text,
+            completion: &r.texts[i],
+            completion_ids: &r.completions[i],
+            example: &prompts[r.prompt[i]].example,
+        })
+        .collect();
+    let mut per_func = vec![vec![None; rewards.len()]; r.len()];
+    let mut components = BTreeMap::<String, Vec<f64>>::new();
+    for (k, (f, _)) in rewards.iter().enumerate() {
+        let outs = f.score_batch(&samples)?;
+        for (i, o) in outs.into_iter().enumerate() {
+            per_func[i][k] = (!o.score.is_nan()).then_some(o.score);
+            for (c, v) in o.components {
+                components.entry(format!("{}/{c}", f.name())).or_insert_with(|| vec![0.0; r.len()])[i] = v;
+            }
+        }
+    }
+    Ok(Scored { per_func, components })
+}
+
+/// Mean reward (and per function and component) of one greedy (or `eval_temperature`)
+/// completion per held-out prompt; samples go to `eval/step-N.jsonl`.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_prompts<B: Backend>(
+    policy: &Transformer<B>,
+    tok: &Tokenizer,
+    rewards: &[(Box<dyn Reward>, f64)],
+    prompts: &[RlPrompt],
+    sampling: &Generation,
+    batch_size: usize,
+    seed: u64,
+    out_dir: &Path,
+    step: usize,
+) -> Result<BTreeMap<String, f64>> {
+    let bs = batch_size.max(1);
+    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]")
+            .expect("valid template"),
+    );
+    let dir = out_dir.join("eval");
+    std::fs::create_dir_all(&dir)?;
+    let mut f = std::fs::File::create(dir.join(format!("step-{step}.jsonl")))?;
+    let (mut totals, mut sums, mut n) = (vec![], BTreeMap::<String, f64>::new(), 0usize);
+    let mut lengths = vec![];
+    for (b, chunk) in prompts.chunks(bs).enumerate() {
+        let ps: Vec<&RlPrompt> = chunk.iter().collect();
+        let r = rollout(policy, tok, &ps, 1, sampling, seed.wrapping_add(b as u64));
+        let scored = score_rollouts(rewards, &ps, &r)?;
+        for i in 0..r.len() {
+            let mut total = 0.0;
+            let mut row = json!({"prompt": ps[i].text, "completion": r.texts[i], "tokens": r.completions[i].len()});
+            for (k, (func, w)) in rewards.iter().enumerate() {
+                let v = scored.per_func[i][k].unwrap_or(0.0);
+                total += w * v;
+                *sums.entry(format!("rewards/{}", func.name())).or_default() += v;
+                row[func.name()] = json!(v);
+            }
+            for (c, v) in &scored.components {
+                *sums.entry(format!("rewards/{c}")).or_default() += v[i];
+                row[c] = json!(v[i]);
+            }
+            row["reward"] = json!(total);
+            writeln!(f, "{row}")?;
+            totals.push(total);
+            lengths.push(r.completions[i].len() as f64);
+            n += 1;
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let mut m: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect();
+    m.insert("reward".into(), mean_std(&totals).0);
+    m.insert("completions/mean_length".into(), mean_std(&lengths).0);
+    Ok(m)
 }
