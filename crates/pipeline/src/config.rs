@@ -1,7 +1,7 @@
 //! The TOML config every training stage reads: what to train (`[model]`, `[lora]`), on
 //! what (`[data]`, `[eval_data]`, `[tokenize]`), how (`[training]`), and the stage's own
 //! section (`packing` for SFT; `[reward]`, `[dpo]`, `[orpo]`, `[simpo]` for the pairwise
-//! stages; `[grpo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
+//! stages; `[grpo]`, `[ppo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
 //! One struct rather than one per stage: serde's `flatten` cannot be combined with
 //! `deny_unknown_fields`, which every config keeps.
 
@@ -13,6 +13,7 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::grpo::GrpoSettings;
+use crate::ppo::PpoSettings;
 use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
 use crate::trainer::TrainingArguments;
 
@@ -63,6 +64,9 @@ pub struct StageConfig {
     /// `align grpo` settings (with its reward functions). Default none.
     #[serde(default)]
     pub grpo: Option<GrpoSettings>,
+    /// `align ppo` settings (reward functions, critic, KL control). Default none.
+    #[serde(default)]
+    pub ppo: Option<PpoSettings>,
 }
 
 impl StageConfig {
@@ -79,6 +83,7 @@ impl StageConfig {
             ("orpo", self.orpo.is_some()),
             ("simpo", self.simpo.is_some()),
             ("grpo", self.grpo.is_some()),
+            ("ppo", self.ppo.is_some()),
         ];
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");

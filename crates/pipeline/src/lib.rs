@@ -3,12 +3,13 @@
 //! - [`trainer`]: the loop every stage shares (AdamW, schedules, accumulation, clipping,
 //!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer.
 //! - Stages, all configured by [`config::StageConfig`]: [`sft`]; [`preference`] (reward
-//!   model, DPO, ORPO, SimPO).
+//!   model, DPO, ORPO, SimPO); the online RL stages [`grpo`] and [`ppo`], on [`rl`].
 //! - [`score`]: completion log-probs, comparable with the reference harness.
 
 pub mod config;
 pub mod grpo;
 pub mod optim;
+pub mod ppo;
 pub mod preference;
 pub mod rl;
 pub mod score;

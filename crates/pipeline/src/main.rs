@@ -64,6 +64,8 @@ enum Command {
     Simpo(StageArgs),
     /// GRPO: group-relative policy optimisation with reward functions ([grpo] section).
     Grpo(StageArgs),
+    /// PPO (RLHF): policy, critic, reward model and reference, KL penalty ([ppo] section).
+    Ppo(StageArgs),
     /// Best-of-N: sample N completions per prompt, score them with a reward model, print
     /// each with its reward, mark the best, and write the selections as SFT rows.
     BestOfN {
@@ -643,6 +645,11 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
         Command::Grpo(a) => {
             let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
             let out = align_pipeline::grpo::run_grpo::<B>(&cfg, a.resume, device)?;
+            println!("{}", out.display());
+        }
+        Command::Ppo(a) => {
+            let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
+            let out = align_pipeline::ppo::run_ppo::<B>(&cfg, a.resume, device)?;
             println!("{}", out.display());
         }
         Command::BestOfN {
