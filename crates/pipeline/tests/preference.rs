@@ -160,7 +160,13 @@ fn stage_configs_in_pipelines_parse() {
     assert_eq!(cfg.training.gradient_accumulation_steps, 4);
     for f in std::fs::read_dir(root().join("pipelines/stages")).unwrap() {
         let path = f.unwrap().path();
-        PreferenceConfig::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        let cfg = PreferenceConfig::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        if let Some(g) = &cfg.grpo {
+            g.plan().unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        }
+        if let Some(p) = &cfg.ppo {
+            assert!(!p.rewards.is_empty(), "{}", path.display());
+        }
     }
 }
 
