@@ -34,7 +34,7 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 /// Deterministic pseudo-random ordinary token ids (no special tokens).
-fn synthetic_ids(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
+pub fn synthetic_ids(n: usize, len: usize, vocab: usize, seed: u64) -> Vec<Vec<u32>> {
     let mut rng = align_rollout::Rng::new(seed);
     (0..n).map(|_| (0..len).map(|_| 100 + (rng.next_u64() % (vocab as u64 - 200)) as u32).collect()).collect()
 }

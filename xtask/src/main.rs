@@ -8,6 +8,7 @@
 mod bench;
 mod bench_data;
 mod bench_dpo;
+mod bench_rollout;
 mod bench_sft;
 mod fetch;
 
@@ -65,6 +66,9 @@ enum Cmd {
         /// DPO step throughput instead (LoRA r=16, 4 pairs × 128, reference = adapters disabled)
         #[arg(long)]
         dpo: bool,
+        /// RL rollout throughput instead (8 prompts × G=8, 64 new tokens)
+        #[arg(long)]
+        rollout: bool,
         /// GSM8K train JSONL for `--data`
         #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
         gsm8k: PathBuf,
@@ -100,7 +104,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, gsm8k } => {
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, gsm8k } => {
             let gguf = fetch::smollm2()?;
             if backends {
                 return bench_backends(&gguf, reps);
@@ -119,6 +123,14 @@ fn main() -> Result<()> {
                 let report = bench_dpo::run(&gguf, peer, reps)?;
                 std::fs::create_dir_all("target/bench")?;
                 std::fs::write("target/bench/dpo.json", serde_json::to_string_pretty(&report)?)?;
+                return Ok(());
+            }
+            if rollout {
+                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
+                let report = bench_rollout::run(&gguf, peer, reps)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/rollout.json", serde_json::to_string_pretty(&report)?)?;
                 return Ok(());
             }
             if data {

@@ -69,13 +69,17 @@ pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, allow_stop: bool, rng:
             .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best });
         return (i as u32, raw[i]);
     }
-    // Candidates by descending probability, truncated by top-k then top-p.
+    // Candidates: every finite token, or the top k, or the smallest top-p set. Only top-p
+    // needs an order over the whole vocabulary; top-k selects k first (a full sort of a
+    // 49k-token row per sampled token would dominate decoding on CPU).
+    let by_prob = |a: &usize, b: &usize| logp[*b].total_cmp(&logp[*a]).then(a.cmp(b));
     let mut order: Vec<usize> = (0..logp.len()).filter(|&i| logp[i].is_finite()).collect();
-    order.sort_by(|&a, &b| logp[b].total_cmp(&logp[a]).then(a.cmp(&b)));
-    if cfg.top_k > 0 {
+    if cfg.top_k > 0 && cfg.top_k < order.len() {
+        order.select_nth_unstable_by(cfg.top_k - 1, by_prob);
         order.truncate(cfg.top_k);
     }
     if cfg.top_p < 1.0 {
+        order.sort_unstable_by(by_prob);
         let mut mass = 0.0f64;
         let mut keep = 0;
         for &i in &order {

@@ -108,7 +108,7 @@ fn critical_001(df: usize) -> f64 {
 }
 
 #[test]
-fn top_k_and_top_p_sample_the_truncated_distribution() {
+fn sampling_follows_the_truncated_distribution() {
     let m = tiny();
     let prompt = m.tokenizer.encode("Once upon a time", false).unwrap();
     let fresh = fresh_logprobs(&m.model, &prompt, 1.0);
@@ -117,6 +117,7 @@ fn top_k_and_top_p_sample_the_truncated_distribution() {
     order.sort_by(|&a, &b| first[b].total_cmp(&first[a]));
     let draws = 6000;
     for (name, cfg, kept) in [
+        ("no truncation", SamplingConfig::default(), order.clone()),
         ("top_k = 6", SamplingConfig { top_k: 6, ..Default::default() }, order[..6].to_vec()),
         ("top_p = 0.05", SamplingConfig { top_p: 0.05, ..Default::default() }, {
             let mut mass = 0.0;
