@@ -28,6 +28,8 @@ pub enum SchemaKind {
     UnpairedPreference,
     /// `prompt` + `answer`, for RL with a ground truth
     PromptAnswer,
+    /// `prompt` alone (TRL's prompt-only type: PPO, GRPO with model rewards, best-of-N)
+    PromptOnly,
     /// `conversation` (human/assistant turns) + `meta_eval_score` (+ `score_reason`)
     ScoredConversation,
 }
@@ -75,6 +77,9 @@ pub enum Example {
     PromptAnswer {
         prompt: Content,
         answer: String,
+    },
+    PromptOnly {
+        prompt: Content,
     },
     ScoredConversation {
         messages: Vec<ChatMessage>,
@@ -209,6 +214,8 @@ fn detect(fields: &Map<String, Value>) -> Option<SchemaKind> {
         SchemaKind::PromptAnswer
     } else if has("text") {
         SchemaKind::Text
+    } else if has("prompt") {
+        SchemaKind::PromptOnly
     } else {
         return None;
     })
@@ -350,6 +357,13 @@ impl Example {
                     }
                 };
                 Example::PromptAnswer { prompt, answer }
+            }
+            SchemaKind::PromptOnly => {
+                let prompt = row.content("prompt")?;
+                if let Content::Messages(m) = &prompt {
+                    check_alternation(&row, "prompt", m, "user")?;
+                }
+                Example::PromptOnly { prompt }
             }
             SchemaKind::ScoredConversation => {
                 let messages = row.messages("conversation", SCORED_ROLES)?;

@@ -174,8 +174,8 @@ pub enum Tokenized {
     Pair { prompt_ids: Vec<u32>, chosen_ids: Vec<u32>, rejected_ids: Vec<u32>, margin: Option<f64> },
     /// unpaired preference
     Labelled { prompted: TokenizedPrompted, label: bool },
-    /// prompt only (RL), with the ground truth
-    Prompt { prompt_ids: Vec<u32>, answer: String },
+    /// prompt only (RL), with the ground truth when the row has one
+    Prompt { prompt_ids: Vec<u32>, answer: Option<String> },
 }
 
 /// Truncation counters for the stage log.
@@ -373,7 +373,8 @@ impl<'a> ExampleTokenizer<'a> {
             Example::PromptCompletion { prompt, .. }
             | Example::Preference { prompt, .. }
             | Example::UnpairedPreference { prompt, .. }
-            | Example::PromptAnswer { prompt, .. } => self.prompt_ids(prompt)?,
+            | Example::PromptAnswer { prompt, .. }
+            | Example::PromptOnly { prompt } => self.prompt_ids(prompt)?,
             Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
                 let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
                 if last == 0 {
@@ -440,7 +441,13 @@ impl<'a> ExampleTokenizer<'a> {
                 let mut prompt_ids = self.prompt_ids(prompt)?;
                 let d = self.truncate(&mut prompt_ids, &mut []);
                 self.count(d);
-                Tokenized::Prompt { prompt_ids, answer: answer.clone() }
+                Tokenized::Prompt { prompt_ids, answer: Some(answer.clone()) }
+            }
+            Example::PromptOnly { prompt } => {
+                let mut prompt_ids = self.prompt_ids(prompt)?;
+                let d = self.truncate(&mut prompt_ids, &mut []);
+                self.count(d);
+                Tokenized::Prompt { prompt_ids, answer: None }
             }
         };
         Ok(out)

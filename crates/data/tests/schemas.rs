@@ -268,3 +268,27 @@ fn examples_serde_round_trip() {
         assert_eq!(back, e, "{json}");
     }
 }
+
+/// TRL's prompt-only rows (RL without a ground truth): text or a user turn.
+#[test]
+fn prompt_only_rows() {
+    let dir = std::env::temp_dir().join(format!("align-prompt-only-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("p.jsonl");
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"Tell me a joke.\"}\n{\"prompt\": [{\"role\": \"user\", \"content\": \"Hi\"}]}\n",
+    )
+    .unwrap();
+    assert_eq!(
+        load(&f),
+        vec![
+            Example::PromptOnly { prompt: text("Tell me a joke.") },
+            Example::PromptOnly { prompt: Content::Messages(vec![m("user", "Hi")]) },
+        ]
+    );
+    std::fs::write(&f, "{\"prompt\": [{\"role\": \"assistant\", \"content\": \"Hi\"}]}\n").unwrap();
+    let e = load_examples(&DatasetConfig::new(&f)).unwrap_err().to_string();
+    assert!(e.contains("p.jsonl:1") && e.contains("prompt"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,4 +1,5 @@
 //! Helpers shared by the stage tests.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
