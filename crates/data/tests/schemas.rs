@@ -281,7 +281,7 @@ fn prompt_only_rows() {
     )
     .unwrap();
     assert_eq!(
-        load(&f),
+        load(f.clone()),
         vec![
             Example::PromptOnly { prompt: text("Tell me a joke.") },
             Example::PromptOnly { prompt: Content::Messages(vec![m("user", "Hi")]) },
