@@ -26,7 +26,7 @@ use align_model::burn::module::AutodiffModule;
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
-use align_model::{Heads, HfHead, Tokenizer, Transformer, load_pretrained, save_pretrained};
+use align_model::{Heads, HfHead, Tokenizer, Transformer, load_pretrained};
 use align_reward::{Reward, RewardTerm, build_terms};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
@@ -35,12 +35,13 @@ use serde_json::json;
 use crate::config::StageConfig;
 use crate::optim::{AdamW, grad_norm, learning_rate};
 use crate::rl::{
-    Generation, MetricWindow, RlPrompt, RlState, Rollouts, completion_batch, completion_forward, completion_mask,
-    evaluate_prompts, host_rows, load_prompts, mean_std, metrics_until, rollout, rows_tensor, score_rollouts,
-    truncate_jsonl_after,
+    Generation, MetricWindow, RlPrompt, RlState, Rollouts, RunLogs, completion_batch, completion_forward,
+    completion_mask, evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor,
+    score_rollouts,
 };
 use crate::trainer::{
-    StepMetrics, add_grads, checkpoints, load_optimizer, load_trainable, save_trainable, write_checkpoint_with,
+    StepMetrics, add_grads, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
+    write_checkpoint_with,
 };
 
 /// The CS336 loss variants, by the seed's names.
@@ -480,46 +481,19 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
     let mut loader = Loader::new(train_prompts.len(), prompts_per_generation, args.seed, true);
     let mut opt = AdamW::<B>::new(args.adamw());
     let (mut step, mut generation) = (0usize, 0usize);
-    let metrics_path = out.join("metrics.jsonl");
-    let completions_path = out.join("completions.jsonl");
-    let mut metrics: Vec<StepMetrics> = vec![];
-    let existing = checkpoints(out);
-    if !resume && !existing.is_empty() {
-        bail!(
-            "{} already holds checkpoints (newest: step {}): continue with --resume, or choose another output_dir",
-            out.display(),
-            existing.last().map_or(0, |(s, _)| *s)
-        );
-    }
     let lora = cfg.lora.clone();
-    if resume && let Some((at, dir)) = existing.last().cloned() {
-        let state: RlState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
-            .with_context(|| dir.display().to_string())?;
-        if state.seed != args.seed || state.total_steps != total {
-            bail!(
-                "{}: checkpoint was made with seed {} / {} steps; this config has seed {} / {} steps",
-                dir.display(),
-                state.seed,
-                state.total_steps,
-                args.seed,
-                total
-            );
-        }
-        model = load_trainable(model, lora.as_ref(), &model_config, Heads::LM, &dir, device)?;
+    let resumed = resume_point(out, resume)?;
+    if let Some((at, dir)) = &resumed {
+        let state: RlState = read_state(dir, args.seed, total)?;
+        model = load_trainable(model, lora.as_ref(), &model_config, Heads::LM, dir, device)?;
         model = align_model::cast_float(model, dtype);
         load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), device)?;
-        opt.step = at as u64;
+        opt.step = *at as u64;
         loader.restore(state.loader);
-        (step, generation) = (at, state.generation);
-        metrics = metrics_until(&metrics_path, at)?;
-        truncate_jsonl_after(&completions_path, at)?;
+        (step, generation) = (*at, state.generation);
         tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
-    } else {
-        std::fs::write(&metrics_path, "")?;
-        std::fs::write(&completions_path, "")?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-    let mut completions_file = std::fs::OpenOptions::new().append(true).open(&completions_path)?;
+    let mut logs = RunLogs::open(out, resumed.map(|(at, _)| at))?;
     let stage = Stage::<B> { cfg, s: &s, plan, tok: &tok, pad, rewards, device: device.clone() };
     tracing::info!(
         prompts = train_prompts.len(),
@@ -535,21 +509,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
     progress.set_position(step as u64);
     let eval_every = args.eval_steps.filter(|&e| e > 0 && !eval_prompts.is_empty());
     if args.eval_on_start && step == 0 && eval_every.is_some() {
-        let e = stage.evaluate(&model.valid(), &eval_prompts, 0)?;
-        tracing::info!(reward = e.get("reward"), "eval before training");
-        let m = StepMetrics {
-            step: 0,
-            epoch: 0.0,
-            loss: None,
-            learning_rate: 0.0,
-            grad_norm: 0.0,
-            tokens_per_second: 0.0,
-            step_seconds: 0.0,
-            eval_loss: None,
-            extra: e.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect(),
-        };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics.push(m);
+        logs.log_eval_on_start(stage.evaluate(&model.valid(), &eval_prompts, 0)?)?;
     }
 
     let mut window = MetricWindow::default();
@@ -572,7 +532,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
             &prompts,
             args.seed.wrapping_add(1_000_003 * generation as u64),
             step + 1,
-            s.log_completions.then_some(&mut completions_file),
+            s.log_completions.then_some(&mut logs.completions),
         )?;
         generation += 1;
         let n = batch.rollouts.len();
@@ -653,8 +613,6 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                     eval_loss: None,
                     extra,
                 };
-                writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-                metrics_file.flush()?;
                 tracing::info!(
                     step,
                     loss = m.loss,
@@ -663,7 +621,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                     eval_reward = m.extra.get("eval_reward"),
                     "grpo"
                 );
-                metrics.push(m);
+                logs.log(m)?;
                 (window_loss, window_tokens, window_steps, window_start) = (0.0, 0, 0, Instant::now());
             }
             // Checkpoints fall between generation batches (nothing of a batch is saved): at
@@ -686,7 +644,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                     &opt,
                     step,
                     &serde_json::to_value(&state)?,
-                    &metrics,
+                    &logs.metrics,
                     out,
                     args.save_total_limit,
                 )?;
@@ -696,13 +654,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
     progress.finish_and_clear();
     let model = if args.bf16 { opt.model_with_masters(model) } else { model };
     let final_dir = out.join("final");
-    match &lora {
-        Some(l) => {
-            align_lora::save_peft(&mut model.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
-            tok.save(&final_dir)?;
-        }
-        None => save_pretrained(&model.valid(), Some(&tok), HfHead::CausalLm, &final_dir)?,
-    }
+    export_policy(&model, lora.as_ref(), &cfg.model.path, &tok, &final_dir)?;
     tracing::info!(final_dir = %final_dir.display(), steps = step, "stage done");
     Ok(final_dir)
 }

@@ -39,12 +39,12 @@ use serde_json::json;
 use crate::config::StageConfig;
 use crate::optim::{AdamW, grad_norm, learning_rate};
 use crate::rl::{
-    CompletionBatch, Generation, MetricWindow, RlPrompt, RlState, completion_batch, completion_forward,
-    evaluate_prompts, host_rows, load_prompts, mean_std, metrics_until, rollout, rows_tensor, score_rollouts,
-    truncate_jsonl_after,
+    CompletionBatch, Generation, MetricWindow, RlPrompt, RlState, RunLogs, completion_batch, completion_forward,
+    evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
 };
 use crate::trainer::{
-    StepMetrics, add_grads, checkpoints, load_optimizer, load_trainable, save_trainable, write_checkpoint_with,
+    StepMetrics, add_grads, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
+    write_checkpoint_with,
 };
 
 /// Where the values come from.
@@ -376,47 +376,20 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
     let mut opt = AdamW::<B>::new(args.adamw());
     let mut kl = AdaptiveKl { value: s.kl_coef, target: s.kl_target, horizon: s.kl_horizon };
     let (mut step, mut generation) = (0usize, 0usize);
-    let metrics_path = out.join("metrics.jsonl");
-    let completions_path = out.join("completions.jsonl");
-    let mut metrics: Vec<StepMetrics> = vec![];
-    let existing = checkpoints(out);
-    if !resume && !existing.is_empty() {
-        bail!(
-            "{} already holds checkpoints (newest: step {}): continue with --resume, or choose another output_dir",
-            out.display(),
-            existing.last().map_or(0, |(s, _)| *s)
-        );
-    }
-    if resume && let Some((at, dir)) = existing.last().cloned() {
-        let state: RlState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)
-            .with_context(|| dir.display().to_string())?;
-        if state.seed != args.seed || state.total_steps != total {
-            bail!(
-                "{}: checkpoint was made with seed {} / {} steps; this config has seed {} / {} steps",
-                dir.display(),
-                state.seed,
-                state.total_steps,
-                args.seed,
-                total
-            );
-        }
-        model = align_model::cast_float(nets.load(model, &dir, device)?, dtype);
+    let resumed = resume_point(out, resume)?;
+    if let Some((at, dir)) = &resumed {
+        let state: RlState = read_state(dir, args.seed, total)?;
+        model = align_model::cast_float(nets.load(model, dir, device)?, dtype);
         load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), device)?;
         opt.step = (at * optimizer_steps_per_update) as u64;
         loader.restore(state.loader);
-        (step, generation) = (at, state.generation);
+        (step, generation) = (*at, state.generation);
         if let Some(c) = state.kl_coef {
             kl.value = c;
         }
-        metrics = metrics_until(&metrics_path, at)?;
-        truncate_jsonl_after(&completions_path, at)?;
         tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
-    } else {
-        std::fs::write(&metrics_path, "")?;
-        std::fs::write(&completions_path, "")?;
     }
-    let mut metrics_file = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
-    let mut completions_file = std::fs::OpenOptions::new().append(true).open(&completions_path)?;
+    let mut logs = RunLogs::open(out, resumed.map(|(at, _)| at))?;
     tracing::info!(prompts = train_prompts.len(), batch_size, updates = total, critic = ?s.critic, "PPO");
     let progress = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
@@ -438,21 +411,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
         )
     };
     if args.eval_on_start && step == 0 && eval_every.is_some() {
-        let e = evaluate(&model.policy.valid(), 0)?;
-        tracing::info!(reward = e.get("reward"), "eval before training");
-        let m = StepMetrics {
-            step: 0,
-            epoch: 0.0,
-            loss: None,
-            learning_rate: 0.0,
-            grad_norm: 0.0,
-            tokens_per_second: 0.0,
-            step_seconds: 0.0,
-            eval_loss: None,
-            extra: e.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect(),
-        };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics.push(m);
+        logs.log_eval_on_start(evaluate(&model.policy.valid(), 0)?)?;
     }
 
     let mut window = MetricWindow::default();
@@ -573,9 +532,9 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                 for (k, (f, _)) in rewards.iter().enumerate() {
                     row[f.name()] = json!(scored.per_func[i][k]);
                 }
-                writeln!(completions_file, "{row}")?;
+                writeln!(logs.completions, "{row}")?;
             }
-            completions_file.flush()?;
+            logs.completions.flush()?;
         }
         let batch = Batch {
             prompts: prompt_ids,
@@ -687,8 +646,6 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                 eval_loss: None,
                 extra,
             };
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-            metrics_file.flush()?;
             tracing::info!(
                 step,
                 score = m.extra.get("objective/scores"),
@@ -697,7 +654,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                 eval_reward = m.extra.get("eval_reward"),
                 "ppo"
             );
-            metrics.push(m);
+            logs.log(m)?;
             (window_loss, window_tokens, window_steps, window_start) = (0.0, 0, 0, Instant::now());
         }
         if args.save_steps > 0 && step.is_multiple_of(args.save_steps) && step < total {
@@ -715,7 +672,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                 &opt,
                 step,
                 &serde_json::to_value(&state)?,
-                &metrics,
+                &logs.metrics,
                 out,
                 args.save_total_limit,
             )?;
@@ -724,13 +681,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
     progress.finish_and_clear();
     let model = if args.bf16 { opt.model_with_masters(model) } else { model };
     let final_dir = out.join("final");
-    match &cfg.lora {
-        Some(l) => {
-            align_lora::save_peft(&mut model.policy.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
-            tok.save(&final_dir)?;
-        }
-        None => save_pretrained(&model.policy.valid(), Some(&tok), HfHead::CausalLm, &final_dir)?,
-    }
+    export_policy(&model.policy, cfg.lora.as_ref(), &cfg.model.path, &tok, &final_dir)?;
     if model.policy.value_head.is_some() {
         save_value_head(&model.policy, &final_dir)?;
     }

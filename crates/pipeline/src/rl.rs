@@ -251,6 +251,83 @@ pub struct RlState {
     pub kl_coef: Option<f64>,
 }
 
+impl crate::trainer::CheckpointState for RlState {
+    fn seed_and_total(&self) -> (u64, usize) {
+        (self.seed, self.total_steps)
+    }
+}
+
+/// An online run's logs: `metrics.jsonl` and `completions.jsonl`, fresh or, on resume, cut
+/// back to the checkpoint's step (what followed is rewritten).
+pub struct RunLogs {
+    pub metrics: Vec<StepMetrics>,
+    metrics_file: std::fs::File,
+    pub completions: std::fs::File,
+}
+
+impl RunLogs {
+    pub fn open(out: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        let (m, c) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
+        let metrics = match resumed_at {
+            Some(at) => {
+                truncate_jsonl_after(&c, at)?;
+                metrics_until(&m, at)?
+            }
+            None => {
+                std::fs::write(&m, "")?;
+                std::fs::write(&c, "")?;
+                vec![]
+            }
+        };
+        let open = |p: &Path| std::fs::OpenOptions::new().append(true).open(p).with_context(|| p.display().to_string());
+        Ok(RunLogs { metrics, metrics_file: open(&m)?, completions: open(&c)? })
+    }
+
+    /// Append a row to `metrics.jsonl` (flushed) and keep it.
+    pub fn log(&mut self, m: StepMetrics) -> Result<()> {
+        writeln!(self.metrics_file, "{}", serde_json::to_string(&m)?)?;
+        self.metrics_file.flush()?;
+        self.metrics.push(m);
+        Ok(())
+    }
+
+    /// The step-0 row of an evaluation before training.
+    pub fn log_eval_on_start(&mut self, eval: BTreeMap<String, f64>) -> Result<()> {
+        tracing::info!(reward = eval.get("reward"), "eval before training");
+        self.log(StepMetrics {
+            step: 0,
+            epoch: 0.0,
+            loss: None,
+            learning_rate: 0.0,
+            grad_norm: 0.0,
+            tokens_per_second: 0.0,
+            step_seconds: 0.0,
+            eval_loss: None,
+            extra: eval.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect(),
+        })
+    }
+}
+
+/// Write the trained policy to `final/`: the PEFT adapter and tokenizer under LoRA, else
+/// the HF checkpoint.
+pub fn export_policy<B: align_model::burn::tensor::backend::AutodiffBackend>(
+    policy: &Transformer<B>,
+    lora: Option<&align_lora::LoraConfig>,
+    base: &Path,
+    tok: &Tokenizer,
+    final_dir: &Path,
+) -> Result<()> {
+    use align_model::burn::module::AutodiffModule;
+    match lora {
+        Some(l) => {
+            align_lora::save_peft(&mut policy.clone(), l, &base.display().to_string(), final_dir)?;
+            tok.save(final_dir)?;
+        }
+        None => align_model::save_pretrained(&policy.valid(), Some(tok), align_model::HfHead::CausalLm, final_dir)?,
+    }
+    Ok(())
+}
+
 /// Rewrite `path` (JSONL of objects with a `step` field) keeping rows up to `step`: a
 /// resumed run rewrites what followed its checkpoint.
 pub fn truncate_jsonl_after(path: &Path, step: usize) -> Result<Vec<String>> {

@@ -221,6 +221,50 @@ pub(crate) fn load_optimizer<B: AutodiffBackend>(opt: &mut AdamW<B>, path: &Path
     Ok(())
 }
 
+/// The newest complete checkpoint to continue from with `resume`; without it, an error if
+/// the run already holds checkpoints (nothing written is overwritten by accident).
+pub(crate) fn resume_point(output_dir: &Path, resume: bool) -> Result<Option<(usize, PathBuf)>> {
+    let existing = checkpoints(output_dir);
+    if !resume && !existing.is_empty() {
+        bail!(
+            "{} already holds checkpoints (newest: step {}): continue with --resume, or choose another output_dir",
+            output_dir.display(),
+            existing.last().map_or(0, |(s, _)| *s)
+        );
+    }
+    Ok(if resume { existing.last().cloned() } else { None })
+}
+
+/// A checkpoint's `trainer_state.json`, refused if made with another seed or length.
+pub(crate) fn read_state<S: serde::de::DeserializeOwned + CheckpointState>(
+    dir: &Path,
+    seed: u64,
+    total_steps: usize,
+) -> Result<S> {
+    let path = dir.join("trainer_state.json");
+    let state: S = serde_json::from_str(&std::fs::read_to_string(&path).with_context(|| path.display().to_string())?)
+        .with_context(|| path.display().to_string())?;
+    let (s, t) = state.seed_and_total();
+    if s != seed || t != total_steps {
+        bail!(
+            "{}: checkpoint was made with seed {s} / {t} steps; this config has seed {seed} / {total_steps} steps",
+            dir.display()
+        );
+    }
+    Ok(state)
+}
+
+/// What a resumed run checks against its config.
+pub(crate) trait CheckpointState {
+    fn seed_and_total(&self) -> (u64, usize);
+}
+
+impl CheckpointState for TrainerState {
+    fn seed_and_total(&self) -> (u64, usize) {
+        (self.seed, self.total_steps)
+    }
+}
+
 /// Checkpoint directories of a run, oldest first (only complete ones: no `.tmp`).
 pub fn checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
     let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir.join("checkpoints"))
@@ -291,26 +335,8 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
     let metrics_path = output_dir.join("metrics.jsonl");
     let mut metrics: Vec<StepMetrics> = Vec::new();
 
-    let existing = checkpoints(output_dir);
-    if !resume && !existing.is_empty() {
-        bail!(
-            "{} already holds checkpoints (newest: step {}): continue with --resume, or choose another output_dir",
-            output_dir.display(),
-            existing.last().map_or(0, |(s, _)| *s)
-        );
-    }
-    if resume && let Some((s, dir)) = existing.last().cloned() {
-        let state: TrainerState = serde_json::from_str(&std::fs::read_to_string(dir.join("trainer_state.json"))?)?;
-        if state.seed != args.seed || state.total_steps != total {
-            bail!(
-                "{}: checkpoint was made with seed {} / {} steps; this config has seed {} / {} steps",
-                dir.display(),
-                state.seed,
-                state.total_steps,
-                args.seed,
-                total
-            );
-        }
+    if let Some((s, dir)) = resume_point(output_dir, resume)? {
+        let state: TrainerState = read_state(&dir, args.seed, total)?;
         model = align_model::cast_float(task.load_weights(model, &dir)?, dtype);
         load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), &device)?;
         opt.step = s as u64;
