@@ -33,15 +33,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::StageConfig;
-use crate::optim::{AdamW, grad_norm, learning_rate};
+use crate::optim::{AdamW, learning_rate};
 use crate::rl::{
     Generation, MetricWindow, RlPrompt, RlState, Rollouts, RunLogs, completion_batch, completion_forward,
     completion_mask, evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor,
     score_rollouts,
 };
 use crate::trainer::{
-    StepMetrics, add_grads, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
-    write_checkpoint_with,
+    StepMetrics, accumulate, clipped_step, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
 };
 
 /// The CS336 loss variants, by the seed's names.
@@ -557,11 +556,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                 loss_value += loss.clone().into_scalar().elem::<f64>();
                 fed +=
                     chunk.iter().map(|&i| batch.prompts[i].len() + batch.rollouts.completions[i].len()).sum::<usize>();
-                let grads = GradientsParams::from_grads(loss.backward(), &model);
-                accumulated = Some(match accumulated {
-                    None => grads,
-                    Some(acc) => add_grads::<B, _>(&model, acc, grads),
-                });
+                accumulated = Some(accumulate(&model, loss, accumulated));
             }
             if !loss_value.is_finite() {
                 bail!(
@@ -571,13 +566,8 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                 );
             }
             let grads = accumulated.context("a generation batch with no micro-batches")?;
-            let norm = grad_norm::<B, _>(&model, &grads);
-            let scale = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm {
-                args.max_grad_norm / (norm + 1e-6)
-            } else {
-                1.0
-            };
-            model = opt.step(model, grads, lr, scale);
+            let norm;
+            (model, norm) = clipped_step(&mut opt, model, grads, lr, args.max_grad_norm);
             step += 1;
             window_loss += loss_value;
             window_tokens += fed;
@@ -639,15 +629,7 @@ fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devi
                     kl_coef: None,
                 };
                 let save = |dir: &Path| save_trainable(&model, lora.as_ref(), HfHead::CausalLm, dir);
-                write_checkpoint_with(
-                    &save,
-                    &opt,
-                    step,
-                    &serde_json::to_value(&state)?,
-                    &logs.metrics,
-                    out,
-                    args.save_total_limit,
-                )?;
+                logs.checkpoint(&save, &opt, &state, out, args.save_total_limit)?;
             }
         }
     }

@@ -37,14 +37,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::StageConfig;
-use crate::optim::{AdamW, grad_norm, learning_rate};
+use crate::optim::{AdamW, learning_rate};
 use crate::rl::{
     CompletionBatch, Generation, MetricWindow, RlPrompt, RlState, RunLogs, completion_batch, completion_forward,
     evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
 };
 use crate::trainer::{
-    StepMetrics, add_grads, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
-    write_checkpoint_with,
+    StepMetrics, accumulate, clipped_step, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
 };
 
 /// Where the values come from.
@@ -577,20 +576,10 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                     let loss = loss / micro.len() as f64;
                     loss_sum += loss.clone().into_scalar().elem::<f64>();
                     fed += idx.iter().map(|&i| batch.prompts[i].len() + batch.completions[i].len()).sum::<usize>();
-                    let grads = GradientsParams::from_grads(loss.backward(), &model);
-                    accumulated = Some(match accumulated {
-                        None => grads,
-                        Some(acc) => add_grads::<B, _>(&model, acc, grads),
-                    });
+                    accumulated = Some(accumulate(&model, loss, accumulated));
                 }
                 let grads = accumulated.context("a minibatch with no micro-batches")?;
-                norm = grad_norm::<B, _>(&model, &grads);
-                let scale = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm {
-                    args.max_grad_norm / (norm + 1e-6)
-                } else {
-                    1.0
-                };
-                model = opt.step(model, grads, lr, scale);
+                (model, norm) = clipped_step(&mut opt, model, grads, lr, args.max_grad_norm);
             }
         }
         let loss_value = loss_sum / optimizer_steps_per_update as f64;
@@ -667,15 +656,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
                 kl_coef: Some(kl.value),
             };
             let save = |dir: &Path| nets.save(&model, dir);
-            write_checkpoint_with(
-                &save,
-                &opt,
-                step,
-                &serde_json::to_value(&state)?,
-                &logs.metrics,
-                out,
-                args.save_total_limit,
-            )?;
+            logs.checkpoint(&save, &opt, &state, out, args.save_total_limit)?;
         }
     }
     progress.finish_and_clear();

@@ -291,6 +291,19 @@ impl RunLogs {
         Ok(())
     }
 
+    /// Write `checkpoints/step-N/` for an online run at a generation boundary.
+    pub fn checkpoint<B: align_model::burn::tensor::backend::AutodiffBackend>(
+        &self,
+        save: &dyn Fn(&Path) -> Result<()>,
+        opt: &crate::optim::AdamW<B>,
+        state: &RlState,
+        out: &Path,
+        keep: Option<usize>,
+    ) -> Result<()> {
+        let json = serde_json::to_value(state)?;
+        crate::trainer::write_checkpoint_with(save, opt, state.step, &json, &self.metrics, out, keep)
+    }
+
     /// The step-0 row of an evaluation before training.
     pub fn log_eval_on_start(&mut self, eval: BTreeMap<String, f64>) -> Result<()> {
         tracing::info!(reward = eval.get("reward"), "eval before training");

@@ -418,11 +418,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             let loss = sum / tokens as f64;
             let value: f64 = loss.clone().into_scalar().elem();
             loss_sum += value;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            accumulated = Some(match accumulated {
-                None => grads,
-                Some(acc) => add_grads::<B, _>(&model, acc, grads),
-            });
+            accumulated = Some(accumulate(&model, loss, accumulated));
         }
         if !loss_sum.is_finite() {
             bail!(
@@ -432,13 +428,8 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             );
         }
         let grads = accumulated.expect("at least one micro-batch");
-        let norm = grad_norm::<B, _>(&model, &grads);
-        let scale = if args.max_grad_norm > 0.0 && norm > args.max_grad_norm {
-            args.max_grad_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
-        model = opt.step(model, grads, lr, scale);
+        let norm;
+        (model, norm) = clipped_step(&mut opt, model, grads, lr, args.max_grad_norm);
         step += 1;
         window_loss += loss_sum;
         window_tokens += fed;
@@ -548,6 +539,33 @@ pub(crate) fn write_checkpoint_with<B: AutodiffBackend>(
     }
     tracing::info!(checkpoint = %dir.display(), "saved");
     Ok(())
+}
+
+/// Backpropagate a micro-batch's loss and add its gradients to those accumulated so far.
+pub(crate) fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    loss: Tensor<B, 1>,
+    accumulated: Option<GradientsParams>,
+) -> GradientsParams {
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    match accumulated {
+        None => grads,
+        Some(acc) => add_grads::<B, _>(model, acc, grads),
+    }
+}
+
+/// Clip the global gradient norm to `max_grad_norm` (0: off) and take an AdamW step;
+/// returns the model and the norm before clipping.
+pub(crate) fn clipped_step<B: AutodiffBackend, M: AutodiffModule<B>>(
+    opt: &mut AdamW<B>,
+    model: M,
+    grads: GradientsParams,
+    lr: f64,
+    max_grad_norm: f64,
+) -> (M, f64) {
+    let norm = grad_norm::<B, _>(&model, &grads);
+    let scale = if max_grad_norm > 0.0 && norm > max_grad_norm { max_grad_norm / (norm + 1e-6) } else { 1.0 };
+    (opt.step(model, grads, lr, scale), norm)
 }
 
 /// Element-wise sum of two gradient sets (gradient accumulation).
