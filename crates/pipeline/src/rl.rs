@@ -307,17 +307,7 @@ impl RunLogs {
     /// The step-0 row of an evaluation before training.
     pub fn log_eval_on_start(&mut self, eval: BTreeMap<String, f64>) -> Result<()> {
         tracing::info!(reward = eval.get("reward"), "eval before training");
-        self.log(StepMetrics {
-            step: 0,
-            epoch: 0.0,
-            loss: None,
-            learning_rate: 0.0,
-            grad_norm: 0.0,
-            tokens_per_second: 0.0,
-            step_seconds: 0.0,
-            eval_loss: None,
-            extra: eval.into_iter().map(|(k, v)| (format!("eval_{k}"), v)).collect(),
-        })
+        self.log(StepMetrics::before_training(None, &eval))
     }
 }
 

@@ -300,6 +300,24 @@ pub struct StepMetrics {
     pub extra: BTreeMap<String, f64>,
 }
 
+impl StepMetrics {
+    /// The step-0 row of an evaluation before training: its loss (if any) and its metrics
+    /// as `eval_*`.
+    pub fn before_training(eval_loss: Option<f64>, metrics: &BTreeMap<String, f64>) -> Self {
+        StepMetrics {
+            step: 0,
+            epoch: 0.0,
+            loss: None,
+            learning_rate: 0.0,
+            grad_norm: 0.0,
+            tokens_per_second: 0.0,
+            step_seconds: 0.0,
+            eval_loss,
+            extra: metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect(),
+        }
+    }
+}
+
 /// The result of a run.
 pub struct TrainOutcome<M> {
     pub model: M,
@@ -371,17 +389,7 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
         && step == 0
         && let Some(e) = task.evaluate(&model)?
     {
-        let m = StepMetrics {
-            step: 0,
-            epoch: 0.0,
-            loss: None,
-            learning_rate: 0.0,
-            grad_norm: 0.0,
-            tokens_per_second: 0.0,
-            step_seconds: 0.0,
-            eval_loss: Some(e.loss),
-            extra: e.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect(),
-        };
+        let m = StepMetrics::before_training(Some(e.loss), &e.metrics);
         tracing::info!(eval_loss = e.loss, "eval before training");
         writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
         metrics.push(m);
