@@ -32,7 +32,7 @@ use burn::tensor::backend::Backend;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, HfHead, ModelConfig};
 pub use error::{ModelError, Result};
-pub use load::{Heads, build, export};
+pub use load::{Heads, RandomInit, build, export, init_random};
 pub use rng::SplitMix64;
 pub use tokenizer::Tokenizer;
 pub use transformer::{KvCache, LowRank, Proj, TokenBatch, Transformer, cast_float};

@@ -351,3 +351,55 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
     }
     Ok(out)
 }
+
+/// The weights of a model that has not been trained yet, as transformers' `_init_weights`
+/// makes them for a Llama: matrices and embeddings N(0, std²), norms one, biases zero.
+/// Each tensor draws from its own stream (the seed mixed with its name), so a tensor does
+/// not depend on the order the model asks for them.
+#[derive(Debug, Clone, Copy)]
+pub struct RandomInit {
+    /// transformers' `initializer_range` (0.02 for most configs).
+    pub std: f64,
+    pub seed: u64,
+}
+
+impl WeightSource for RandomInit {
+    fn contains(&self, _name: &str) -> bool {
+        false
+    }
+
+    fn load(&mut self, name: &str) -> Result<HostTensor> {
+        Err(ModelError::tensor(name, "a random initialisation needs the tensor's shape"))
+    }
+
+    fn load_shaped(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let n: usize = shape.iter().product();
+        let is_norm = name.contains("norm") || name.contains(".ln_") || name.ends_with("ln_f.weight");
+        let data = if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else if is_norm && shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            // FNV-1a of the name, mixed with the seed.
+            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+            let mut rng = crate::rng::SplitMix64::new(h ^ self.seed);
+            (0..n).map(|_| (self.std * rng.normal()) as f32).collect()
+        };
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+
+    fn names(&self) -> Vec<String> {
+        vec![]
+    }
+}
+
+/// A freshly initialised model of `config` (the built-in demo's starting point).
+pub fn init_random<B: Backend>(
+    config: &ModelConfig,
+    heads: Heads,
+    std: f64,
+    seed: u64,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    build(config, &mut RandomInit { std, seed }, heads, device)
+}
