@@ -109,6 +109,47 @@ impl Tokenizer {
         Ok(Tokenizer { inner, bos_token_id: bos, eos_token_id: eos, pad_token_id: pad, chat_template, config_json })
     }
 
+    /// A whitespace word-level tokenizer over `words` (the built-in demo's, built in-process:
+    /// no download). Ids: `<unk>`, `<pad>`, `<eos>` first, then `words` in order (duplicates
+    /// once). Decoding joins words with single spaces, so text written with single spaces
+    /// round-trips exactly.
+    pub fn word_level<S: AsRef<str>>(words: &[S]) -> Result<Self> {
+        let specials = ["<unk>", "<pad>", "<eos>"];
+        let mut vocab = Map::new();
+        for w in specials.iter().copied().chain(words.iter().map(AsRef::as_ref)) {
+            if w.chars().any(char::is_whitespace) || w.is_empty() {
+                return Err(ModelError::Tokenizer(format!(
+                    "word-level vocabulary entry {w:?} is empty or has whitespace"
+                )));
+            }
+            let next = vocab.len();
+            vocab.entry(w.to_string()).or_insert(json!(next));
+        }
+        let added: Vec<Value> = specials
+            .iter()
+            .enumerate()
+            .map(|(id, t)| {
+                json!({"id": id, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
+            .collect();
+        let tj = json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
+            "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"},
+        });
+        let inner: tokenizers::Tokenizer =
+            tj.to_string().parse().map_err(|e| ModelError::Tokenizer(format!("word-level tokenizer: {e}")))?;
+        Ok(Tokenizer {
+            inner,
+            bos_token_id: None,
+            eos_token_id: Some(2),
+            pad_token_id: Some(1),
+            chat_template: None,
+            config_json: json!({"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}),
+        })
+    }
+
     /// Rebuild the tokenizer a GGUF file describes (`tokenizer.ggml.model == "gpt2"`,
     /// byte-level BPE, with the pre-tokenizer named by `tokenizer.ggml.pre`).
     pub fn from_gguf(g: &GgufFile) -> Result<Self> {

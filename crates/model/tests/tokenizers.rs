@@ -104,3 +104,26 @@ fn chat_templates_render_like_transformers() {
     }
     assert!(n >= 4, "{n} cases");
 }
+
+/// The demo's word-level tokenizer: exact round trips of single-spaced text, unknown words
+/// to `<unk>`, special ids, and the same tokenizer after save + load.
+#[test]
+fn word_level_tokenizer_round_trips() {
+    let words = ["Ann", "has", "3", "apples", ".", "</think>", "<answer>", "</answer>", "has"];
+    let t = align_model::Tokenizer::word_level(&words).unwrap();
+    let text = "Ann has 3 apples . </think> <answer> 3 </answer>";
+    let ids = t.encode(text, false).unwrap();
+    assert_eq!(ids, vec![3, 4, 5, 6, 7, 8, 9, 5, 10]);
+    assert_eq!(t.decode(&ids, true).unwrap(), text);
+    assert_eq!(t.encode("Ann has 4", false).unwrap(), vec![3, 4, 0]);
+    assert_eq!((t.eos_token_id, t.pad_token_id, t.vocab_size()), (Some(2), Some(1), 11));
+    assert_eq!(t.decode(&[3, 2, 1], true).unwrap(), "Ann", "specials are skipped");
+    let dir = std::env::temp_dir().join(format!("align-wordlevel-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    t.save(&dir).unwrap();
+    let back = align_model::Tokenizer::from_dir(&dir).unwrap();
+    assert_eq!(back.encode(text, false).unwrap(), ids);
+    assert_eq!((back.eos_token_id, back.pad_token_id), (Some(2), Some(1)));
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(align_model::Tokenizer::word_level(&["two words"]).is_err());
+}
