@@ -15,6 +15,7 @@ pub mod error;
 pub mod loader;
 pub mod schema;
 pub mod source;
+pub mod synthetic;
 pub mod tokenize;
 
 pub use adapters::{Adapter, MultipleChoice};
