@@ -112,7 +112,7 @@ pub fn arithmetic_vocabulary(max_operand: i64) -> Vec<String> {
 /// A wrong answer near the right one (never equal to it).
 pub fn wrong_answer(p: &ArithmeticProblem, rng: &mut SplitMix64, spread: i64) -> i64 {
     let offset = 1 + (rng.next_u64() % spread.max(1) as u64) as i64;
-    if rng.next_u64() % 2 == 0 { p.answer() + offset } else { p.answer() - offset }
+    if rng.next_u64().is_multiple_of(2) { p.answer() + offset } else { p.answer() - offset }
 }
 
 /// SFT rows: `{prompt, completion}` with the worked solution.
