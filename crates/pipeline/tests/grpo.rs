@@ -3,7 +3,7 @@
 //! run resumes to the same numbers, and bad settings are refused with a reason.
 
 mod common;
-use common::{metrics, root, tmp};
+use common::{metrics, rl_config, tmp};
 use std::path::Path;
 
 use align_losses::grpo::{GrpoLossType, ScaleRewards};
@@ -21,27 +21,7 @@ fn data(dir: &Path) -> std::path::PathBuf {
 }
 
 fn config(out: &Path, data: &Path, training: &str, grpo: &str, extra: &str) -> StageConfig {
-    let text = format!(
-        r#"output_dir = "{out}"
-[model]
-path = "{model}"
-[data]
-path = "{data}"
-[eval_data]
-path = "{data}"
-limit = 4
-[training]
-logging_steps = 1
-lr_scheduler_type = "constant"
-{training}
-[grpo]
-{grpo}
-{extra}"#,
-        out = out.display(),
-        model = root().join("fixtures/models/llama-tied").display(),
-        data = data.display(),
-    );
-    toml::from_str(&text).unwrap()
+    rl_config(out, data, training, "grpo", grpo, extra)
 }
 
 /// Shorter is better, and a completion ends at its first "e": the policy must learn to

@@ -3,7 +3,7 @@
 //! critic layouts train, and a killed run resumes to the same numbers.
 
 mod common;
-use common::{metrics, root, tmp};
+use common::{metrics, rl_config, root, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;
@@ -20,30 +20,11 @@ fn data(dir: &Path) -> std::path::PathBuf {
 
 fn config(out: &Path, data: &Path, training: &str, ppo: &str, extra: &str) -> StageConfig {
     let tiny = root().join("fixtures/models/llama-tied");
-    let text = format!(
-        r#"output_dir = "{out}"
-[model]
-path = "{tiny}"
-[data]
-path = "{data}"
-[eval_data]
-path = "{data}"
-limit = 4
-[training]
-logging_steps = 1
-lr_scheduler_type = "constant"
-{training}
-[ppo]
-max_completion_length = 8
-temperature = 1.0
-rewards = [{{ kind = "model", path = "{tiny}" }}]
-{ppo}
-{extra}"#,
-        out = out.display(),
-        tiny = tiny.display(),
-        data = data.display(),
+    let body = format!(
+        "max_completion_length = 8\ntemperature = 1.0\nrewards = [{{ kind = \"model\", path = \"{}\" }}]\n{ppo}",
+        tiny.display()
     );
-    toml::from_str(&text).unwrap()
+    rl_config(out, data, training, "ppo", &body, extra)
 }
 
 #[test]

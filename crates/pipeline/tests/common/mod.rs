@@ -25,3 +25,36 @@ pub fn metrics(dir: &Path) -> Vec<StepMetrics> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// An RL stage config on the tiny `llama-tied` checkpoint: `data` for training and its first
+/// 4 rows held out, `training` lines, the stage's `[section]` body, then `extra` sections.
+pub fn rl_config(
+    out: &Path,
+    data: &Path,
+    training: &str,
+    section: &str,
+    body: &str,
+    extra: &str,
+) -> align_pipeline::config::StageConfig {
+    let text = format!(
+        r#"output_dir = "{out}"
+[model]
+path = "{model}"
+[data]
+path = "{data}"
+[eval_data]
+path = "{data}"
+limit = 4
+[training]
+logging_steps = 1
+lr_scheduler_type = "constant"
+{training}
+[{section}]
+{body}
+{extra}"#,
+        out = out.display(),
+        model = root().join("fixtures/models/llama-tied").display(),
+        data = data.display(),
+    );
+    toml::from_str(&text).unwrap()
+}
