@@ -284,7 +284,6 @@ struct Batch {
     returns: Vec<Vec<f64>>,
 }
 
-#[allow(clippy::too_many_arguments)]
 fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     cfg.check_sections("ppo", Some("ppo"))?;
     let s = cfg.ppo.clone().context("the PPO stage needs a [ppo] section with its reward functions")?;
