@@ -109,28 +109,27 @@ fn main() -> Result<()> {
             if backends {
                 return bench_backends(&gguf, reps);
             }
-            if sft {
+            // The step benches share one shape: align vs the peer harness, a JSON report.
+            type StepBench = fn(
+                &std::path::Path,
+                Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
+                usize,
+            ) -> Result<serde_json::Value>;
+            let step_bench: Option<(&str, StepBench)> = if sft {
+                Some(("sft", bench_sft::run))
+            } else if dpo {
+                Some(("dpo", bench_dpo::run))
+            } else if rollout {
+                Some(("rollout", bench_rollout::run))
+            } else {
+                None
+            };
+            if let Some((name, run)) = step_bench {
                 let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
                 let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
-                let report = bench_sft::run(&gguf, peer, reps)?;
+                let report = run(&gguf, peer, reps)?;
                 std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/sft.json", serde_json::to_string_pretty(&report)?)?;
-                return Ok(());
-            }
-            if dpo {
-                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
-                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
-                let report = bench_dpo::run(&gguf, peer, reps)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/dpo.json", serde_json::to_string_pretty(&report)?)?;
-                return Ok(());
-            }
-            if rollout {
-                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
-                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
-                let report = bench_rollout::run(&gguf, peer, reps)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/rollout.json", serde_json::to_string_pretty(&report)?)?;
+                std::fs::write(format!("target/bench/{name}.json"), serde_json::to_string_pretty(&report)?)?;
                 return Ok(());
             }
             if data {

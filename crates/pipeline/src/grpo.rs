@@ -290,7 +290,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         let adv = grpo_advantages(&scored.per_func, &weights, s.num_generations, &self.plan.advantages)
             .map_err(anyhow::Error::msg)?;
         let mut m = BTreeMap::new();
-        let total: Vec<f64> = adv.rewards.iter().map(|x| x.unwrap_or(f64::NAN)).filter(|x| !x.is_nan()).collect();
+        let total: Vec<f64> = adv.rewards.iter().flatten().copied().collect();
         let (mean, std) = mean_std(&total);
         m.insert("reward".into(), mean);
         m.insert("reward_std".into(), std);
