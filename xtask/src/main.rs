@@ -4,6 +4,8 @@
 //! - `test` — what CI runs: fetch, the whole test suite, and a check of the CUDA build.
 //! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --backends`
 //!   compares Burn's CPU backends on a training step.
+//! - `run-pipeline [FILE]` — a pipeline of stages (default `pipelines/demo.toml`), cached
+//!   and resumable; `stage NAME` runs one stage of it; `list` shows where each stands.
 
 mod bench;
 mod bench_data;
@@ -26,8 +28,49 @@ struct Cli {
     command: Cmd,
 }
 
+/// What every pipeline command takes.
+#[derive(clap::Args, Clone)]
+struct PipelineArgs {
+    /// `key=value` edits of the pipeline file (`stages.sft.training.max_steps=50`); repeatable
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// A few steps of every stage with short evals, into runs/<name>-smoke/
+    #[arg(long)]
+    smoke: bool,
+    /// Where the stages run: cpu, or cuda (a build with `--features cuda`)
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run a pipeline: SFT → reward → RL, stage by stage (skipping what is done, resuming
+    /// what was interrupted), then write runs/<name>/report.md
+    RunPipeline {
+        /// The pipeline file
+        #[arg(default_value = "pipelines/demo.toml")]
+        file: PathBuf,
+        #[command(flatten)]
+        args: PipelineArgs,
+    },
+    /// Run one stage of a pipeline from its recorded inputs (the stages it reads must be done)
+    Stage {
+        name: String,
+        #[arg(long, default_value = "pipelines/demo.toml")]
+        pipeline: PathBuf,
+        /// Run it again even when it is done
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        args: PipelineArgs,
+    },
+    /// The stages of a pipeline and where each stands
+    List {
+        #[arg(default_value = "pipelines/demo.toml")]
+        file: PathBuf,
+        #[command(flatten)]
+        args: PipelineArgs,
+    },
     /// Download and cache a model (`smollm2`)
     Fetch {
         #[arg(default_value = "smollm2")]
@@ -76,7 +119,21 @@ enum Cmd {
 }
 
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     match Cli::parse().command {
+        Cmd::RunPipeline { file, args } => pipeline(&file, &args, None, false),
+        Cmd::Stage { name, pipeline: file, force, args } => pipeline(&file, &args, Some(&name), force),
+        Cmd::List { file, args } => {
+            let p = align_pipeline::recipe::load(&file, &pipeline_options(&args))?;
+            println!("{} ({}): runs in {}", p.name, p.file.display(), p.root.display());
+            for (name, kind, state) in align_pipeline::recipe::list(&p)? {
+                println!("  {name:<16} {:<10} {state}", kind.name());
+            }
+            Ok(())
+        }
         Cmd::Fetch { what } => match what.as_str() {
             "smollm2" => {
                 println!("{}", fetch::smollm2()?.display());
@@ -170,6 +227,35 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn pipeline_options(args: &PipelineArgs) -> align_pipeline::recipe::Options {
+    align_pipeline::recipe::Options {
+        sets: args.sets.clone(),
+        smoke: args.smoke,
+        fetch: Some(|name| match name {
+            "smollm2" => fetch::smollm2(),
+            other => bail!("unknown model {other:?} (smollm2)"),
+        }),
+    }
+}
+
+fn pipeline(file: &std::path::Path, args: &PipelineArgs, only: Option<&str>, force: bool) -> Result<()> {
+    let p = align_pipeline::recipe::load(file, &pipeline_options(args))?;
+    let start = std::time::Instant::now();
+    let report = match args.device.as_str() {
+        "cpu" => align_pipeline::recipe::run_pipeline::<Cpu>(&p, only, force, &Default::default())?,
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            align_pipeline::recipe::run_pipeline::<align_model::backend::Cuda>(&p, only, force, &Default::default())?
+        }
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("this xtask has no CUDA support: build it with `cargo run -p xtask --features cuda -- …`"),
+        other => bail!("unknown device {other:?} (cpu, cuda)"),
+    };
+    println!("{}", report.markdown());
+    println!("report: {} ({:.0} s)", p.root.join("report.md").display(), start.elapsed().as_secs_f64());
+    Ok(())
 }
 
 fn bench_backends(gguf: &std::path::Path, reps: usize) -> Result<()> {

@@ -265,7 +265,8 @@ impl<B: AutodiffBackend> Stage<'_, B> {
         let sampling = self.s.generation(self.s.eval_temperature);
         let batch = self.cfg.training.per_device_train_batch_size;
         let seed = self.cfg.training.seed;
-        evaluate_prompts(policy, self.tok, &self.rewards, prompts, &sampling, batch, seed, &self.cfg.output_dir, step)
+        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
+        evaluate_prompts(policy, self.tok, &self.rewards, prompts, &sampling, batch, seed, &samples)
     }
 
     fn mask_of(&self, completions: &[&[u32]], truncated: &[bool], width: usize) -> Vec<Vec<f64>> {

@@ -4,6 +4,8 @@
 //!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer.
 //! - Stages, all configured by [`config::StageConfig`]: [`sft`]; [`preference`] (reward
 //!   model, DPO, ORPO, SimPO); the online RL stages [`grpo`] and [`ppo`], on [`rl`].
+//! - [`recipe`]: pipelines of stages (`cargo xtask run-pipeline`): references, caching,
+//!   resume, evals after each stage, the report.
 //! - [`score`]: completion log-probs, comparable with the reference harness.
 
 pub mod config;
@@ -11,6 +13,7 @@ pub mod grpo;
 pub mod optim;
 pub mod ppo;
 pub mod preference;
+pub mod recipe;
 pub mod rl;
 pub mod score;
 pub mod sft;

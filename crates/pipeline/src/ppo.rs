@@ -404,8 +404,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
             &s.generation(s.eval_temperature),
             per_device,
             args.seed,
-            out,
-            at,
+            &out.join(format!("eval/step-{at}.jsonl")),
         )
     };
     if args.eval_on_start && step == 0 && eval_every.is_some() {

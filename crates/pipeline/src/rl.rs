@@ -477,7 +477,7 @@ pub fn score_rollouts(rewards: &[(Box<dyn Reward>, f64)], prompts: &[&RlPrompt],
 }
 
 /// Mean reward (and per function and component) of one greedy (or `eval_temperature`)
-/// completion per held-out prompt; samples go to `eval/step-N.jsonl`.
+/// completion per held-out prompt; each sample, with its rewards, is a line of `samples`.
 #[allow(clippy::too_many_arguments)]
 pub fn evaluate_prompts<B: Backend>(
     policy: &Transformer<B>,
@@ -487,17 +487,17 @@ pub fn evaluate_prompts<B: Backend>(
     sampling: &Generation,
     batch_size: usize,
     seed: u64,
-    out_dir: &Path,
-    step: usize,
+    samples: &Path,
 ) -> Result<BTreeMap<String, f64>> {
     let bs = batch_size.max(1);
     let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]")
             .expect("valid template"),
     );
-    let dir = out_dir.join("eval");
-    std::fs::create_dir_all(&dir)?;
-    let mut f = std::fs::File::create(dir.join(format!("step-{step}.jsonl")))?;
+    if let Some(dir) = samples.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::File::create(samples).with_context(|| samples.display().to_string())?;
     let (mut totals, mut sums, mut n) = (vec![], BTreeMap::<String, f64>::new(), 0usize);
     let mut lengths = vec![];
     for (b, chunk) in prompts.chunks(bs).enumerate() {

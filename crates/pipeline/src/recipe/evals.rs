@@ -1,0 +1,269 @@
+//! The evals a pipeline runs after a stage (`evals = [{ kind = …, … }]`), on the model the
+//! stage produced. Each writes `eval/<name>.jsonl` (per sample) and `eval/<name>.json`
+//! (its metrics and the fingerprint they were made for, so an unchanged eval of an
+//! unchanged model is not run again).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+use align_data::{DatasetConfig, TokenizeConfig};
+use align_model::burn::tensor::backend::Backend;
+use align_model::{Heads, load_pretrained};
+use align_reward::RewardTerm;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::rl::{Generation, evaluate_prompts, load_prompts};
+
+/// One eval. `name` (default: the kind, or the task for `multiple_choice`) prefixes its
+/// metrics in the report: `arith/accuracy`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EvalSpec {
+    /// One completion per prompt row, scored by reward functions: `reward` (their weighted
+    /// sum), `rewards/<function>`, and with an `r1_zero` function its `accuracy` and
+    /// `format_rate`.
+    Rewards {
+        #[serde(default)]
+        name: Option<String>,
+        /// Rows with a `prompt` (and what the rewards read, e.g. `answer`).
+        data: DatasetConfig,
+        rewards: Vec<RewardTerm>,
+        /// Default 64.
+        #[serde(default = "default_new_tokens")]
+        max_new_tokens: usize,
+        /// 0 = greedy. Default 0.
+        #[serde(default)]
+        temperature: f32,
+        /// Default none.
+        #[serde(default)]
+        stop_strings: Vec<String>,
+        /// Prompts per generation batch. Default 16.
+        #[serde(default = "default_batch")]
+        batch_size: usize,
+        /// Default 0.
+        #[serde(default)]
+        seed: u64,
+    },
+    /// GSM8K with the r1_zero prompt and grader (as `align eval r1-zero`): `format_rate`,
+    /// `accuracy`, `avg_reward`.
+    R1Zero {
+        #[serde(default)]
+        name: Option<String>,
+        /// GSM8K rows (`question`, `answer`).
+        data: DatasetConfig,
+        /// Default 1.0 (the reference's).
+        #[serde(default = "one")]
+        temperature: f32,
+        /// Default 1.0.
+        #[serde(default = "one")]
+        top_p: f32,
+        /// Default 1024.
+        #[serde(default = "default_r1_tokens")]
+        max_new_tokens: usize,
+        /// Default 0.
+        #[serde(default)]
+        seed: u64,
+        /// Default 8.
+        #[serde(default = "default_small_batch")]
+        batch_size: usize,
+    },
+    /// lm-eval multiple choice (`task = "piqa"` or a task TOML): `acc`, `acc_norm`,
+    /// `acc_bytes` and their standard errors.
+    MultipleChoice {
+        #[serde(default)]
+        name: Option<String>,
+        task: String,
+        data: DatasetConfig,
+        /// Default 8.
+        #[serde(default = "default_small_batch")]
+        batch_size: usize,
+    },
+    /// A reward model's pairwise accuracy on preference rows: `accuracy` (chosen scored
+    /// above rejected) and `margin` (mean chosen − rejected).
+    RewardAccuracy {
+        #[serde(default)]
+        name: Option<String>,
+        data: DatasetConfig,
+        /// Default 8.
+        #[serde(default = "default_small_batch")]
+        batch_size: usize,
+    },
+}
+
+fn default_new_tokens() -> usize {
+    64
+}
+fn default_batch() -> usize {
+    16
+}
+fn default_small_batch() -> usize {
+    8
+}
+fn default_r1_tokens() -> usize {
+    1024
+}
+fn one() -> f32 {
+    1.0
+}
+
+impl EvalSpec {
+    pub fn name(&self) -> String {
+        match self {
+            Self::Rewards { name, .. } => name.clone().unwrap_or_else(|| "rewards".into()),
+            Self::R1Zero { name, .. } => name.clone().unwrap_or_else(|| "r1_zero".into()),
+            Self::MultipleChoice { name, task, .. } => name.clone().unwrap_or_else(|| {
+                Path::new(task).file_stem().map_or(task.clone(), |s| s.to_string_lossy().into_owned())
+            }),
+            Self::RewardAccuracy { name, .. } => name.clone().unwrap_or_else(|| "reward_accuracy".into()),
+        }
+    }
+}
+
+/// Run one eval of `model`, writing `<dir>/<name>.jsonl`; returns its metrics.
+pub fn run_eval<B: Backend>(
+    spec: &EvalSpec,
+    model: &Path,
+    dir: &Path,
+    device: &B::Device,
+) -> Result<BTreeMap<String, f64>> {
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    let name = spec.name();
+    let samples_path = dir.join(format!("{name}.jsonl"));
+    let mut m = BTreeMap::new();
+    match spec {
+        EvalSpec::Rewards { data, rewards, max_new_tokens, temperature, stop_strings, batch_size, seed, .. } => {
+            let pre = load_pretrained::<B>(model, Heads::LM, device)?;
+            let funcs = align_reward::build_terms::<B>(rewards, device)?;
+            let prompts = load_prompts(&pre.tokenizer, data, &TokenizeConfig::default(), &name)?;
+            let sampling = Generation {
+                temperature: *temperature,
+                top_k: 0,
+                top_p: 1.0,
+                max_new_tokens: *max_new_tokens,
+                min_new_tokens: 0,
+                stop_strings: stop_strings.clone(),
+                include_stop_str_in_output: true,
+            };
+            let all = evaluate_prompts(
+                &pre.model,
+                &pre.tokenizer,
+                &funcs,
+                &prompts,
+                &sampling,
+                *batch_size,
+                *seed,
+                &samples_path,
+            )?;
+            for (k, v) in &all {
+                match k.as_str() {
+                    "rewards/r1_zero/answer_reward" => {
+                        m.insert("accuracy".into(), *v);
+                    }
+                    "rewards/r1_zero/format_reward" => {
+                        m.insert("format_rate".into(), *v);
+                    }
+                    "reward" | "completions/mean_length" => {
+                        m.insert(k.clone(), *v);
+                    }
+                    // One number per function; its components stay in the samples file.
+                    _ if k.matches('/').count() == 1 && k != "rewards/r1_zero" => {
+                        m.insert(k.clone(), *v);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        EvalSpec::R1Zero { data, temperature, top_p, max_new_tokens, seed, batch_size, .. } => {
+            let pre = load_pretrained::<B>(model, Heads::LM, device)?;
+            let items = align_eval::math::load_gsm8k(data)?;
+            let cfg = align_eval::math::R1ZeroEvalConfig {
+                temperature: *temperature,
+                top_p: *top_p,
+                max_new_tokens: *max_new_tokens,
+                seed: *seed,
+                batch_size: *batch_size,
+            };
+            let mut f = std::fs::File::create(&samples_path).with_context(|| samples_path.display().to_string())?;
+            let bar = progress(items.len(), &name);
+            let samples = align_eval::math::eval_r1_zero(&pre.model, &pre.tokenizer, &items, &cfg, vec![], |batch| {
+                for s in batch {
+                    writeln!(f, "{}", serde_json::to_string(s)?)?;
+                }
+                bar.inc(batch.len() as u64);
+                Ok(())
+            })?;
+            bar.finish_and_clear();
+            let s = align_eval::math::summarize_math(&samples, 0.0);
+            m.insert("accuracy".into(), s.accuracy);
+            m.insert("format_rate".into(), s.format_rate);
+            m.insert("avg_reward".into(), s.avg_reward);
+        }
+        EvalSpec::MultipleChoice { task, data, batch_size, .. } => {
+            let pre = load_pretrained::<B>(model, Heads::LM, device)?;
+            let task = align_eval::McTask::resolve(task)?;
+            let items = align_eval::load_items(&task, data)?;
+            let bar = progress(items.iter().map(|i| i.choices.len()).sum(), &name);
+            let results =
+                align_eval::score_items(&pre.model, &pre.tokenizer, &task, &items, *batch_size, false, device, |n| {
+                    bar.inc(n as u64)
+                })?;
+            bar.finish_and_clear();
+            write_jsonl(&samples_path, &results)?;
+            let s = align_eval::summarize(&task, &results, 0.0);
+            for (k, v) in [("acc", s.acc), ("acc_norm", s.acc_norm), ("acc_bytes", s.acc_bytes)] {
+                m.insert(k.into(), v.value);
+                m.insert(format!("{k}_stderr"), v.stderr);
+            }
+        }
+        EvalSpec::RewardAccuracy { data, batch_size, .. } => {
+            let heads = Heads { lm: false, score: true, value: false };
+            let pre = load_pretrained::<B>(model, heads, device)?;
+            let tokenize = TokenizeConfig { max_length: None, max_prompt_length: None, ..Default::default() };
+            let rows = crate::preference::score_dataset(
+                &pre.model,
+                &pre.tokenizer,
+                data,
+                &tokenize,
+                *batch_size,
+                false,
+                device,
+            )?;
+            let mut right = 0usize;
+            let mut margins = vec![];
+            for r in &rows {
+                let (c, j) = (r["chosen"].as_f64(), r["rejected"].as_f64());
+                let (Some(c), Some(j)) = (c, j) else {
+                    anyhow::bail!("{}: row {} is not a preference pair", data.path.display(), r["row"]);
+                };
+                right += usize::from(c > j);
+                margins.push(c - j);
+            }
+            write_jsonl(&samples_path, &rows)?;
+            let n = rows.len().max(1) as f64;
+            m.insert("accuracy".into(), right as f64 / n);
+            m.insert("margin".into(), margins.iter().sum::<f64>() / n);
+        }
+    }
+    Ok(m)
+}
+
+fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len as u64).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
+            .expect("valid template"),
+    );
+    b.set_message(what.to_string());
+    b
+}
+
+fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    align_model::weights::write_atomic(path, text.as_bytes())?;
+    Ok(())
+}

@@ -1,0 +1,186 @@
+//! `runs/<pipeline>/report.md`: one row per stage with its eval numbers, one with its
+//! last training metrics, and PNG curves of loss, reward, KL and eval accuracy over steps.
+//! Only deterministic numbers go in the tables (no timings), so an interrupted and resumed
+//! run reports what an uninterrupted one does.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use align_eval::report::{Curve, Series, plot};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::resolve::Pipeline;
+use super::run::stage_evals;
+
+/// Training metrics shown per stage (the last logged value) and plotted against step.
+const TRAINING_METRICS: [&str; 9] = [
+    "loss",
+    "eval_loss",
+    "rewards/accuracies",
+    "eval_rewards/accuracies",
+    "reward",
+    "eval_reward",
+    "kl",
+    "objective/kl",
+    "objective/scores",
+];
+
+/// Curves drawn when any stage logs them (eval accuracy under r1_zero rewards included).
+const CURVES: [&str; 10] = [
+    "loss",
+    "eval_loss",
+    "reward",
+    "eval_reward",
+    "kl",
+    "objective/kl",
+    "kl_coef",
+    "rewards/accuracies",
+    "eval_rewards/accuracies",
+    "eval_rewards/r1_zero/answer_reward",
+];
+
+/// One stage's row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRow {
+    pub name: String,
+    pub kind: String,
+    /// `<eval>/<metric>` after the stage.
+    pub evals: BTreeMap<String, f64>,
+    /// The last logged value of each training metric, and `steps`.
+    pub training: BTreeMap<String, f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineReport {
+    pub title: String,
+    pub description: Option<String>,
+    pub target: Option<String>,
+    pub rows: Vec<StageRow>,
+    /// Not serialised into the tables: curves over steps.
+    #[serde(skip)]
+    pub curves: Vec<Curve>,
+}
+
+impl PipelineReport {
+    pub fn row(&self, stage: &str) -> Option<&StageRow> {
+        self.rows.iter().find(|r| r.name == stage)
+    }
+
+    /// The Markdown: the eval table, the training table, the curves.
+    pub fn markdown(&self) -> String {
+        let mut s = format!("# {}\n\n", self.title);
+        if let Some(d) = &self.description {
+            s.push_str(&format!("{}\n\n", d.trim()));
+        }
+        if let Some(t) = &self.target {
+            s.push_str(&format!("Written for: {t}\n\n"));
+        }
+        s.push_str("## Evaluations after each stage\n\n");
+        s.push_str(&table(&self.rows, |r| &r.evals));
+        s.push_str("\n## Training (last logged values)\n\n");
+        s.push_str(&table(&self.rows, |r| &r.training));
+        for c in &self.curves {
+            s.push_str(&format!("\n![{}]({}.png)\n", c.metric, file_stem(&c.metric)));
+        }
+        s
+    }
+
+    /// `report.md`, `report.json` and the PNGs into the pipeline's run directory; returns
+    /// the Markdown's path.
+    pub fn write(&self, p: &Pipeline) -> Result<PathBuf> {
+        let md = p.root.join("report.md");
+        align_model::weights::write_atomic(&md, self.markdown().as_bytes())?;
+        align_model::weights::write_atomic(
+            &p.root.join("report.json"),
+            serde_json::to_string_pretty(self)?.as_bytes(),
+        )?;
+        for c in &self.curves {
+            plot(c, &p.root.join(format!("{}.png", file_stem(&c.metric))))?;
+        }
+        Ok(md)
+    }
+}
+
+fn file_stem(metric: &str) -> String {
+    metric.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
+}
+
+fn fmt(v: f64) -> String {
+    if v.is_nan() {
+        "—".into()
+    } else if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
+        format!("{v:.3e}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn table(rows: &[StageRow], col: impl Fn(&StageRow) -> &BTreeMap<String, f64>) -> String {
+    let mut cols: Vec<&String> = rows.iter().flat_map(|r| col(r).keys()).collect();
+    cols.sort();
+    cols.dedup();
+    if cols.is_empty() {
+        return "(none)\n".into();
+    }
+    let mut s = format!(
+        "| stage | kind | {} |\n|---|---|{}\n",
+        cols.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(" | "),
+        "---|".repeat(cols.len())
+    );
+    for r in rows {
+        let cells: Vec<String> = cols.iter().map(|c| col(r).get(*c).map_or("—".into(), |v| fmt(*v))).collect();
+        s.push_str(&format!("| {} | {} | {} |\n", r.name, r.kind, cells.join(" | ")));
+    }
+    s
+}
+
+/// Gather every stage's evals and training logs.
+pub fn build(p: &Pipeline) -> Result<PipelineReport> {
+    let mut rows = vec![];
+    let mut curves: BTreeMap<&str, Vec<Series>> = BTreeMap::new();
+    for stage in &p.stages {
+        let mut training = BTreeMap::new();
+        let path = stage.dir.join("metrics.jsonl");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let mut per: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+            for (i, line) in text.lines().enumerate() {
+                let v: serde_json::Value =
+                    serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+                let step = v["step"].as_f64().unwrap_or(i as f64);
+                training.insert("steps".to_string(), step);
+                for k in TRAINING_METRICS {
+                    if let Some(x) = v[k].as_f64() {
+                        training.insert(k.to_string(), x);
+                    }
+                }
+                for k in CURVES {
+                    if let Some(x) = v[k].as_f64() {
+                        per.entry(k).or_default().push((step, x));
+                    }
+                }
+            }
+            for (k, points) in per {
+                curves.entry(k).or_default().push(Series { label: stage.name.clone(), points });
+            }
+        }
+        rows.push(StageRow {
+            name: stage.name.clone(),
+            kind: stage.kind.name().into(),
+            evals: stage_evals(stage)?,
+            training,
+        });
+    }
+    let curves = curves
+        .into_iter()
+        .filter(|(_, s)| s.iter().any(|x| x.points.len() > 1))
+        .map(|(metric, series)| Curve { metric: metric.to_string(), x_label: "step".into(), series })
+        .collect();
+    Ok(PipelineReport {
+        title: format!("Pipeline {}", p.name),
+        description: p.description.clone(),
+        target: p.target.clone(),
+        rows,
+        curves,
+    })
+}

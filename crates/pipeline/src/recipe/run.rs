@@ -1,0 +1,518 @@
+//! Running a resolved pipeline: the base model and generated datasets first, then each
+//! stage in order. A stage keeps `stage.json` (its fingerprint and status): done with the
+//! same fingerprint → skipped; interrupted with the same fingerprint → resumed from its
+//! last checkpoint; anything else → its directory is cleared and it runs again.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use align_model::burn::tensor::backend::Backend;
+use align_model::{Heads, HfHead, ModelConfig, Tokenizer, init_random, load_pretrained, save_pretrained};
+use align_reward::RewardTerm;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use super::evals::run_eval;
+use super::report::PipelineReport;
+use super::resolve::{Pipeline, StagePlan, hash_path};
+use super::{DataSource, StageKind};
+use crate::config::{ModelSpec, StageConfig};
+use crate::preference::{PairwiseStage, run_preference};
+
+/// Bump when a generated dataset's contents change for the same settings.
+pub const DATA_VERSION: &str = "1";
+
+/// `runs/<pipeline>/<stage>/stage.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageRecord {
+    pub fingerprint: String,
+    pub status: Status,
+    /// Seconds the stage ran (this attempt, or in total once done).
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Running,
+    Done,
+}
+
+/// Where a stage stands (`cargo xtask list`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageState {
+    /// Never run.
+    Pending,
+    /// Interrupted; resumes from this checkpoint step (none: from the start).
+    Interrupted(Option<usize>),
+    /// Done for this config and these inputs.
+    Done,
+    /// Done or started for another config or other inputs: runs again.
+    Changed,
+}
+
+impl std::fmt::Display for StageState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Pending => write!(f, "pending"),
+            Self::Interrupted(Some(s)) => write!(f, "interrupted (resumes at step {s})"),
+            Self::Interrupted(None) => write!(f, "interrupted (restarts)"),
+            Self::Done => write!(f, "done"),
+            Self::Changed => write!(f, "changed (runs again)"),
+        }
+    }
+}
+
+fn read_record(dir: &Path) -> Result<Option<StageRecord>> {
+    let p = dir.join("stage.json");
+    match std::fs::read_to_string(&p) {
+        Ok(text) => Ok(Some(serde_json::from_str(&text).with_context(|| format!("{}: invalid", p.display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| p.display().to_string()),
+    }
+}
+
+fn write_record(dir: &Path, r: &StageRecord) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    align_model::weights::write_atomic(&dir.join("stage.json"), serde_json::to_string_pretty(r)?.as_bytes())?;
+    Ok(())
+}
+
+/// The state of one stage on disk.
+pub fn state(stage: &StagePlan) -> Result<StageState> {
+    Ok(match read_record(&stage.dir)? {
+        None => StageState::Pending,
+        Some(r) if r.fingerprint != stage.fingerprint => StageState::Changed,
+        Some(r) if r.status == Status::Done => StageState::Done,
+        Some(_) => StageState::Interrupted(crate::trainer::checkpoints(&stage.dir).last().map(|(s, _)| *s)),
+    })
+}
+
+/// Every stage with its kind and state.
+pub fn list(p: &Pipeline) -> Result<Vec<(String, StageKind, StageState)>> {
+    p.stages.iter().map(|s| Ok((s.name.clone(), s.kind, state(s)?))).collect()
+}
+
+/// `best_of_n` stage settings (the stage's table).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BestOfNStage {
+    /// The policy that samples.
+    pub model: ModelSpec,
+    /// Rows with a `prompt`.
+    pub data: align_data::DatasetConfig,
+    /// What picks the best (usually `[{ kind = "model", path = "@reward" }]`).
+    pub rewards: Vec<RewardTerm>,
+    /// Candidates per prompt. Default 4.
+    #[serde(default = "default_n")]
+    pub n: usize,
+    /// Default 0.8.
+    #[serde(default = "default_bon_temperature")]
+    pub temperature: f32,
+    /// Default 1.0.
+    #[serde(default = "default_top_p")]
+    pub top_p: f32,
+    /// Default 0 (off).
+    #[serde(default)]
+    pub top_k: usize,
+    /// Default 64.
+    #[serde(default = "default_bon_tokens")]
+    pub max_new_tokens: usize,
+    /// Default none.
+    #[serde(default)]
+    pub stop_strings: Vec<String>,
+    /// Default 0.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn default_n() -> usize {
+    4
+}
+fn default_bon_temperature() -> f32 {
+    0.8
+}
+fn default_top_p() -> f32 {
+    1.0
+}
+fn default_bon_tokens() -> usize {
+    64
+}
+
+/// `eval` stage settings: only the model (the evals are the stage's `evals`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalStage {
+    pub model: ModelSpec,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(p: &Pipeline, stage: &StagePlan) -> Result<T> {
+    toml::Value::Table(stage.config.clone())
+        .try_into()
+        .with_context(|| format!("{}: stage {:?} ({})", p.file.display(), stage.name, stage.kind.name()))
+}
+
+/// Run the pipeline (or only `only`, whose inputs must be done; `force` re-runs it even
+/// when done) and write `report.md`. Returns the report's rows.
+pub fn run_pipeline<B: Backend>(
+    p: &Pipeline,
+    only: Option<&str>,
+    force: bool,
+    device: &B::Device,
+) -> Result<PipelineReport> {
+    std::fs::create_dir_all(&p.root).with_context(|| p.root.display().to_string())?;
+    if let Some(init) = &p.base.init {
+        prepare_base::<B>(p, init, device)?;
+    }
+    for (name, (src, fp)) in &p.data {
+        prepare_data(&p.root.join("data").join(name), src, fp)?;
+    }
+    if let Some(name) = only {
+        let stage = p.stage(name)?;
+        for input in &stage.inputs {
+            if let Some(up) = p.stages.iter().find(|s| &s.name == input)
+                && state(up)? != StageState::Done
+            {
+                bail!("stage {name:?} reads stage {input:?}, which is not done: run the pipeline first");
+            }
+        }
+    }
+    let total = p.stages.len();
+    for (i, stage) in p.stages.iter().enumerate() {
+        if only.is_some_and(|o| o != stage.name) {
+            continue;
+        }
+        let st = state(stage)?;
+        let forced = force && only == Some(stage.name.as_str());
+        tracing::info!(stage = %stage.name, kind = stage.kind.name(), state = %st, "stage {}/{total}", i + 1);
+        if st != StageState::Done || forced {
+            let resume = matches!(st, StageState::Interrupted(_)) && !forced;
+            if !resume && stage.dir.exists() {
+                std::fs::remove_dir_all(&stage.dir).with_context(|| format!("clearing {}", stage.dir.display()))?;
+            }
+            let start = Instant::now();
+            let running = StageRecord { fingerprint: stage.fingerprint.clone(), status: Status::Running, seconds: 0.0 };
+            write_record(&stage.dir, &running)?;
+            align_model::weights::write_atomic(
+                &stage.dir.join("pipeline-stage.toml"),
+                toml::to_string(&stage.config)?.as_bytes(),
+            )?;
+            run_stage::<B>(p, stage, resume, device)
+                .with_context(|| format!("stage {:?} ({})", stage.name, stage.kind.name()))?;
+            let done = StageRecord { status: Status::Done, seconds: start.elapsed().as_secs_f64(), ..running };
+            write_record(&stage.dir, &done)?;
+        }
+        run_evals::<B>(p, stage, device)?;
+    }
+    let report = super::report::build(p)?;
+    let written = report.write(p)?;
+    tracing::info!(report = %written.display(), "pipeline done");
+    Ok(report)
+}
+
+fn run_stage<B: Backend>(p: &Pipeline, stage: &StagePlan, resume: bool, device: &B::Device) -> Result<()> {
+    let pairwise = |kind| -> Result<()> {
+        run_preference::<B>(&parse::<StageConfig>(p, stage)?, kind, resume, device)?;
+        Ok(())
+    };
+    match stage.kind {
+        StageKind::Sft => {
+            crate::sft::run_sft::<B>(&parse(p, stage)?, resume, device)?;
+        }
+        StageKind::Reward => pairwise(PairwiseStage::Reward)?,
+        StageKind::Dpo => pairwise(PairwiseStage::Dpo)?,
+        StageKind::Orpo => pairwise(PairwiseStage::Orpo)?,
+        StageKind::Simpo => pairwise(PairwiseStage::Simpo)?,
+        StageKind::Grpo => {
+            crate::grpo::run_grpo::<B>(&parse(p, stage)?, resume, device)?;
+        }
+        StageKind::Ppo => {
+            crate::ppo::run_ppo::<B>(&parse(p, stage)?, resume, device)?;
+        }
+        StageKind::BestOfN => best_of_n::<B>(&parse(p, stage)?, &stage.dir, device)?,
+        StageKind::Eval => {
+            let e: EvalStage = parse(p, stage)?;
+            if !e.model.path.exists() {
+                bail!("{}: model not found", e.model.path.display());
+            }
+        }
+    }
+    if stage.kind.trains_policy() {
+        let cfg: StageConfig = parse(p, stage)?;
+        if cfg.lora.is_some() {
+            merge_adapter::<B>(&cfg.model.path, &stage.dir.join("final"), &stage.dir.join("merged"), device)?;
+        }
+    }
+    Ok(())
+}
+
+/// The base with the trained adapter merged in: the model later stages start from.
+fn merge_adapter<B: Backend>(base: &Path, adapter: &Path, out: &Path, device: &B::Device) -> Result<()> {
+    let pre = load_pretrained::<B>(base, Heads::LM, device)?;
+    let (adapted, _) = align_lora::load_peft(pre.model, adapter)?;
+    let merged = align_lora::merge_and_unload(adapted);
+    write_dir_atomic(out, |tmp| Ok(save_pretrained(&merged, Some(&pre.tokenizer), HfHead::CausalLm, tmp)?))?;
+    tracing::info!(out = %out.display(), "adapter merged for the stages downstream");
+    Ok(())
+}
+
+/// Write a directory under a temporary name, then rename it into place.
+fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    for d in [&tmp, &dir.to_path_buf()] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| d.display().to_string())?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
+    write(&tmp)?;
+    std::fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    Ok(())
+}
+
+fn best_of_n<B: Backend>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> Result<()> {
+    let pre = load_pretrained::<B>(&s.model.path, Heads::LM, device)?;
+    let mut terms = align_reward::build_terms::<B>(&s.rewards, device)?;
+    let reward: Box<dyn align_reward::Reward> = if terms.len() == 1 {
+        terms.remove(0).0
+    } else {
+        Box::new(align_reward::WeightedSum { name: "reward".into(), terms })
+    };
+    let prompts = crate::rl::load_prompts(&pre.tokenizer, &s.data, &Default::default(), "prompts")?;
+    let sampling = crate::rl::Generation {
+        temperature: s.temperature,
+        top_k: s.top_k,
+        top_p: s.top_p,
+        max_new_tokens: s.max_new_tokens,
+        min_new_tokens: 0,
+        stop_strings: s.stop_strings.clone(),
+        include_stop_str_in_output: true,
+    };
+    let sel = crate::rl::best_of_n(&pre.model, &pre.tokenizer, reward.as_ref(), &prompts, s.n, &sampling, s.seed)?;
+    // Printed as the seed recipe shows it: every candidate with its reward, the best marked.
+    let mut text = String::new();
+    for (i, x) in sel.iter().enumerate() {
+        text.push_str(&format!("=== prompt {} ===\n{}\n", i + 1, prompts[i].text));
+        for (k, c) in x.candidates.iter().enumerate() {
+            let mark = if k == x.best { "  <== best" } else { "" };
+            text.push_str(&format!(
+                "--- candidate {} (reward {:.4}){mark}\n{}\n",
+                k + 1,
+                c.reward,
+                c.completion.trim_end()
+            ));
+        }
+    }
+    print!("{text}");
+    align_model::weights::write_atomic(&dir.join("best_of_n.txt"), text.as_bytes())?;
+    let mut lines = String::new();
+    for x in &sel {
+        lines.push_str(&serde_json::to_string(x)?);
+        lines.push('\n');
+    }
+    align_model::weights::write_atomic(&dir.join("selections.jsonl"), lines.as_bytes())?;
+    let n = sel.len().max(1) as f64;
+    let best = sel.iter().map(|x| x.reward).sum::<f64>() / n;
+    let all: Vec<f64> = sel.iter().flat_map(|x| x.candidates.iter().map(|c| c.reward)).collect();
+    let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
+    let metrics = serde_json::json!({"best_reward": best, "mean_reward": mean, "prompts": sel.len(), "n": s.n});
+    align_model::weights::write_atomic(
+        &dir.join("best_of_n.json"),
+        serde_json::to_string_pretty(&metrics)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// An eval's saved result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub fingerprint: String,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The model a stage's evals look at.
+pub fn eval_model(p: &Pipeline, stage: &StagePlan) -> Result<PathBuf> {
+    match stage.kind {
+        StageKind::Eval => Ok(parse::<EvalStage>(p, stage)?.model.path),
+        _ => stage.output.clone().context("the stage has no model"),
+    }
+}
+
+/// Run the stage's evals whose saved results are missing or were made for another model
+/// or another eval config.
+fn run_evals<B: Backend>(p: &Pipeline, stage: &StagePlan, device: &B::Device) -> Result<()> {
+    if stage.evals.is_empty() {
+        return Ok(());
+    }
+    let model = eval_model(p, stage)?;
+    let model_fp = match stage.kind {
+        StageKind::Eval => hash_path(&model)?,
+        _ => stage.fingerprint.clone(),
+    };
+    let dir = stage.dir.join("eval");
+    for spec in &stage.evals {
+        let name = spec.name();
+        let fp = {
+            use sha2::Digest;
+            let h = sha2::Sha256::digest(format!("{model_fp}\n{}", toml::to_string(spec)?).as_bytes());
+            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        };
+        let path = dir.join(format!("{name}.json"));
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(r) = serde_json::from_str::<EvalRecord>(&text)
+            && r.fingerprint == fp
+        {
+            continue;
+        }
+        let start = Instant::now();
+        let metrics = run_eval::<B>(spec, &model, &dir, device)
+            .with_context(|| format!("stage {:?}: eval {name:?}", stage.name))?;
+        let summary: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
+        tracing::info!(stage = %stage.name, eval = %name, seconds = format!("{:.1}", start.elapsed().as_secs_f64()), "{}", summary.join(" "));
+        let r = EvalRecord { fingerprint: fp, metrics };
+        align_model::weights::write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// The eval results of a stage, as `<eval>/<metric>`.
+pub fn stage_evals(stage: &StagePlan) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for spec in &stage.evals {
+        let name = spec.name();
+        let path = stage.dir.join("eval").join(format!("{name}.json"));
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let r: EvalRecord = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+        for (k, v) in r.metrics {
+            out.insert(format!("{name}/{k}"), v);
+        }
+    }
+    if stage.kind == StageKind::BestOfN {
+        let path = stage.dir.join("best_of_n.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+            for k in ["best_reward", "mean_reward"] {
+                if let Some(x) = v[k].as_f64() {
+                    out.insert(format!("best_of_n/{k}"), x);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `root/base/`: the random model of `[base.init]` with its word-level tokenizer.
+fn prepare_base<B: Backend>(p: &Pipeline, init: &super::RandomBase, device: &B::Device) -> Result<()> {
+    let dir = &p.base_path;
+    let marker = dir.join("base.json");
+    if std::fs::read_to_string(&marker).is_ok_and(|t| t.trim() == p.base_fingerprint) {
+        return Ok(());
+    }
+    let (src, _) = &p.data[&init.vocabulary];
+    let tok = Tokenizer::word_level(
+        &src.vocabulary().with_context(|| format!("[base.init] vocabulary = {:?}", init.vocabulary))?,
+    )?;
+    let text = std::fs::read_to_string(&init.config).with_context(|| init.config.display().to_string())?;
+    let mut json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", init.config.display()))?;
+    let obj = json.as_object_mut().with_context(|| format!("{}: not a JSON object", init.config.display()))?;
+    // The vocabulary decides these, not the file.
+    obj.insert("vocab_size".into(), tok.vocab_size().into());
+    obj.insert("eos_token_id".into(), tok.eos_token_id.into());
+    obj.insert("pad_token_id".into(), tok.pad_token_id.into());
+    obj.insert("bos_token_id".into(), tok.eos_token_id.into());
+    let config = ModelConfig::from_json_str(&json.to_string()).with_context(|| init.config.display().to_string())?;
+    let model = init_random::<B>(&config, Heads::LM, init.std, init.seed, device)?;
+    write_dir_atomic(dir, |tmp| {
+        save_pretrained(&model, Some(&tok), HfHead::CausalLm, tmp)?;
+        std::fs::write(tmp.join("base.json"), &p.base_fingerprint)?;
+        Ok(())
+    })?;
+    tracing::info!(dir = %dir.display(), vocab = tok.vocab_size(), "random base model written");
+    Ok(())
+}
+
+impl DataSource {
+    /// The words of every row (the demo tokenizer's vocabulary).
+    pub fn vocabulary(&self) -> Result<Vec<String>> {
+        match self {
+            DataSource::SyntheticArithmetic { max_operand, wrong_spread, .. } => {
+                Ok(align_data::synthetic::arithmetic_vocabulary((*max_operand).max(*wrong_spread)))
+            }
+            DataSource::PiqaScoredConversations { .. } => bail!("PIQA text has no closed word-level vocabulary"),
+        }
+    }
+}
+
+/// `root/data/<name>/`: the generated files, rewritten when the settings change.
+fn prepare_data(dir: &Path, src: &DataSource, fingerprint: &str) -> Result<()> {
+    if std::fs::read_to_string(dir.join("data.json")).is_ok_and(|t| t.trim() == fingerprint) {
+        return Ok(());
+    }
+    match src {
+        DataSource::SyntheticArithmetic { seed, train, eval, max_operand, wrong_spread } => {
+            use align_data::synthetic as syn;
+            let tr = syn::arithmetic_problems(*seed, *train, *max_operand);
+            // Held-out problems from another stream of the seed.
+            let ev = syn::arithmetic_problems(seed.wrapping_add(0x9e37_79b9_7f4a_7c15), *eval, *max_operand);
+            let files = [
+                ("sft.jsonl", syn::sft_rows(&tr)),
+                ("preference.jsonl", syn::preference_rows(&tr, seed.wrapping_add(1), *wrong_spread)),
+                ("rl.jsonl", syn::prompt_answer_rows(&tr)),
+                ("eval.jsonl", syn::prompt_answer_rows(&ev)),
+                ("preference_eval.jsonl", syn::preference_rows(&ev, seed.wrapping_add(2), *wrong_spread)),
+            ];
+            write_dir_atomic(dir, |tmp| {
+                for (name, rows) in &files {
+                    let mut text = String::new();
+                    for r in rows {
+                        text.push_str(&serde_json::to_string(r)?);
+                        text.push('\n');
+                    }
+                    std::fs::write(tmp.join(name), text)?;
+                }
+                std::fs::write(tmp.join("data.json"), fingerprint)?;
+                Ok(())
+            })?;
+        }
+        DataSource::PiqaScoredConversations { path, skip, limit } => {
+            let (mut text, mut best) = (String::new(), String::new());
+            for rec in align_data::RecordReader::open(path)?.skip(*skip).take(limit.unwrap_or(usize::MAX)) {
+                let r = rec?;
+                let field = |f: &str| -> Result<&serde_json::Value> {
+                    r.fields.get(f).with_context(|| format!("{}: field `{f}` missing", r.location))
+                };
+                let goal =
+                    field("goal")?.as_str().with_context(|| format!("{}: field `goal` not a string", r.location))?;
+                let label = field("label")?
+                    .as_u64()
+                    .filter(|l| *l < 2)
+                    .with_context(|| format!("{}: field `label` must be 0 or 1", r.location))?;
+                for (k, sol) in ["sol1", "sol2"].iter().enumerate() {
+                    let sol =
+                        field(sol)?.as_str().with_context(|| format!("{}: field `{sol}` not a string", r.location))?;
+                    let row = serde_json::json!({
+                        "conversation": [{"role": "human", "content": goal}, {"role": "assistant", "content": sol}],
+                        "meta_eval_score": if k as u64 == label { 9.0 } else { 2.0 },
+                    });
+                    text.push_str(&row.to_string());
+                    text.push('\n');
+                    if k as u64 == label {
+                        best.push_str(&row.to_string());
+                        best.push('\n');
+                    }
+                }
+            }
+            write_dir_atomic(dir, |tmp| {
+                std::fs::write(tmp.join("scored.jsonl"), &text)?;
+                std::fs::write(tmp.join("best.jsonl"), &best)?;
+                std::fs::write(tmp.join("data.json"), fingerprint)?;
+                Ok(())
+            })?;
+        }
+    }
+    tracing::info!(dir = %dir.display(), "dataset generated");
+    Ok(())
+}
