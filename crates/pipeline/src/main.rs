@@ -131,6 +131,24 @@ enum Command {
     /// Evaluate a model (see `align eval --help`).
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Run a pipeline file: its stages in order, skipping what is done, resuming what was
+    /// interrupted, then runs/<name>/report.md (`cargo xtask run-pipeline` also fetches
+    /// `[base] fetch = …` models)
+    Pipeline {
+        file: PathBuf,
+        /// `key=value` edits of the file (`stages.sft.training.max_steps=50`); repeatable
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// A few steps of every stage with short evals, into runs/<name>-smoke/
+        #[arg(long)]
+        smoke: bool,
+        /// Only this stage (the stages it reads must be done)
+        #[arg(long)]
+        stage: Option<String>,
+        /// With --stage: run it again even when it is done
+        #[arg(long)]
+        force: bool,
+    },
     /// Merge a PEFT LoRA adapter into its base and write full HF safetensors.
     Merge {
         /// The base model (GGUF or HF directory)
@@ -719,6 +737,12 @@ fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
             }
         }
         Command::Eval(e) => eval::<B>(e, device)?,
+        Command::Pipeline { file, sets, smoke, stage, force } => {
+            let opts = align_pipeline::recipe::Options { sets, smoke, fetch: None };
+            let p = align_pipeline::recipe::load(&file, &opts)?;
+            let report = align_pipeline::recipe::run_pipeline::<B>(&p, stage.as_deref(), force, device)?;
+            println!("{}", report.markdown());
+        }
         Command::Merge { model, adapter, out } => {
             let m = load_pretrained::<B>(&model, Heads::LM, device)?;
             let (adapted, _) = align_lora::load_peft(m.model, &adapter)?;

@@ -156,23 +156,20 @@ pub fn run_eval<B: Backend>(
                 *seed,
                 &samples_path,
             )?;
+            // With the r1_zero grader: its accuracy and format rate (the reward is the
+            // accuracy when it is the only function); else the weighted reward. Either way one
+            // number per other function; components stay in the samples file.
+            let r1 = all.contains_key("rewards/r1_zero/answer_reward");
             for (k, v) in &all {
-                match k.as_str() {
-                    "rewards/r1_zero/answer_reward" => {
-                        m.insert("accuracy".into(), *v);
-                    }
-                    "rewards/r1_zero/format_reward" => {
-                        m.insert("format_rate".into(), *v);
-                    }
-                    "reward" | "completions/mean_length" => {
-                        m.insert(k.clone(), *v);
-                    }
-                    // One number per function; its components stay in the samples file.
-                    _ if k.matches('/').count() == 1 && k != "rewards/r1_zero" => {
-                        m.insert(k.clone(), *v);
-                    }
-                    _ => {}
-                }
+                let key = match k.as_str() {
+                    "rewards/r1_zero/answer_reward" => "accuracy",
+                    "rewards/r1_zero/format_reward" => "format_rate",
+                    "reward" if !r1 || rewards.len() > 1 => "reward",
+                    "rewards/r1_zero" | "reward" | "completions/mean_length" => continue,
+                    _ if k.matches('/').count() == 1 => k.as_str(),
+                    _ => continue,
+                };
+                m.insert(key.to_string(), *v);
             }
         }
         EvalSpec::R1Zero { data, temperature, top_p, max_new_tokens, seed, batch_size, .. } => {

@@ -95,8 +95,16 @@ impl PipelineReport {
             &p.root.join("report.json"),
             serde_json::to_string_pretty(self)?.as_bytes(),
         )?;
-        for c in &self.curves {
-            plot(c, &p.root.join(format!("{}.png", file_stem(&c.metric))))?;
+        // Curves of an earlier report that this one has not (a stage removed) go.
+        let keep: Vec<String> = self.curves.iter().map(|c| format!("{}.png", file_stem(&c.metric))).collect();
+        for entry in std::fs::read_dir(&p.root).with_context(|| p.root.display().to_string())?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".png") && !keep.contains(&name) {
+                std::fs::remove_file(entry.path()).ok();
+            }
+        }
+        for (c, name) in self.curves.iter().zip(&keep) {
+            plot(c, &p.root.join(name))?;
         }
         Ok(md)
     }

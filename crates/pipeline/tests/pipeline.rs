@@ -1,0 +1,144 @@
+//! Pipelines end to end: the built-in demo, shortened, improves each stage's own metric
+//! with a fixed seed; a pipeline killed mid-stage finishes with the numbers of one that was
+//! not; a changed stage re-runs with everything downstream of it and nothing upstream.
+//!
+//! Paths in pipeline files are relative to the working directory (the repository root),
+//! so each test runs there.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use align_model::backend::Cpu;
+use align_pipeline::recipe::{Options, StageState, list, load, run_pipeline};
+use common::{root, tmp};
+
+fn at_root() -> PathBuf {
+    let r = root().canonicalize().unwrap();
+    std::env::set_current_dir(&r).unwrap();
+    r
+}
+
+fn options(runs: &Path, sets: &[&str]) -> Options {
+    let mut all = vec![format!("runs_dir={}", runs.display())];
+    all.extend(sets.iter().map(|s| s.to_string()));
+    Options { sets: all, smoke: false, fetch: None }
+}
+
+#[test]
+fn the_demo_improves_every_stage() {
+    let r = at_root();
+    let runs = tmp("demo");
+    // The demo with shorter reward, GRPO and DPO stages.
+    let opts = options(
+        &runs,
+        &[
+            "stages.reward.training.max_steps=200",
+            "stages.grpo.training.max_steps=100",
+            "stages.dpo.training.max_steps=80",
+        ],
+    );
+    let p = load(&r.join("pipelines/demo.toml"), &opts).unwrap();
+    let report = run_pipeline::<Cpu>(&p, None, false, &Default::default()).unwrap();
+    let get = |stage: &str, metric: &str| -> f64 {
+        let row = report.row(stage).unwrap_or_else(|| panic!("no row {stage}"));
+        *row.evals.get(metric).unwrap_or_else(|| panic!("{stage}: no {metric} in {:?}", row.evals))
+    };
+    let acc = |stage: &str| get(stage, "arith/accuracy");
+    eprintln!("{}", report.markdown());
+    assert!(acc("untrained") < 0.05, "untrained {}", acc("untrained"));
+    assert!(acc("sft") > acc("untrained") + 0.2, "sft {} vs untrained {}", acc("sft"), acc("untrained"));
+    assert!(get("sft", "arith_greedy/accuracy") > 0.5, "{}", get("sft", "arith_greedy/accuracy"));
+    assert!(get("reward", "pairs/accuracy") >= 0.85, "reward model {}", get("reward", "pairs/accuracy"));
+    assert!(acc("grpo") > acc("sft") + 0.05, "grpo {} vs sft {}", acc("grpo"), acc("sft"));
+    assert!(acc("dpo") > acc("sft"), "dpo {} vs sft {}", acc("dpo"), acc("sft"));
+    assert!(runs.join("demo/report.md").exists() && runs.join("demo/loss.png").exists());
+
+    // Everything is done: a second run skips every stage and reports the same numbers.
+    let again = run_pipeline::<Cpu>(&p, None, false, &Default::default()).unwrap();
+    assert_eq!(again.rows, report.rows);
+    // A changed DPO stage re-runs alone; the stages above it stay done.
+    let changed = load(&r.join("pipelines/demo.toml"), &options(&runs, &["stages.dpo.dpo.beta=0.2"])).unwrap();
+    let states = list(&changed).unwrap();
+    let state = |n: &str| states.iter().find(|(s, _, _)| s == n).unwrap().2.clone();
+    assert_eq!(state("dpo"), StageState::Changed);
+    for s in ["untrained", "reward", "grpo"] {
+        assert_eq!(state(s), StageState::Done, "{s}");
+    }
+    // A changed SFT stage changes everything downstream of it.
+    let sft = load(&r.join("pipelines/demo.toml"), &options(&runs, &["stages.sft.training.max_steps=100"])).unwrap();
+    let states = list(&sft).unwrap();
+    for (name, _, st) in &states {
+        let expected = if name == "untrained" { StageState::Done } else { StageState::Changed };
+        assert_eq!(*st, expected, "{name}");
+    }
+}
+
+/// A short SFT → GRPO pipeline run by the `align` binary, killed once SFT has checkpointed,
+/// then run again: the report equals that of an uninterrupted run.
+#[test]
+fn a_killed_pipeline_resumes_to_the_same_report() {
+    let r = at_root();
+    let sets = [
+        "stages.sft.training.max_steps=60",
+        "stages.sft.training.save_steps=20",
+        "stages.grpo.training.max_steps=6",
+        "stages.grpo.training.gradient_accumulation_steps=1",
+        "stages.grpo.training.eval_steps=3",
+        "stages.grpo.training.save_steps=2",
+    ];
+    // Only the first stages: `untrained`, `sft`, `reward` (short), `grpo`; DPO is left out
+    // by running up to `grpo` stage by stage.
+    let run = |runs: &Path, kill_after: Option<&str>| {
+        let mut args: Vec<String> = vec!["pipeline".into(), "pipelines/demo.toml".into()];
+        for s in options(runs, &sets).sets.iter().chain(["stages.reward.training.max_steps=20".to_string()].iter()) {
+            args.push("--set".into());
+            args.push(s.clone());
+        }
+        for stage in ["untrained", "sft", "reward", "grpo"] {
+            let mut a = args.clone();
+            a.extend(["--stage".into(), stage.into()]);
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
+                .args(&a)
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            if kill_after == Some(stage) {
+                // Kill once a checkpoint past the first is written, mid-stage.
+                let ck = runs.join("demo/sft/checkpoints/step-40");
+                let start = Instant::now();
+                while !ck.exists() && start.elapsed() < Duration::from_secs(300) {
+                    if child.try_wait().unwrap().is_some() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                child.kill().ok();
+                child.wait().unwrap();
+                let p = load(&r.join("pipelines/demo.toml"), &options(runs, &sets)).unwrap();
+                assert!(
+                    matches!(
+                        p.stage(stage).map(|s| align_pipeline::recipe::run::state(s).unwrap()),
+                        Ok(StageState::Interrupted(_))
+                    ),
+                    "the kill landed mid-stage"
+                );
+                let status = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
+                    .args(&a)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            } else {
+                assert!(child.wait().unwrap().success(), "stage {stage}");
+            }
+        }
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(runs.join("demo/report.json")).unwrap()).unwrap();
+        report
+    };
+    let whole = run(&tmp("pipeline-whole"), None);
+    let resumed = run(&tmp("pipeline-killed"), Some("sft"));
+    assert_eq!(whole["rows"], resumed["rows"]);
+}
