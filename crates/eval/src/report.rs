@@ -37,7 +37,8 @@ pub struct Report {
     pub curves: Vec<Curve>,
 }
 
-fn fmt(v: f64) -> String {
+/// A metric for a table: 4 decimals, scientific when tiny or huge, "—" for NaN.
+pub fn fmt(v: f64) -> String {
     if v.is_nan() {
         "—".into()
     } else if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
@@ -87,7 +88,8 @@ impl Report {
     }
 }
 
-fn file_stem(metric: &str) -> String {
+/// A metric name as a file name (`eval_rewards/accuracies` → `eval_rewards_accuracies`).
+pub fn file_stem(metric: &str) -> String {
     metric.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
 }
 

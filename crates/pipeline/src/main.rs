@@ -1,5 +1,6 @@
 //! The `align` command.
 
+use align_pipeline::recipe::evals::write_jsonl;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -357,16 +358,6 @@ fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
     );
     b.set_message(what.to_string());
     b
-}
-
-fn write_jsonl<T: serde::Serialize>(path: &std::path::Path, rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    align_model::weights::write_atomic(path, text.as_bytes())?;
-    Ok(())
 }
 
 fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {

@@ -31,7 +31,8 @@ fn the_demo_improves_every_stage() {
     let r = at_root();
     let runs = tmp("demo");
     // The demo with shorter GRPO and DPO stages.
-    let opts = options(&runs, &["stages.grpo.training.max_steps=100", "stages.dpo.training.max_steps=80"]);
+    let short = ["stages.grpo.training.max_steps=100", "stages.dpo.training.max_steps=80"];
+    let opts = options(&runs, &short);
     let p = load(&r.join("pipelines/demo.toml"), &opts).unwrap();
     let report = run_pipeline::<Cpu>(&p, None, false, &Default::default()).unwrap();
     let get = |stage: &str, metric: &str| -> f64 {
@@ -57,7 +58,9 @@ fn the_demo_improves_every_stage() {
     let again = run_pipeline::<Cpu>(&p, None, false, &Default::default()).unwrap();
     assert_eq!(again.rows, report.rows);
     // A changed DPO stage re-runs alone; the stages above it stay done.
-    let changed = load(&r.join("pipelines/demo.toml"), &options(&runs, &["stages.dpo.dpo.beta=0.2"])).unwrap();
+    let changed =
+        load(&r.join("pipelines/demo.toml"), &options(&runs, &[short[0], short[1], "stages.dpo.dpo.beta=0.2"]))
+            .unwrap();
     let states = list(&changed).unwrap();
     let state = |n: &str| states.iter().find(|(s, _, _)| s == n).unwrap().2.clone();
     assert_eq!(state("dpo"), StageState::Changed);
@@ -65,7 +68,11 @@ fn the_demo_improves_every_stage() {
         assert_eq!(state(s), StageState::Done, "{s}");
     }
     // A changed SFT stage changes everything downstream of it.
-    let sft = load(&r.join("pipelines/demo.toml"), &options(&runs, &["stages.sft.training.max_steps=100"])).unwrap();
+    let sft = load(
+        &r.join("pipelines/demo.toml"),
+        &options(&runs, &[short[0], short[1], "stages.sft.training.max_steps=100"]),
+    )
+    .unwrap();
     let states = list(&sft).unwrap();
     for (name, _, st) in &states {
         let expected = if name == "untrained" { StageState::Done } else { StageState::Changed };

@@ -255,7 +255,8 @@ fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     b
 }
 
-fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+/// Rows as JSON lines, written atomically.
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
     let mut text = String::new();
     for r in rows {
         text.push_str(&serde_json::to_string(r)?);

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use align_eval::report::{Curve, Series, plot};
+use align_eval::report::{Curve, Series, file_stem, fmt, plot};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -107,20 +107,6 @@ impl PipelineReport {
             plot(c, &p.root.join(name))?;
         }
         Ok(md)
-    }
-}
-
-fn file_stem(metric: &str) -> String {
-    metric.chars().map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '-' { c } else { '_' }).collect()
-}
-
-fn fmt(v: f64) -> String {
-    if v.is_nan() {
-        "—".into()
-    } else if v != 0.0 && (v.abs() >= 1e5 || v.abs() < 1e-3) {
-        format!("{v:.3e}")
-    } else {
-        format!("{v:.4}")
     }
 }
 
