@@ -1,6 +1,6 @@
 //! The `align` command.
 
-use align_pipeline::recipe::evals::write_jsonl;
+use align_pipeline::recipe::evals::{progress, write_jsonl};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -351,15 +351,6 @@ enum EvalCommand {
     },
 }
 
-fn bar(len: usize, what: &str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(len as u64).with_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
-    );
-    b.set_message(what.to_string());
-    b
-}
-
 fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
     match command {
         EvalCommand::Mc { model, task, rows, out, batch_size, shared_context } => {
@@ -368,11 +359,7 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             let cfg = rows.dataset();
             let items = align_eval::load_items(&task, &cfg)?;
             let rows: usize = items.iter().map(|i| i.choices.len()).sum();
-            let bar = indicatif::ProgressBar::new(rows as u64).with_style(
-                indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-                    .expect("valid template"),
-            );
-            bar.set_message(task.name.clone());
+            let bar = progress(rows, &task.name);
             let start = std::time::Instant::now();
             let results = align_eval::score_items(
                 &m.model,
@@ -408,7 +395,7 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
             if !done.is_empty() {
                 tracing::info!(samples = done.len(), file = %path.display(), "resuming");
             }
-            let b = bar(items.len(), "r1_zero");
+            let b = progress(items.len(), "r1_zero");
             b.set_position(done.len() as u64);
             let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
             let start = std::time::Instant::now();
@@ -439,7 +426,7 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
                 ..align_data::DatasetConfig::new(shots)
             })?;
             let ecfg = align_eval::math::Gsm8kEvalConfig { num_fewshot, max_new_tokens, batch_size };
-            let b = bar(items.len(), "gsm8k");
+            let b = progress(items.len(), "gsm8k");
             let start = std::time::Instant::now();
             let samples =
                 align_eval::math::eval_gsm8k_lm_eval(&m.model, &m.tokenizer, &items, &shot_rows, &ecfg, |n| {
@@ -478,7 +465,7 @@ fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
                 }
                 out
             };
-            let b = bar(texts.len(), "perplexity");
+            let b = progress(texts.len(), "perplexity");
             let summary = align_eval::perplexity::perplexity(
                 &m.model,
                 &m.tokenizer,

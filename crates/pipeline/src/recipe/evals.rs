@@ -246,7 +246,8 @@ pub fn run_eval<B: Backend>(
     Ok(m)
 }
 
-fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
+/// A progress bar: `what`, the bar, done/total, elapsed and ETA.
+pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len as u64).with_style(
         indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
             .expect("valid template"),

@@ -100,15 +100,14 @@ fn resolve(path: &Path, file: PipelineFile, opts: &Options) -> Result<Pipeline> 
             (p, hash_strs(&["fetch", name, &h]))
         }
         (None, None, Some(init)) => {
-            let cfg = std::fs::read(&init.config)
-                .with_context(|| at(format!("[base.init] config {}", init.config.display())))?;
+            let cfg =
+                hash_path(&init.config).with_context(|| at(format!("[base.init] config {}", init.config.display())))?;
             let data = file
                 .data
                 .get(&init.vocabulary)
                 .with_context(|| at(format!("[base.init] vocabulary = {:?}: no [data.{0}]", init.vocabulary)))?;
             let spec = toml::to_string(data)?;
-            let h =
-                hash_strs(&["init", &hex(&Sha256::digest(&cfg)), &spec, &init.seed.to_string(), &init.std.to_string()]);
+            let h = hash_strs(&["init", &cfg, &spec, &init.seed.to_string(), &init.std.to_string()]);
             (root.join("base"), h)
         }
         _ => bail!(at("[base] needs exactly one of `path`, `fetch`, `init`".into())),
@@ -416,7 +415,7 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn hash_strs(parts: &[&str]) -> String {
+pub(crate) fn hash_strs(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update((p.len() as u64).to_le_bytes());

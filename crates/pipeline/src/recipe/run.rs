@@ -354,11 +354,7 @@ fn run_evals<B: Backend>(p: &Pipeline, stage: &StagePlan, device: &B::Device) ->
     let dir = stage.dir.join("eval");
     for spec in &stage.evals {
         let name = spec.name();
-        let fp = {
-            use sha2::Digest;
-            let h = sha2::Sha256::digest(format!("{model_fp}\n{}", toml::to_string(spec)?).as_bytes());
-            h.iter().map(|b| format!("{b:02x}")).collect::<String>()
-        };
+        let fp = super::resolve::hash_strs(&[&model_fp, &toml::to_string(spec)?]);
         let path = dir.join(format!("{name}.json"));
         if let Ok(text) = std::fs::read_to_string(&path)
             && let Ok(r) = serde_json::from_str::<EvalRecord>(&text)
