@@ -6,14 +6,14 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{Int, Tensor, TensorData};
+use align_model::{AutodiffFusedOps, FusedOps};
 use align_model::{Heads, TokenBatch, Transformer, load_pretrained};
 use align_rollout::{SamplingConfig, generate};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-fn median(mut xs: Vec<f64>) -> f64 {
+pub fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     let n = xs.len();
     if n % 2 == 1 { xs[n / 2] } else { (xs[n / 2 - 1] + xs[n / 2]) / 2.0 }
@@ -46,7 +46,7 @@ pub struct Figures {
 }
 
 /// align's inference figures on backend `B`.
-pub fn align_inference<B: Backend>(model: &Transformer<B>, reps: usize) -> Figures {
+pub fn align_inference<B: FusedOps>(model: &Transformer<B>, reps: usize) -> Figures {
     let device = model.embed_tokens.val().device();
     let vocab = model.config.vocab_size;
     let prefill = synthetic_ids(8, 128, vocab, 1);
@@ -72,7 +72,7 @@ pub fn align_inference<B: Backend>(model: &Transformer<B>, reps: usize) -> Figur
 }
 
 /// One forward + backward step of next-token cross-entropy, tokens/s.
-pub fn train_step_tps<B: AutodiffBackend>(gguf: &Path, batch: usize, len: usize, reps: usize) -> Result<f64> {
+pub fn train_step_tps<B: AutodiffFusedOps>(gguf: &Path, batch: usize, len: usize, reps: usize) -> Result<f64> {
     let device = Default::default();
     let m = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
     let ids = synthetic_ids(batch, len + 1, m.config.vocab_size, 3);
@@ -135,7 +135,7 @@ pub struct PeerSetup {
     pub hf_dir: PathBuf,
 }
 
-pub fn run_inference_bench<B: Backend>(gguf: &Path, peer: Option<&PeerSetup>, reps: usize) -> Result<Value> {
+pub fn run_inference_bench<B: FusedOps>(gguf: &Path, peer: Option<&PeerSetup>, reps: usize) -> Result<Value> {
     let device = Default::default();
     let m = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
     eprintln!("bench: align (prefill 8x128, decode 1x64 and 8x64 after 32-token prompts)...");

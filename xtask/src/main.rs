@@ -13,6 +13,7 @@ mod bench_dpo;
 mod bench_rollout;
 mod bench_sft;
 mod fetch;
+mod profile;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -112,6 +113,9 @@ enum Cmd {
         /// RL rollout throughput instead (8 prompts × G=8, 64 new tokens)
         #[arg(long)]
         rollout: bool,
+        /// Where one SFT LoRA step's time goes, part by part (forward and backward)
+        #[arg(long)]
+        profile: bool,
         /// GSM8K train JSONL for `--data`
         #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
         gsm8k: PathBuf,
@@ -161,8 +165,15 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, gsm8k } => {
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, profile, gsm8k } => {
             let gguf = fetch::smollm2()?;
+            if profile {
+                let report = profile::run(&gguf, reps)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/profile.json", serde_json::to_string_pretty(&report)?)?;
+                eprintln!("bench: wrote target/bench/profile.json");
+                return Ok(());
+            }
             if backends {
                 return bench_backends(&gguf, reps);
             }

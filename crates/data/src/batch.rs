@@ -44,10 +44,35 @@ impl HostBatch {
         (targets, mask)
     }
 
+    /// Where a loss reads the model, for a mask over `shifted_targets` (`[batch, seq − 1]`):
+    /// each `true` cell's index in that grid, the flattened `[batch, seq]` hidden-state row
+    /// that predicts it, and its target id. The LM head then runs on these rows alone.
+    pub fn loss_positions(&self, targets: &[i64], mask: &[bool]) -> LossPositions {
+        let w = self.shape[1].saturating_sub(1);
+        let mut out = LossPositions::default();
+        for (i, _) in mask.iter().enumerate().filter(|(_, m)| **m) {
+            out.cells.push(i);
+            out.rows.push(i + i / w);
+            out.targets.push(targets[i]);
+        }
+        out
+    }
+
     /// Real (non-padding) tokens.
     pub fn real_tokens(&self) -> usize {
         self.segments.iter().filter(|&&s| s != 0).count()
     }
+}
+
+/// The positions of a batch a loss reads (see [`HostBatch::loss_positions`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LossPositions {
+    /// Index in the `[batch, seq − 1]` grid of shifted targets.
+    pub cells: Vec<usize>,
+    /// Row of the flattened `[batch, seq]` hidden states predicting it.
+    pub rows: Vec<usize>,
+    /// The token predicted.
+    pub targets: Vec<i64>,
 }
 
 /// Sequences padded on the right to the longest (training).
@@ -153,5 +178,14 @@ mod tests {
         let (t, m) = batch.shifted_targets();
         assert_eq!(t, vec![2, 3, 4, 5, 0]);
         assert_eq!(m, vec![true, true, false, true, false]);
+        let at = batch.loss_positions(&t, &m);
+        assert_eq!(at.cells, vec![0, 1, 3]);
+        assert_eq!(at.rows, vec![0, 1, 3]);
+        assert_eq!(at.targets, vec![2, 3, 5]);
+        // Two rows of width 3: cell (1, 0) is grid index 2, hidden row 3.
+        let two = pad_right(&[&b, &a], 0);
+        let (t, m) = two.shifted_targets();
+        let at = two.loss_positions(&t, &m);
+        assert_eq!((at.cells, at.rows, at.targets), (vec![0, 2, 3], vec![0, 3, 4], vec![5, 2, 3]));
     }
 }

@@ -4,7 +4,7 @@
 
 use align_data::adapters::{gsm8k_ground_truth, r1_zero_prompt};
 use align_data::{DatasetConfig, RecordReader};
-use align_model::burn::tensor::backend::Backend;
+use align_model::FusedOps;
 use align_model::{Tokenizer, Transformer};
 pub use align_reward::gsm8k_lm_eval_matches;
 use align_reward::r1_zero_reward;
@@ -88,7 +88,7 @@ pub struct MathSummary {
 /// checked against `items` and kept, and generation continues after them with the same
 /// per-batch seeds, so a resumed run equals an uninterrupted one. `on_batch` gets each new
 /// batch's samples (to append them to a file); returns every sample.
-pub fn eval_r1_zero<B: Backend>(
+pub fn eval_r1_zero<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     items: &[MathItem],
@@ -186,7 +186,7 @@ pub struct Gsm8kSample {
 }
 
 /// lm-eval's GSM8K: k-shot context from `shots`, greedy generation, both matches.
-pub fn eval_gsm8k_lm_eval<B: Backend>(
+pub fn eval_gsm8k_lm_eval<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     items: &[MathItem],

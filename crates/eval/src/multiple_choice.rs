@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use align_data::{DatasetConfig, HostBatch, Record, RecordReader, TokenizedSequence, pad_right};
-use align_model::burn::tensor::backend::Backend;
+use align_model::FusedOps;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{TokenBatch, Tokenizer, Transformer};
 use anyhow::{Context, Result, bail};
@@ -227,7 +227,7 @@ fn argmax(v: impl Iterator<Item = f64>) -> usize {
 /// choices continue it from a KV cache (fewer FLOPs for long few-shot contexts); otherwise
 /// every (context, choice) row runs whole, `batch_size` rows per forward, longest first.
 #[allow(clippy::too_many_arguments)]
-pub fn score_items<B: Backend>(
+pub fn score_items<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     task: &McTask,
@@ -307,7 +307,7 @@ pub fn score_items<B: Backend>(
 /// Log-likelihoods of an item's choices with its context run once: the context fills a KV
 /// cache, repeated for the choices, whose continuations then run as one right-padded batch.
 /// Returns (log-likelihoods, is_greedy) per choice.
-pub fn score_item_shared_context<B: Backend>(
+pub fn score_item_shared_context<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     task: &McTask,
@@ -373,18 +373,31 @@ pub fn score_item_shared_context<B: Backend>(
 }
 
 /// Summed log-probs of each row's loss tokens and whether each is the argmax.
-fn continuation_logprobs<B: Backend>(
+fn continuation_logprobs<B: FusedOps>(
     model: &Transformer<B>,
     batch: &HostBatch,
     device: &B::Device,
 ) -> (Vec<f64>, Vec<bool>) {
     let [b, t] = batch.shape;
-    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
     let (targets, mask) = batch.shifted_targets();
-    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(targets.clone(), [b, t - 1]), device);
-    let argmax: Vec<i64> = logits.clone().argmax(2).into_data().convert::<i64>().to_vec().expect("int data");
-    let lp: Vec<f64> =
+    let at = batch.loss_positions(&targets, &mask);
+    // Logits of the continuation positions only (not of contexts or padding).
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
+    let d = hidden.dims()[2];
+    let rows = Tensor::<B, 1, Int>::from_data(
+        TensorData::new(at.rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [at.rows.len()]),
+        device,
+    );
+    let logits = model.logits(hidden.reshape([b * t, d]).select(0, rows).unsqueeze_dim(0));
+    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(at.targets.clone(), [1, at.targets.len()]), device);
+    let argmax_at: Vec<i64> = logits.clone().argmax(2).into_data().convert::<i64>().to_vec().expect("int data");
+    let lp_at: Vec<f64> =
         align_losses::token_logprobs(logits, tg, 1.0).into_data().convert::<f64>().to_vec().expect("float data");
+    let (mut lp, mut argmax) = (vec![0.0; b * (t - 1)], vec![0i64; b * (t - 1)]);
+    for (i, &cell) in at.cells.iter().enumerate() {
+        lp[cell] = lp_at[i];
+        argmax[cell] = argmax_at[i];
+    }
     let mut sums = vec![0.0; b];
     let mut greedy = vec![true; b];
     for r in 0..b {

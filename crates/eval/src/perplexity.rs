@@ -4,9 +4,7 @@
 //! predicted exactly once; later windows carry the preceding tokens as context.
 
 use align_data::{HostBatch, TokenizedSequence, pad_right};
-use align_model::burn::tensor::backend::Backend;
-use align_model::burn::tensor::{Int, Tensor, TensorData};
-use align_model::{Tokenizer, Transformer};
+use align_model::{FusedOps, Tokenizer, Transformer};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -44,7 +42,7 @@ fn windows(ids: &[u32], start: u32, max_length: usize) -> Vec<(Vec<u32>, usize)>
 }
 
 /// Score texts; `progress` gets the number of texts done.
-pub fn perplexity<B: Backend>(
+pub fn perplexity<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     texts: &[String],
@@ -94,14 +92,18 @@ pub fn perplexity<B: Backend>(
     })
 }
 
-fn summed_logprob<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> f64 {
-    let [b, t] = batch.shape;
-    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
+fn summed_logprob<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> f64 {
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let (targets, mask) = batch.shifted_targets();
-    let tg = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), device);
-    let lp: Vec<f64> =
-        align_losses::token_logprobs(logits, tg, 1.0).into_data().convert::<f64>().to_vec().expect("float data");
-    lp.iter().zip(&mask).filter(|(_, m)| **m).map(|(l, _)| l).sum()
+    let at = batch.loss_positions(&targets, &mask);
+    let lp: Vec<f64> = model
+        .logprobs_at(hidden, &at.rows, &at.targets, 1.0, false)
+        .logprobs
+        .into_data()
+        .convert::<f64>()
+        .to_vec()
+        .expect("float data");
+    lp.iter().sum()
 }
 
 #[cfg(test)]

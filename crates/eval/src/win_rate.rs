@@ -4,7 +4,7 @@
 //! higher (a tie counts half).
 
 use align_data::{Content, Example, ExampleTokenizer, TokenizeConfig, Tokenized, TokenizedSequence};
-use align_model::burn::tensor::backend::Backend;
+use align_model::FusedOps;
 use align_model::{Tokenizer, Transformer};
 use align_reward::score_sequences;
 use align_rollout::{SamplingConfig, generate_text};
@@ -14,12 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::multiple_choice::{WithStderr, mean_with_stderr};
 
 /// A model with its tokenizer.
-pub struct Contender<'a, B: Backend> {
+pub struct Contender<'a, B: FusedOps> {
     pub model: &'a Transformer<B>,
     pub tokenizer: &'a Tokenizer,
 }
 
-impl<'a, B: Backend> Contender<'a, B> {
+impl<'a, B: FusedOps> Contender<'a, B> {
     pub fn of(m: &'a align_model::Pretrained<B>) -> Self {
         Contender { model: &m.model, tokenizer: &m.tokenizer }
     }
@@ -44,7 +44,7 @@ pub struct WinSummary {
     pub mean_reward_b: f64,
 }
 
-fn complete<B: Backend>(
+fn complete<B: FusedOps>(
     c: &Contender<B>,
     prompts: &[String],
     cfg: &SamplingConfig,
@@ -64,7 +64,7 @@ fn complete<B: Backend>(
 }
 
 /// Reward-model scores of prompt + completion rows.
-pub fn reward_scores<B: Backend>(
+pub fn reward_scores<B: FusedOps>(
     rm: &Contender<B>,
     prompts: &[String],
     completions: &[String],
@@ -96,7 +96,7 @@ pub fn reward_scores<B: Backend>(
 }
 
 /// A's win rate over B on `prompts`.
-pub fn win_rate<B: Backend>(
+pub fn win_rate<B: FusedOps>(
     a: &Contender<B>,
     b: &Contender<B>,
     rm: &Contender<B>,

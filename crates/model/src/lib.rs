@@ -26,6 +26,9 @@ pub mod weights;
 
 use std::path::Path;
 
+pub use align_kernels::{
+    AutodiffFusedOps, FusedOps, HeadLogprobs, lora_linear, masked_attention, rms_norm, rope, swiglu,
+};
 pub use burn;
 use burn::tensor::backend::Backend;
 
@@ -35,7 +38,7 @@ pub use error::{ModelError, Result};
 pub use load::{Heads, RandomInit, build, export, init_random};
 pub use rng::SplitMix64;
 pub use tokenizer::Tokenizer;
-pub use transformer::{KvCache, LowRank, Proj, TokenBatch, Transformer, cast_float};
+pub use transformer::{BlockContext, KvCache, LowRank, Proj, TokenBatch, Transformer, cast_float, spread_rows};
 pub use weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource};
 
 /// A network with its tokenizer, as loaded from disk.

@@ -16,9 +16,10 @@
 use burn::module::{Module, ModuleMapper, Param};
 use burn::nn::{Dropout, Linear};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{attention, embedding};
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, FloatDType, Int, Tensor, TensorData, activation};
+use burn::tensor::module::embedding;
+use burn::tensor::{Bool, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use align_kernels::{FusedOps, HeadLogprobs, lora_linear, masked_attention, rms_norm, swiglu};
 
 use crate::config::{ModelConfig, RopeScaling};
 
@@ -33,10 +34,14 @@ pub struct Norm<B: Backend> {
     pub center: bool,
 }
 
-impl<B: Backend> Norm<B> {
+impl<B: FusedOps> Norm<B> {
     /// Normalised in f32 whatever the activations' dtype (bf16 training), then cast back
-    /// before the weight, as transformers' `LlamaRMSNorm` does.
+    /// before the weight, as transformers' `LlamaRMSNorm` does. RMSNorm runs as one fused
+    /// op (`align_kernels::rms_norm`).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        if !self.center && self.bias.is_none() {
+            return rms_norm(x, self.weight.val(), self.eps);
+        }
         let dtype = x.dtype();
         let x = x.cast(FloatDType::F32);
         let x = if self.center { x.clone() - x.mean_dim(D - 1) } else { x };
@@ -73,10 +78,10 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Proj<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: FusedOps> Mlp<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let h = match &self.gate_proj {
-            Some(gate) => activation::silu(gate.forward(x.clone())) * self.up_proj.forward(x),
+            Some(gate) => swiglu(gate.forward(x.clone()), self.up_proj.forward(x)),
             None => gelu_new(self.up_proj.forward(x)),
         };
         self.down_proj.forward(h)
@@ -118,8 +123,33 @@ impl<B: Backend> Proj<B> {
     pub fn new(linear: Linear<B>) -> Self {
         Proj { linear, adapter: None }
     }
+}
 
+impl<B: FusedOps> Proj<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.adapter {
+            // Without dropout and with a frozen base: one fused node (`align_kernels::lora_linear`).
+            Some(ad)
+                if ad.enabled
+                    && !ad.merged
+                    && ad.dropout.prob == 0.0
+                    && !self.linear.weight.val().is_require_grad() =>
+            {
+                let [b, t, d] = x.dims();
+                let y = lora_linear(x.reshape([b * t, d]), self.linear.weight.val(), ad.a.val(), ad.b.val(), ad.scale);
+                let y = match &self.linear.bias {
+                    Some(bias) => y + bias.val().unsqueeze(),
+                    None => y,
+                };
+                let n = y.dims()[1];
+                y.reshape([b, t, n])
+            }
+            _ => self.forward_composed(x),
+        }
+    }
+
+    /// The projection composed from Burn ops (LoRA dropout, or a trainable base).
+    fn forward_composed(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let y = linear(&self.linear, x.clone());
         match &self.adapter {
             Some(ad) if ad.enabled && !ad.merged => {
@@ -248,6 +278,15 @@ impl<B: Backend> TokenBatch<B> {
     }
 }
 
+/// The rotary `(cos, sin)` (`[batch, seq, head_dim]`; `None` for GPT-2) and the
+/// attention mask (`[batch, kv_heads, groups · seq, keys]`, `true` = masked) every block of
+/// a forward pass reads.
+#[derive(Debug, Clone)]
+pub struct BlockContext<B: Backend> {
+    pub rope: Option<(Tensor<B, 3>, Tensor<B, 3>)>,
+    pub mask: Tensor<B, 4, Bool>,
+}
+
 /// The whole network: embeddings, blocks, final norm, and the heads it was built with.
 #[derive(Module, Debug)]
 pub struct Transformer<B: Backend> {
@@ -269,28 +308,33 @@ pub struct Transformer<B: Backend> {
 }
 
 impl<B: Backend> Transformer<B> {
-    /// Final hidden states `[batch, seq, hidden]` (after the last norm). With a cache, the
-    /// batch continues the cached positions and its keys/values are appended.
-    pub fn forward_hidden(&self, batch: &TokenBatch<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+    /// Token (and, for GPT-2, position) embeddings of a batch, `[batch, seq, hidden]`.
+    pub fn embed(&self, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+        let h = embedding(self.embed_tokens.val(), batch.input_ids.clone());
+        match &self.position_embeddings {
+            Some(wpe) => h + embedding(wpe.val(), batch.positions.clone()),
+            None => h,
+        }
+    }
+
+    /// What every block of one forward pass shares: the rotary angles of the batch's
+    /// positions and the attention mask against `key_segments` (the cached keys' segments,
+    /// then the batch's), with `past` positions already cached.
+    pub fn block_context(
+        &self,
+        batch: &TokenBatch<B>,
+        key_segments: Tensor<B, 2, Int>,
+        past: usize,
+        dtype: burn::tensor::DType,
+    ) -> BlockContext<B> {
         let t = batch.dims()[1];
         let device = batch.input_ids.device();
-        let mut h = embedding(self.embed_tokens.val(), batch.input_ids.clone());
-        if let Some(wpe) = &self.position_embeddings {
-            h = h + embedding(wpe.val(), batch.positions.clone());
-        }
-        let dtype = h.dtype();
         let rope = self.inv_freq.as_ref().map(|inv| {
             let (cos, sin) = rope_cos_sin(inv.clone(), batch.positions.clone());
             (cos.cast(dtype), sin.cast(dtype))
         });
-
-        let past = cache.as_ref().map_or(0, |c| c.len);
-        let key_segments = match cache.as_ref().and_then(|c| c.segments.clone()) {
-            Some(s) => Tensor::cat(vec![s, batch.segments.clone()], 1),
-            None => batch.segments.clone(),
-        };
         let c = &self.config;
-        let mask = attention_mask::<B>(batch.segments.clone(), key_segments.clone(), past, &device);
+        let mask = attention_mask::<B>(batch.segments.clone(), key_segments, past, &device);
         // Built once for all layers, in the grouped-query layout `Attention` uses.
         let groups = c.num_attention_heads / c.num_key_value_heads;
         let [b, _, _, tk] = mask.dims();
@@ -300,20 +344,7 @@ impl<B: Backend> Transformer<B> {
             groups * t,
             tk,
         ]);
-
-        for (i, layer) in self.layers.iter().enumerate() {
-            let x = layer.input_layernorm.forward(h.clone());
-            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = layer.self_attn.forward(x, rope.as_ref(), mask.clone(), layer_cache);
-            h = h + a;
-            let x = layer.post_attention_layernorm.forward(h.clone());
-            h = h + layer.mlp.forward(x);
-        }
-        if let Some(c) = cache {
-            c.segments = Some(key_segments);
-            c.len = past + t;
-        }
-        self.norm.forward(h)
+        BlockContext { rope, mask }
     }
 
     /// Next-token logits `[batch, seq, vocab]` from final hidden states.
@@ -321,10 +352,7 @@ impl<B: Backend> Transformer<B> {
         let [b, t, d] = hidden.dims();
         let x = hidden.reshape([b * t, d]);
         // `w_t` is the projection as `[vocab, hidden]`.
-        let (w_t, bias) = match &self.lm_head {
-            Some(head) => (head.weight.val().transpose(), head.bias.as_ref().map(|b| b.val())),
-            None => (self.embed_tokens.val(), None),
-        };
+        let (w_t, bias) = self.head_weight();
         let v = w_t.dims()[0];
         // For a few rows (decoding), `(W xᵀ)ᵀ` runs ~3x faster on CPU than `x Wᵀ` with a
         // 49k-wide output; for many rows the plain product is faster.
@@ -336,9 +364,12 @@ impl<B: Backend> Transformer<B> {
         y.reshape([b, t, v])
     }
 
-    /// Logits for a batch (no cache).
-    pub fn forward(&self, batch: &TokenBatch<B>) -> Tensor<B, 3> {
-        self.logits(self.forward_hidden(batch, None))
+    /// The LM head as `[vocab, hidden]` and its bias.
+    fn head_weight(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        match &self.lm_head {
+            Some(head) => (head.weight.val().transpose(), head.bias.as_ref().map(|b| b.val())),
+            None => (self.embed_tokens.val(), None),
+        }
     }
 
     /// Score-head outputs `[batch, seq, num_labels]` in f32; `None` if built without one.
@@ -394,25 +425,89 @@ impl<B: Backend> Transformer<B> {
     }
 }
 
-/// `cos` and `sin` of every position's rotary angles, `[batch, 1, seq, head_dim]`.
+impl<B: FusedOps> Transformer<B> {
+    /// Final hidden states `[batch, seq, hidden]` (after the last norm). With a cache, the
+    /// batch continues the cached positions and its keys/values are appended.
+    pub fn forward_hidden(&self, batch: &TokenBatch<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let mut h = self.embed(batch);
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let key_segments = match cache.as_ref().and_then(|c| c.segments.clone()) {
+            Some(s) => Tensor::cat(vec![s, batch.segments.clone()], 1),
+            None => batch.segments.clone(),
+        };
+        let ctx = self.block_context(batch, key_segments.clone(), past, h.dtype());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let x = layer.input_layernorm.forward(h.clone());
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = h + layer.self_attn.forward(x, ctx.rope.as_ref(), ctx.mask.clone(), layer_cache);
+            let x = layer.post_attention_layernorm.forward(h.clone());
+            h = h + layer.mlp.forward(x);
+        }
+        if let Some(c) = cache {
+            c.segments = Some(key_segments);
+            c.len = past + batch.dims()[1];
+        }
+        self.norm.forward(h)
+    }
+
+    /// Logits for a batch (no cache).
+    pub fn forward(&self, batch: &TokenBatch<B>) -> Tensor<B, 3> {
+        self.logits(self.forward_hidden(batch, None))
+    }
+
+    /// Next-token log-probs (at `temperature`) where a loss reads them, without forming the
+    /// logits of any other position: `rows` index the flattened `[batch, seq]` hidden states
+    /// and `targets[i]` is the token that row `rows[i]` predicts. The head runs as one fused,
+    /// chunked op (`align_kernels::linear_logprobs`): never more than a chunk of
+    /// `[rows, vocab]` logits, forward or backward.
+    pub fn logprobs_at(
+        &self,
+        hidden: Tensor<B, 3>,
+        rows: &[usize],
+        targets: &[i64],
+        temperature: f32,
+        with_entropy: bool,
+    ) -> HeadLogprobs<B> {
+        debug_assert_eq!(rows.len(), targets.len());
+        let [b, t, d] = hidden.dims();
+        let device = hidden.device();
+        let index = |v: Vec<i64>| Tensor::<B, 1, Int>::from_data(TensorData::new(v.clone(), [v.len()]), &device);
+        let x = hidden.reshape([b * t, d]).select(0, index(rows.iter().map(|&r| r as i64).collect()));
+        let (w, bias) = self.head_weight();
+        // A head bias rides along as one more input column: x' = [x, 1], w' = [w, b].
+        let (x, w) = match bias {
+            Some(bias) => {
+                let ones = Tensor::<B, 2>::ones([rows.len(), 1], &device).cast(x.dtype());
+                (Tensor::cat(vec![x, ones], 1), Tensor::cat(vec![w, bias.unsqueeze_dim(1)], 1))
+            }
+            None => (x, w),
+        };
+        align_kernels::linear_logprobs(x, w, index(targets.to_vec()), temperature, with_entropy)
+    }
+}
+
+/// Values computed at some cells of a `[batch, width]` grid (flattened indices `at`) placed
+/// in a zero grid, differentiably: how per-position log-probs computed only where a loss
+/// reads them return to the `[batch, width]` layout the losses take.
+pub fn spread_rows<B: Backend>(values: Tensor<B, 1>, at: &[usize], shape: [usize; 2]) -> Tensor<B, 2> {
+    let device = values.device();
+    let index =
+        Tensor::<B, 1, Int>::from_data(TensorData::new(at.iter().map(|&i| i as i64).collect(), [at.len()]), &device);
+    Tensor::<B, 1>::zeros([shape[0] * shape[1]], &device)
+        .cast(values.dtype())
+        .select_assign(0, index, values, IndexingUpdateOp::Add)
+        .reshape(shape)
+}
+
+/// `cos` and `sin` of every position's rotary angles, `[batch, seq, head_dim]`.
 /// Computed in f32 as transformers does (it disables autocast for this step), so the
 /// angles match a float64 reference run to f32 rounding.
-fn rope_cos_sin<B: Backend>(inv_freq: Tensor<B, 1>, positions: Tensor<B, 2, Int>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+fn rope_cos_sin<B: Backend>(inv_freq: Tensor<B, 1>, positions: Tensor<B, 2, Int>) -> (Tensor<B, 3>, Tensor<B, 3>) {
     let [b, t] = positions.dims();
     let half = inv_freq.dims()[0];
     let freqs = positions.float().reshape([b, t, 1]) * inv_freq.reshape([1, 1, half]);
-    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2).unsqueeze_dim::<4>(1);
+    let emb = Tensor::cat(vec![freqs.clone(), freqs], 2);
     (emb.clone().cos(), emb.sin())
-}
-
-/// `x * cos + rotate_half(x) * sin`, with `rotate_half(x) = [-x2, x1]` (the non-interleaved
-/// layout of HF checkpoints).
-fn apply_rope<B: Backend>(x: Tensor<B, 4>, cos: &Tensor<B, 4>, sin: &Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.clone().narrow(3, d / 2, d / 2);
-    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-    x * cos.clone() + rotated * sin.clone()
 }
 
 /// Boolean mask `[batch, 1, q, k]`, `true` where attention is *not* allowed: a key
@@ -435,32 +530,34 @@ fn attention_mask<B: Backend>(
     future.bool_or(other_segment).reshape([b, 1, tq, tk])
 }
 
-impl<B: Backend> Attention<B> {
-    fn forward(
+impl<B: FusedOps> Attention<B> {
+    pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: Option<&(Tensor<B, 4>, Tensor<B, 4>)>,
+        rope: Option<&(Tensor<B, 3>, Tensor<B, 3>)>,
         // `[batch, kv_heads, groups * seq, keys]`, built once per forward.
         mask: Tensor<B, 4, Bool>,
         cache: Option<&mut Option<(Tensor<B, 4>, Tensor<B, 4>)>>,
     ) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let split = |y: Tensor<B, 3>, n: usize, norm: Option<&Norm<B>>| {
+        // Heads split as [b, t, heads, hd] (the projection's own layout), normed (Qwen3) and
+        // rotated there, then moved to [b, heads, t, hd].
+        let split = |y: Tensor<B, 3>, n: usize, norm: Option<&Norm<B>>, rotate: bool| {
             let y = y.reshape([b, t, n, hd]);
             let y = match norm {
                 Some(norm) => norm.forward(y),
                 None => y,
             };
+            let y = match rope {
+                Some((cos, sin)) if rotate => align_kernels::rope(y, cos.clone(), sin.clone()),
+                _ => y,
+            };
             y.swap_dims(1, 2)
         };
-        let mut q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref());
-        let mut k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref());
-        let v = split(self.v_proj.forward(x), nkv, None);
-        if let Some((cos, sin)) = rope {
-            q = apply_rope(q, cos, sin);
-            k = apply_rope(k, cos, sin);
-        }
+        let q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref(), true);
+        let k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref(), true);
+        let v = split(self.v_proj.forward(x), nkv, None, false);
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -477,7 +574,7 @@ impl<B: Backend> Attention<B> {
         // stacked along the query axis and attend to that kv head once.
         let groups = nh / nkv;
         let q = q.reshape([b, nkv, groups * t, hd]);
-        let out = attention(q, k, v, Some(mask), None, AttentionModuleOptions::default()).reshape([b, nh, t, hd]);
+        let out = masked_attention(q, k, v, mask).reshape([b, nh, t, hd]);
         self.o_proj.forward(out.swap_dims(1, 2).reshape([b, t, nh * hd]))
     }
 }

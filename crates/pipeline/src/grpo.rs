@@ -20,11 +20,12 @@ use align_losses::grpo::{
     grpo_clip_metrics, grpo_per_token_loss,
 };
 use align_losses::masked_mean;
+use align_model::AutodiffFusedOps;
+use align_model::FusedOps;
 use align_model::burn::backend::Autodiff;
 use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::optim::GradientsParams;
-use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
 use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
 use align_model::{Heads, HfHead, Tokenizer, Transformer, load_pretrained};
 use align_reward::{Reward, RewardTerm, build_terms};
@@ -226,7 +227,7 @@ impl GrpoSettings {
 }
 
 /// Run (or resume) the GRPO stage on backend `B`; returns `final/`.
-pub fn run_grpo<B: Backend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+pub fn run_grpo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     if cfg.training.gradient_checkpointing {
         grpo_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
     } else {
@@ -234,7 +235,7 @@ pub fn run_grpo<B: Backend>(cfg: &StageConfig, resume: bool, device: &B::Device)
     }
 }
 
-struct Stage<'a, B: AutodiffBackend> {
+struct Stage<'a, B: AutodiffFusedOps> {
     cfg: &'a StageConfig,
     s: &'a GrpoSettings,
     plan: GrpoPlan,
@@ -255,7 +256,7 @@ struct Batch {
     metrics: BTreeMap<String, f64>,
 }
 
-impl<B: AutodiffBackend> Stage<'_, B> {
+impl<B: AutodiffFusedOps> Stage<'_, B> {
     fn evaluate(
         &self,
         policy: &Transformer<B::InnerBackend>,
@@ -428,7 +429,7 @@ impl<B: AutodiffBackend> Stage<'_, B> {
     }
 }
 
-fn grpo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+fn grpo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     cfg.check_sections("grpo", Some("grpo"))?;
     let s = cfg.grpo.clone().context("the GRPO stage needs a [grpo] section with its reward functions")?;
     let plan = s.plan()?;

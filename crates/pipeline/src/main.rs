@@ -4,6 +4,7 @@ use align_pipeline::recipe::evals::{progress, write_jsonl};
 use std::io::Write;
 use std::path::PathBuf;
 
+use align_model::FusedOps;
 use align_model::backend::{Cpu, DeviceKind};
 use align_model::burn::tensor::backend::Backend;
 use align_model::{ChatMessage, Heads, HfHead, load_pretrained, save_pretrained};
@@ -351,7 +352,7 @@ enum EvalCommand {
     },
 }
 
-fn eval<B: Backend>(command: EvalCommand, device: &B::Device) -> Result<()> {
+fn eval<B: FusedOps>(command: EvalCommand, device: &B::Device) -> Result<()> {
     match command {
         EvalCommand::Mc { model, task, rows, out, batch_size, shared_context } => {
             let m = load_with_adapter::<B>(&model.model, model.adapter.as_deref(), device)?;
@@ -570,7 +571,7 @@ fn load_with_adapter<B: Backend>(
     Ok(m)
 }
 
-fn pairwise<B: Backend>(
+fn pairwise<B: FusedOps>(
     config: &std::path::Path,
     stage: PairwiseStage,
     resume: bool,
@@ -582,7 +583,7 @@ fn pairwise<B: Backend>(
     Ok(())
 }
 
-fn run<B: Backend>(command: Command, device: &B::Device) -> Result<()> {
+fn run<B: FusedOps>(command: Command, device: &B::Device) -> Result<()> {
     match command {
         Command::Generate { model, adapter, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } => {
             let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;

@@ -23,11 +23,13 @@ use align_losses::ppo::{
     AdaptiveKl, INVALID_LOGPROB, gae, mask_after, masked_whiten, ppo_policy_loss, ppo_token_rewards, ppo_value_loss,
     valid_mask,
 };
+use align_model::AutodiffFusedOps;
+use align_model::FusedOps;
 use align_model::burn::backend::Autodiff;
 use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::{AutodiffModule, Module, Param};
 use align_model::burn::optim::GradientsParams;
-use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
+use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, TensorMap, save_safetensors};
 use align_model::{Heads, HfHead, ModelConfig, Transformer, WeightSource, export, load_pretrained, save_pretrained};
@@ -167,7 +169,7 @@ pub struct ActorCritic<B: Backend> {
     pub critic: Option<Transformer<B>>,
 }
 
-impl<B: Backend> ActorCritic<B> {
+impl<B: FusedOps> ActorCritic<B> {
     /// Values `[b, completion_width]` of the states before each completion token.
     fn values(&self, batch: &CompletionBatch<B>, policy_hidden: Option<Tensor<B, 3>>) -> Tensor<B, 2> {
         let [b, _] = batch.tokens.dims();
@@ -263,7 +265,7 @@ impl Networks {
 }
 
 /// Run (or resume) the PPO stage on backend `B`; returns `final/`.
-pub fn run_ppo<B: Backend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+pub fn run_ppo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     if cfg.training.gradient_checkpointing {
         ppo_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
     } else {
@@ -284,7 +286,7 @@ struct Batch {
     returns: Vec<Vec<f64>>,
 }
 
-fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+fn ppo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     cfg.check_sections("ppo", Some("ppo"))?;
     let s = cfg.ppo.clone().context("the PPO stage needs a [ppo] section with its reward functions")?;
     if s.rewards.is_empty() {
@@ -673,7 +675,7 @@ fn ppo_on<B: AutodiffBackend>(cfg: &StageConfig, resume: bool, device: &B::Devic
 }
 
 /// The PPO loss `pg + vf_coef·vf` of micro-batch `idx`, with TRL's per-minibatch stats.
-fn micro_loss<B: AutodiffBackend>(
+fn micro_loss<B: AutodiffFusedOps>(
     model: &ActorCritic<B>,
     batch: &Batch,
     idx: &[usize],

@@ -13,13 +13,16 @@ use align_lora::LoraConfig;
 use align_losses::preference::{
     DpoLossType, PreferenceMetrics, bradley_terry_loss, dpo_loss, orpo_loss, orpo_odds_ratio, simpo_loss,
 };
-use align_losses::{sequence_logprobs, sft_loss, token_logprobs};
+use align_losses::{sequence_logprobs, sft_loss};
 use align_model::burn::backend::Autodiff;
 use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::{AutodiffModule, Param};
-use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
-use align_model::burn::tensor::{ElementConversion, Int, Tensor, TensorData};
-use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained};
+use align_model::burn::tensor::backend::Backend;
+use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
+use align_model::{
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained,
+    spread_rows,
+};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -213,24 +216,28 @@ fn float2<B: Backend>(v: Vec<bool>, shape: [usize; 2], device: &B::Device) -> Te
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
-/// Completion log-probs of every row of a pair batch under `model`.
-pub fn pair_forward<B: Backend>(
+/// Completion log-probs of every row of a pair batch under `model`. The LM head runs on the
+/// completion positions only, or on every real position when `with_prompt` (a
+/// prompt+completion NLL reads them); `token_logps` is 0 where it did not run.
+pub fn pair_forward<B: FusedOps>(
     model: &Transformer<B>,
     batch: &HostBatch,
     averaged: bool,
+    with_prompt: bool,
     device: &B::Device,
 ) -> PairForward<B> {
     let [b, t] = batch.shape;
-    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let (targets, mask) = batch.shifted_targets();
     let tokens: Vec<f64> = mask.chunks(t - 1).map(|r| r.iter().filter(|&&m| m).count() as f64).collect();
     let attended: Vec<bool> = (0..b)
         .flat_map(|r| (1..t).map(move |j| (r, j)))
         .map(|(r, j)| batch.segments[r * t + j] != 0 && batch.segments[r * t + j] == batch.segments[r * t + j - 1])
         .collect();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), device);
+    let at = batch.loss_positions(&targets, if with_prompt { &attended } else { &mask });
+    let lp = model.logprobs_at(hidden, &at.rows, &at.targets, 1.0, false).logprobs;
+    let token_logps = spread_rows(lp, &at.cells, [b, t - 1]);
     let completion = float2::<B>(mask, [b, t - 1], device);
-    let token_logps = token_logprobs(logits, targets, 1.0);
     PairForward {
         logps: sequence_logprobs(token_logps.clone(), completion.clone(), averaged),
         tokens,
@@ -251,7 +258,7 @@ fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
 }
 
 /// Where DPO's reference log-probs come from.
-pub enum Reference<B: AutodiffBackend> {
+pub enum Reference<B: AutodiffFusedOps> {
     /// Computed once before training: `(chosen, rejected)` per train pair, then per eval pair.
     Precomputed { train: Vec<(f64, f64)>, eval: Vec<(f64, f64)> },
     /// The policy with its LoRA adapters disabled (no second copy of the weights).
@@ -262,7 +269,7 @@ pub enum Reference<B: AutodiffBackend> {
     None,
 }
 
-pub struct PreferenceTask<B: AutodiffBackend> {
+pub struct PreferenceTask<B: AutodiffFusedOps> {
     pub objective: Objective,
     pub train: Vec<Pair>,
     pub eval: Vec<Pair>,
@@ -291,7 +298,7 @@ fn metric_sums(m: PreferenceMetrics, n: usize) -> Vec<(&'static str, f64)> {
     ]
 }
 
-impl<B: AutodiffBackend> PreferenceTask<B> {
+impl<B: AutodiffFusedOps> PreferenceTask<B> {
     /// Reference log-probs `(chosen, rejected)` of pairs `idx` (of the train or eval set).
     fn reference_logps(
         &self,
@@ -301,7 +308,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
         eval: bool,
     ) -> (Vec<f64>, Vec<f64>) {
         let run = |m: &Transformer<B::InnerBackend>| {
-            let f = pair_forward(m, &pair_batch(pairs, self.pad_id), false, &self.device);
+            let f = pair_forward(m, &pair_batch(pairs, self.pad_id), false, false, &self.device);
             let v = host(f.logps);
             let b = pairs.len();
             (v[..b].to_vec(), v[b..].to_vec())
@@ -323,7 +330,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
 
     /// The objective on pairs `idx` under `model` (any backend), given the inner policy for
     /// a reference forward.
-    fn terms<M: Backend>(
+    fn terms<M: FusedOps>(
         &self,
         model: &Transformer<M>,
         inner: Option<&Transformer<B::InnerBackend>>,
@@ -351,7 +358,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
                 Terms { sum: losses.sum(), metrics: metric_sums(m, n) }
             }
             Objective::Dpo(s) => {
-                let f = pair_forward(model, &batch, false, device);
+                let f = pair_forward(model, &batch, false, false, device);
                 let (rc, rr) = self.reference_logps(inner, pairs, idx, eval);
                 let (pc, pr) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
                 let (lc, lr) = (host(pc.clone().detach()), host(pr.clone().detach()));
@@ -373,7 +380,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
                 Terms { sum: d.losses.sum(), metrics }
             }
             Objective::Orpo(s) => {
-                let f = pair_forward(model, &batch, true, device);
+                let f = pair_forward(model, &batch, true, !s.completion_only_nll, device);
                 let (c, r) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
                 let nll_mask = if s.completion_only_nll { f.completion } else { f.attended };
                 let nll = sft_loss(f.token_logps.narrow(0, 0, n), nll_mask.narrow(0, 0, n));
@@ -387,7 +394,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
                 Terms { sum: orpo_loss(nll, &o) * n as f64, metrics }
             }
             Objective::Simpo(s) => {
-                let f = pair_forward(model, &batch, true, device);
+                let f = pair_forward(model, &batch, true, s.sft_weight > 0.0, device);
                 let (c, r) = (f.logps.clone().narrow(0, 0, n), f.logps.narrow(0, n, n));
                 let (hc, hr) = (host(c.clone().detach()), host(r.clone().detach()));
                 let m = PreferenceMetrics::from_rewards(
@@ -405,7 +412,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
     }
 }
 
-impl<B: AutodiffBackend> TrainTask<B> for PreferenceTask<B> {
+impl<B: AutodiffFusedOps> TrainTask<B> for PreferenceTask<B> {
     type Model = Transformer<B>;
 
     fn num_examples(&self) -> usize {
@@ -463,7 +470,7 @@ impl<B: AutodiffBackend> TrainTask<B> for PreferenceTask<B> {
     }
 }
 
-impl<B: AutodiffBackend> PreferenceTask<B> {
+impl<B: AutodiffFusedOps> PreferenceTask<B> {
     fn head(&self) -> HfHead {
         if matches!(self.objective, Objective::Reward(_)) { HfHead::SequenceClassification } else { HfHead::CausalLm }
     }
@@ -477,7 +484,7 @@ impl<B: AutodiffBackend> PreferenceTask<B> {
 }
 
 /// Run (or resume) a pairwise stage on backend `B`; returns `final/`.
-pub fn run_preference<B: Backend>(
+pub fn run_preference<B: FusedOps>(
     cfg: &PreferenceConfig,
     stage: PairwiseStage,
     resume: bool,
@@ -490,7 +497,7 @@ pub fn run_preference<B: Backend>(
     }
 }
 
-fn preference_on<B: AutodiffBackend>(
+fn preference_on<B: AutodiffFusedOps>(
     cfg: &PreferenceConfig,
     stage: PairwiseStage,
     resume: bool,
@@ -572,7 +579,7 @@ type RefLogps = Vec<(f64, f64)>;
 
 /// Reference log-probs of every train and eval pair under the starting policy (adapters
 /// disabled), computed once with a progress bar.
-fn precompute_reference<B: AutodiffBackend>(
+fn precompute_reference<B: AutodiffFusedOps>(
     task: &PreferenceTask<B>,
     policy: &Transformer<B::InnerBackend>,
 ) -> Result<(RefLogps, RefLogps)> {
@@ -587,7 +594,7 @@ fn precompute_reference<B: AutodiffBackend>(
         let mut out = Vec::with_capacity(set.len());
         for chunk in set.chunks(task.batch_size.max(1)) {
             let pairs: Vec<&Pair> = chunk.iter().collect();
-            let f = pair_forward(&m, &pair_batch(&pairs, task.pad_id), false, &task.device);
+            let f = pair_forward(&m, &pair_batch(&pairs, task.pad_id), false, false, &task.device);
             let v = host(f.logps);
             let b = pairs.len();
             out.extend((0..b).map(|i| (v[i], v[b + i])));
@@ -605,7 +612,7 @@ fn precompute_reference<B: AutodiffBackend>(
 /// One reward-model score per row of a dataset: `{"row", "score"}` for sequences
 /// (prompt/completion, conversations, text), `{"row", "chosen", "rejected"}` for pairs;
 /// `with_ids` adds the token ids each score was computed on.
-pub fn score_dataset<B: Backend>(
+pub fn score_dataset<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     data: &DatasetConfig,

@@ -11,11 +11,10 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use align_data::{DatasetConfig, ExampleTokenizer, LoaderState, TokenizeConfig};
-use align_losses::{token_entropy, token_logprobs};
+use align_data::{DatasetConfig, ExampleTokenizer, LoaderState, LossPositions, TokenizeConfig};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
-use align_model::{TokenBatch, Tokenizer, Transformer};
+use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer, spread_rows};
 use align_reward::{Reward, Sample};
 use align_rollout::{SamplingConfig, generate_text_groups};
 use anyhow::{Context, Result};
@@ -101,7 +100,7 @@ impl Rollouts {
 }
 
 /// Sample `group` completions of each prompt from `model`, seeded by `seed`.
-pub fn rollout<B: Backend>(
+pub fn rollout<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     prompts: &[&RlPrompt],
@@ -180,6 +179,9 @@ pub struct CompletionBatch<B: Backend> {
     pub completion_width: usize,
     /// The completion ids `[b, completion_width]` (padding: `pad_id`).
     pub targets: Tensor<B, 2, Int>,
+    /// Where the LM head runs: each completion token's cell in `[b, completion_width]`, the
+    /// hidden-state row of `tokens` that predicts it, and the token.
+    pub predicted: LossPositions,
 }
 
 pub fn completion_batch<B: Backend>(
@@ -194,6 +196,7 @@ pub fn completion_batch<B: Backend>(
     let w = pw + cw;
     let (mut ids, mut pos, mut seg) = (vec![pad_id as i64; b * w], vec![0i64; b * w], vec![0i64; b * w]);
     let mut targets = vec![pad_id as i64; b * cw];
+    let mut predicted = LossPositions::default();
     for (r, (p, c)) in prompts.iter().zip(completions).enumerate() {
         let start = pw - p.len();
         for (k, &t) in p.iter().chain(c.iter()).enumerate() {
@@ -203,6 +206,10 @@ pub fn completion_batch<B: Backend>(
         }
         for (k, &t) in c.iter().enumerate() {
             targets[r * cw + k] = t as i64;
+            // Position t predicts token t + 1: completion token k is predicted at pw − 1 + k.
+            predicted.cells.push(r * cw + k);
+            predicted.rows.push(r * w + pw - 1 + k);
+            predicted.targets.push(t as i64);
         }
     }
     CompletionBatch {
@@ -210,6 +217,7 @@ pub fn completion_batch<B: Backend>(
         prompt_width: pw,
         completion_width: cw,
         targets: Tensor::from_data(TensorData::new(targets, [b, cw]), device),
+        predicted,
     }
 }
 
@@ -222,19 +230,24 @@ pub struct CompletionForward<B: Backend> {
     pub entropy: Option<Tensor<B, 2>>,
 }
 
-pub fn completion_forward<B: Backend>(
+pub fn completion_forward<B: FusedOps>(
     model: &Transformer<B>,
     batch: &CompletionBatch<B>,
     temperature: f32,
     with_entropy: bool,
 ) -> CompletionForward<B> {
-    let hidden = model.forward_hidden(&batch.tokens, None);
+    let full = model.forward_hidden(&batch.tokens, None);
+    let shape = [batch.tokens.dims()[0], batch.completion_width];
+    // The head runs on completion tokens only (not on prompts or padding).
+    let p = &batch.predicted;
+    let head = model.logprobs_at(full.clone(), &p.rows, &p.targets, temperature, with_entropy);
     // Position t predicts token t + 1: completion token k is predicted at prompt_width − 1 + k.
-    let hidden = hidden.narrow(1, batch.prompt_width - 1, batch.completion_width);
-    let logits = model.logits(hidden.clone());
-    let entropy = with_entropy.then(|| token_entropy(logits.clone().detach(), temperature));
-    let logps = token_logprobs(logits, batch.targets.clone(), temperature);
-    CompletionForward { logps, hidden, entropy }
+    let hidden = full.narrow(1, batch.prompt_width - 1, batch.completion_width);
+    CompletionForward {
+        logps: spread_rows(head.logprobs, &p.cells, shape),
+        hidden,
+        entropy: head.entropy.map(|e| spread_rows(e, &p.cells, shape)),
+    }
 }
 
 /// Where an online loop stands (saved as a checkpoint's `trainer_state.json`).
@@ -396,7 +409,7 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 /// Best-of-N (rejection sampling): `n` samples of each prompt (one prefill per prompt,
 /// several prompts per batch), scored by `reward`, the best kept. A selection's `prompt`
 /// is the row's own `prompt` (text or messages), so the file trains the SFT stage as is.
-pub fn best_of_n<B: Backend>(
+pub fn best_of_n<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     reward: &dyn align_reward::Reward,
@@ -479,7 +492,7 @@ pub fn score_rollouts(rewards: &[(Box<dyn Reward>, f64)], prompts: &[&RlPrompt],
 /// Mean reward (and per function and component) of one greedy (or `eval_temperature`)
 /// completion per held-out prompt; each sample, with its rewards, is a line of `samples`.
 #[allow(clippy::too_many_arguments)]
-pub fn evaluate_prompts<B: Backend>(
+pub fn evaluate_prompts<B: FusedOps>(
     policy: &Transformer<B>,
     tok: &Tokenizer,
     rewards: &[(Box<dyn Reward>, f64)],

@@ -8,9 +8,7 @@
 use std::io::BufRead;
 use std::path::Path;
 
-use align_model::burn::tensor::backend::Backend;
-use align_model::burn::tensor::{Int, Tensor, TensorData};
-use align_model::{TokenBatch, Tokenizer, Transformer};
+use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -76,8 +74,9 @@ pub fn tokenize_pair(tok: &Tokenizer, prompt: &str, completion: &str) -> Result<
     Ok((full, plen))
 }
 
-/// Log-probs of `ids[t]` for `t >= prompt_len`, for a batch of sequences.
-pub fn completion_logprobs<B: Backend>(
+/// Log-probs of `ids[t]` for `t >= prompt_len`, for a batch of sequences (the LM head runs
+/// on those positions alone).
+pub fn completion_logprobs<B: FusedOps>(
     model: &Transformer<B>,
     seqs: &[(Vec<u32>, usize)],
     pad_id: u32,
@@ -85,27 +84,29 @@ pub fn completion_logprobs<B: Backend>(
     let device = model.embed_tokens.val().device();
     let ids: Vec<Vec<u32>> = seqs.iter().map(|(s, _)| s.clone()).collect();
     let batch = TokenBatch::<B>::right_padded(&ids, pad_id, &device);
-    let [b, t] = batch.dims();
-    let logits = model.forward(&batch).narrow(1, 0, t - 1);
-    // targets: the next token at each position (padding positions gather a pad id, unused)
-    let mut targets = Vec::with_capacity(b * (t - 1));
-    for s in &ids {
-        targets.extend((1..t).map(|j| *s.get(j).unwrap_or(&pad_id) as i64));
+    let t = batch.dims()[1];
+    // Position j of row i predicts token j + 1.
+    let (mut rows, mut targets) = (Vec::new(), Vec::new());
+    for (i, (s, plen)) in seqs.iter().enumerate() {
+        for j in plen - 1..s.len() - 1 {
+            rows.push(i * t + j);
+            targets.push(s[j + 1] as i64);
+        }
     }
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), &device);
-    let lp: Vec<f32> = align_losses::token_logprobs(logits, targets, 1.0)
+    let hidden = model.forward_hidden(&batch, None);
+    let lp: Vec<f32> = model
+        .logprobs_at(hidden, &rows, &targets, 1.0, false)
+        .logprobs
         .into_data()
         .convert::<f32>()
         .to_vec()
         .expect("f32 log-probs");
-    seqs.iter()
-        .enumerate()
-        .map(|(i, (s, plen))| (plen - 1..s.len() - 1).map(|j| lp[i * (t - 1) + j]).collect())
-        .collect()
+    let mut lp = lp.into_iter();
+    seqs.iter().map(|(s, plen)| lp.by_ref().take(s.len() - plen).collect()).collect()
 }
 
 /// Score every row, `batch_size` at a time.
-pub fn score_rows<B: Backend>(
+pub fn score_rows<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
     rows: &[ScoreRow],

@@ -13,9 +13,10 @@ use align_lora::LoraConfig;
 use align_model::burn::backend::Autodiff;
 use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::AutodiffModule;
-use align_model::burn::tensor::backend::{AutodiffBackend, Backend};
-use align_model::burn::tensor::{Bool, Int, Tensor, TensorData};
-use align_model::{Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained};
+use align_model::burn::tensor::Tensor;
+use align_model::{
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained,
+};
 use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
@@ -51,7 +52,7 @@ fn sequences(
         .collect()
 }
 
-pub struct SftTask<B: AutodiffBackend> {
+pub struct SftTask<B: AutodiffFusedOps> {
     pub train: Vec<TokenizedSequence>,
     pub eval: Vec<TokenizedSequence>,
     pub pad_id: u32,
@@ -62,7 +63,7 @@ pub struct SftTask<B: AutodiffBackend> {
     pub device: B::Device,
 }
 
-impl<B: AutodiffBackend> SftTask<B> {
+impl<B: AutodiffFusedOps> SftTask<B> {
     fn host_batch(&self, seqs: &[&TokenizedSequence]) -> Result<HostBatch> {
         Ok(match self.packing {
             Some(cap) => pack(seqs, cap, self.pad_id)?,
@@ -71,23 +72,17 @@ impl<B: AutodiffBackend> SftTask<B> {
     }
 }
 
-/// Σ −log p(target) over the loss tokens of a batch, and their count.
-pub fn nll_sum<B: align_model::burn::tensor::backend::Backend>(
-    model: &Transformer<B>,
-    batch: &HostBatch,
-    device: &B::Device,
-) -> (Tensor<B, 1>, usize) {
-    let [b, t] = batch.shape;
-    let logits = model.forward(&batch.to_device::<B>(device)).narrow(1, 0, t - 1);
+/// Σ −log p(target) over the loss tokens of a batch, and their count. The LM head runs on
+/// the loss positions alone (completion-only and assistant-only masks skip the rest).
+pub fn nll_sum<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> (Tensor<B, 1>, usize) {
+    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let (targets, mask) = batch.shifted_targets();
-    let n = mask.iter().filter(|&&m| m).count();
-    let targets = Tensor::<B, 2, Int>::from_data(TensorData::new(targets, [b, t - 1]), device);
-    let mask = Tensor::<B, 2, Bool>::from_data(TensorData::new(mask, [b, t - 1]), device);
-    let lp = align_losses::token_logprobs(logits, targets, 1.0);
-    (lp.mask_fill(mask.bool_not(), 0.0).sum().neg(), n)
+    let at = batch.loss_positions(&targets, &mask);
+    let lp = model.logprobs_at(hidden, &at.rows, &at.targets, 1.0, false).logprobs;
+    (lp.sum().neg(), at.rows.len())
 }
 
-impl<B: AutodiffBackend> TrainTask<B> for SftTask<B> {
+impl<B: AutodiffFusedOps> TrainTask<B> for SftTask<B> {
     type Model = Transformer<B>;
 
     fn num_examples(&self) -> usize {
@@ -137,7 +132,7 @@ use align_model::burn::tensor::ElementConversion;
 
 /// Run (or resume) an SFT stage on backend `B` (autodiff is added here, with Burn's
 /// balanced activation checkpointing when `gradient_checkpointing` is on); returns `final/`.
-pub fn run_sft<B: Backend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+pub fn run_sft<B: FusedOps>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     if cfg.training.gradient_checkpointing {
         sft_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
     } else {
@@ -145,7 +140,7 @@ pub fn run_sft<B: Backend>(cfg: &SftConfig, resume: bool, device: &B::Device) ->
     }
 }
 
-fn sft_on<B: AutodiffBackend>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+fn sft_on<B: AutodiffFusedOps>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     cfg.check_sections("sft", None)?;
     let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
     let tok = pre.tokenizer;

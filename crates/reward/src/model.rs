@@ -2,8 +2,8 @@
 //! completion, read where transformers reads it.
 
 use align_data::{HostBatch, TokenizedSequence, pad_right};
+use align_model::FusedOps;
 use align_model::Transformer;
-use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 
 /// Where transformers' `…ForSequenceClassification` reads each row's score: the last token
@@ -27,7 +27,7 @@ pub fn score_positions(batch: &HostBatch, pad_token_id: Option<u32>) -> Vec<i64>
 
 /// The reward model's score of each row, `[rows]`, read where transformers reads it
 /// ([`score_positions`]), so an exported reward model scores the same in both.
-pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
+pub fn last_token_scores<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
     let b = batch.shape[0];
     let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let scores = model.scores(hidden).expect("the reward model has a score head");
@@ -37,7 +37,7 @@ pub fn last_token_scores<B: Backend>(model: &Transformer<B>, batch: &HostBatch, 
 }
 
 /// Scores of token sequences, `batch_size` right-padded rows per forward, in order.
-pub fn score_sequences<B: Backend>(
+pub fn score_sequences<B: FusedOps>(
     model: &Transformer<B>,
     seqs: &[&TokenizedSequence],
     pad_id: u32,
@@ -54,7 +54,7 @@ pub fn score_sequences<B: Backend>(
 
 /// The reward model as a [`Reward`]: prompt + completion are tokenised as the reward stage
 /// tokenised its pairs (the joint text, plus EOS when `append_eos`), scored in batches.
-pub struct RewardModelScorer<B: Backend> {
+pub struct RewardModelScorer<B: FusedOps> {
     pub name: String,
     pub model: Transformer<B>,
     pub tokenizer: align_model::Tokenizer,
@@ -63,7 +63,7 @@ pub struct RewardModelScorer<B: Backend> {
     pub device: B::Device,
 }
 
-impl<B: Backend> RewardModelScorer<B> {
+impl<B: FusedOps> RewardModelScorer<B> {
     /// Load a sequence-classification checkpoint (HF directory or GGUF is refused: a GGUF
     /// has no score head).
     pub fn load(path: &std::path::Path, batch_size: usize, device: &B::Device) -> crate::Result<Self> {
@@ -101,7 +101,7 @@ impl<B: Backend> RewardModelScorer<B> {
     }
 }
 
-impl<B: Backend> crate::Reward for RewardModelScorer<B> {
+impl<B: FusedOps> crate::Reward for RewardModelScorer<B> {
     fn name(&self) -> &str {
         &self.name
     }

@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use align_model::burn::tensor::backend::Backend;
+use align_model::FusedOps;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::combine::{Adlf, WeightedSum};
@@ -120,7 +120,7 @@ impl<'de> Deserialize<'de> for RewardTerm {
 }
 
 /// Build one function (a reward model is loaded onto `device`).
-pub fn build_reward<B: Backend>(spec: &RewardSpec, device: &B::Device) -> Result<Box<dyn Reward>> {
+pub fn build_reward<B: FusedOps>(spec: &RewardSpec, device: &B::Device) -> Result<Box<dyn Reward>> {
     Ok(match spec {
         RewardSpec::R1Zero { answer_field, format_weight } => {
             if !(0.0..=1.0).contains(format_weight) {
@@ -167,7 +167,7 @@ pub fn build_reward<B: Backend>(spec: &RewardSpec, device: &B::Device) -> Result
 
 /// Build weighted terms; two functions of one kind must differ in name, so the second of
 /// a kind is logged as `<name>_2`, and so on.
-pub fn build_terms<B: Backend>(terms: &[RewardTerm], device: &B::Device) -> Result<Vec<(Box<dyn Reward>, f64)>> {
+pub fn build_terms<B: FusedOps>(terms: &[RewardTerm], device: &B::Device) -> Result<Vec<(Box<dyn Reward>, f64)>> {
     if terms.is_empty() {
         return Err(RewardError::Config("no reward functions".into()));
     }

@@ -10,8 +10,8 @@ mod sampling;
 
 pub use sampling::{Rng, SamplingConfig, sample_token};
 
+use align_model::FusedOps;
 use align_model::burn::tensor::Tensor;
-use align_model::burn::tensor::backend::Backend;
 use align_model::{TokenBatch, Tokenizer, Transformer};
 
 /// One completion.
@@ -26,7 +26,7 @@ pub struct Completion {
 }
 
 /// Sample a completion for each prompt (token ids) with a KV cache.
-pub fn generate<B: Backend>(
+pub fn generate<B: FusedOps>(
     model: &Transformer<B>,
     prompts: &[Vec<u32>],
     pad_id: u32,
@@ -37,7 +37,7 @@ pub fn generate<B: Backend>(
 
 /// [`generate`], also ending row `i` as soon as `stop(i, tokens so far)` holds (stop
 /// strings: see [`generate_text`]).
-pub fn generate_until<B: Backend>(
+pub fn generate_until<B: FusedOps>(
     model: &Transformer<B>,
     prompts: &[Vec<u32>],
     pad_id: u32,
@@ -51,7 +51,7 @@ pub fn generate_until<B: Backend>(
 /// are rows `p·G .. (p+1)·G`, the layout group methods normalise over). Each prompt is
 /// prefilled once and its KV cache repeated `G` times. `stop(row, tokens so far)` ends a
 /// row early.
-pub fn generate_groups_until<B: Backend>(
+pub fn generate_groups_until<B: FusedOps>(
     model: &Transformer<B>,
     prompts: &[Vec<u32>],
     group_size: usize,
@@ -126,7 +126,7 @@ pub struct TextCompletion {
 
 /// Sample completions and decode them, also stopping at `stop_strings` (which may span
 /// several tokens): a row ends at the first token whose text completes a stop string.
-pub fn generate_text<B: Backend>(
+pub fn generate_text<B: FusedOps>(
     model: &Transformer<B>,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
@@ -141,7 +141,7 @@ pub fn generate_text<B: Backend>(
 /// [`generate_text`] with `group_size` completions per prompt, prompt-major (as
 /// [`generate_groups_until`]).
 #[allow(clippy::too_many_arguments)]
-pub fn generate_text_groups<B: Backend>(
+pub fn generate_text_groups<B: FusedOps>(
     model: &Transformer<B>,
     tokenizer: &Tokenizer,
     prompts: &[Vec<u32>],
@@ -180,7 +180,7 @@ pub fn generate_text_groups<B: Backend>(
         .collect()
 }
 
-fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
+fn host_rows<B: align_model::burn::tensor::backend::Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
     let [_, v] = logits.dims();
     let data: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 logits");
     data.chunks(v).map(<[f32]>::to_vec).collect()

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::Path;
 
 use align_data::{DatasetConfig, TokenizeConfig};
-use align_model::burn::tensor::backend::Backend;
+use align_model::FusedOps;
 use align_model::{Heads, load_pretrained};
 use align_reward::RewardTerm;
 use anyhow::{Context, Result};
@@ -122,7 +122,7 @@ impl EvalSpec {
 }
 
 /// Run one eval of `model`, writing `<dir>/<name>.jsonl`; returns its metrics.
-pub fn run_eval<B: Backend>(
+pub fn run_eval<B: FusedOps>(
     spec: &EvalSpec,
     model: &Path,
     dir: &Path,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use align_model::FusedOps;
 use align_model::burn::tensor::backend::Backend;
 use align_model::{Heads, HfHead, ModelConfig, Tokenizer, init_random, load_pretrained, save_pretrained};
 use align_reward::RewardTerm;
@@ -156,7 +157,7 @@ fn parse<T: serde::de::DeserializeOwned>(p: &Pipeline, stage: &StagePlan) -> Res
 
 /// Run the pipeline (or only `only`, whose inputs must be done; `force` re-runs it even
 /// when done) and write `report.md`. Returns the report's rows.
-pub fn run_pipeline<B: Backend>(
+pub fn run_pipeline<B: FusedOps>(
     p: &Pipeline,
     only: Option<&str>,
     force: bool,
@@ -212,7 +213,7 @@ pub fn run_pipeline<B: Backend>(
     Ok(report)
 }
 
-fn run_stage<B: Backend>(p: &Pipeline, stage: &StagePlan, resume: bool, device: &B::Device) -> Result<()> {
+fn run_stage<B: FusedOps>(p: &Pipeline, stage: &StagePlan, resume: bool, device: &B::Device) -> Result<()> {
     let pairwise = |kind| -> Result<()> {
         run_preference::<B>(&parse::<StageConfig>(p, stage)?, kind, resume, device)?;
         Ok(())
@@ -272,7 +273,7 @@ fn write_dir_atomic(dir: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Resu
     Ok(())
 }
 
-fn best_of_n<B: Backend>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> Result<()> {
+fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> Result<()> {
     let pre = load_pretrained::<B>(&s.model.path, Heads::LM, device)?;
     let mut terms = align_reward::build_terms::<B>(&s.rewards, device)?;
     let reward: Box<dyn align_reward::Reward> = if terms.len() == 1 {
@@ -342,7 +343,7 @@ pub fn eval_model(p: &Pipeline, stage: &StagePlan) -> Result<PathBuf> {
 
 /// Run the stage's evals whose saved results are missing or were made for another model
 /// or another eval config.
-fn run_evals<B: Backend>(p: &Pipeline, stage: &StagePlan, device: &B::Device) -> Result<()> {
+fn run_evals<B: FusedOps>(p: &Pipeline, stage: &StagePlan, device: &B::Device) -> Result<()> {
     if stage.evals.is_empty() {
         return Ok(());
     }

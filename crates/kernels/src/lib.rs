@@ -1,0 +1,203 @@
+//! Fused tensor kernels with hand-derived backward passes, as a Burn backend extension.
+//!
+//! Burn's autodiff records every elementary op of a composition and keeps the tensors each
+//! backward step needs. For the LM head that means `log_softmax(x Wᵀ)` keeps several
+//! `[rows, vocab]` tensors alive (400 MB each for 2,048 rows of SmolLM2's 49,152 tokens).
+//! A fused op records one node instead and computes its own backward.
+//!
+//! The pattern is Burn's backend extension: [`FusedOps`] is a backend trait whose provided
+//! methods compute the forward pass with ordinary tensor ops (so every backend has them:
+//! flex, ndarray, CUDA), and `Autodiff<B>` overrides them with an op that records a single
+//! node and a [`Backward`](burn::backend::autodiff::ops::Backward) implementation. Code that
+//! uses a fused op asks for `B: FusedOps` instead of `B: Backend`.
+//!
+//! - [`lm_head`]: `log_softmax(x Wᵀ / T)[target]` (and the entropy) over row chunks, never
+//!   holding more than one chunk of logits, forward or backward.
+//! - [`elementwise`]: RMSNorm and SwiGLU as one node each.
+//! - [`rope`]: rotary position embedding as one node (its backward is the opposite rotation).
+//! - [`lora`]: a LoRA projection as one product over the stacked base and low-rank
+//!   factors, never forming the frozen weight's gradient.
+//! - [`attention`]: masked softmax attention whose backward recomputes the probabilities
+//!   block by block (flash-style), so no `[batch, heads, seq, seq]` tensor outlives the
+//!   forward pass.
+
+pub mod attention;
+pub mod elementwise;
+pub mod flex;
+pub mod lm_head;
+pub mod lora;
+pub mod rope;
+
+use burn::backend::Autodiff;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::tensor::Tensor;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::ops::{AttentionModuleOptions, BoolTensor, FloatTensor, IntTensor};
+
+pub use attention::masked_attention;
+pub use burn;
+pub use elementwise::{rms_norm, swiglu};
+pub use lm_head::{HeadLogprobs, linear_logprobs};
+pub use lora::lora_linear;
+pub use rope::rope;
+
+/// A Burn backend with align's fused kernels. The provided methods are the generic
+/// implementations; `Autodiff<B>` overrides them with single-node ops and their own backward.
+pub trait FusedOps: Backend {
+    /// Log-probs of `targets` under `softmax(x wᵀ / temperature)` for `x: [n, d]`,
+    /// `w: [vocab, d]`, `targets: [n]`, in f32 (`[n]`), and, when `with_entropy`, each row's
+    /// entropy (`[n]`, carrying no gradient).
+    fn linear_logprobs(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        with_entropy: bool,
+    ) -> lm_head::LogprobsAndEntropy<Self> {
+        let out = lm_head::forward::<Self>(
+            lm_head::float(x),
+            lm_head::float(w),
+            lm_head::int(targets),
+            temperature,
+            with_entropy,
+        );
+        (lm_head::prim(out.logprobs), out.entropy.map(lm_head::prim))
+    }
+
+    /// `softmax(q kᵀ/√d, masked) v` for `q: [b, h, m, d]`, `k, v: [b, h, n, d]` and a mask
+    /// `[b, h, m, n]` (`true` = not allowed). Without autodiff, the backend's own attention.
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+    ) -> FloatTensor<Self> {
+        let out = burn::tensor::module::attention(
+            lm_head::float::<Self, 4>(q),
+            lm_head::float(k),
+            lm_head::float(v),
+            Some(Tensor::from_primitive(mask)),
+            None,
+            AttentionModuleOptions::default(),
+        );
+        lm_head::prim(out)
+    }
+
+    /// `x w + scale·(x a) b` for `x: [n, in]`, `w: [in, out]`, `a: [in, r]`, `b: [r, out]`;
+    /// `w` takes no gradient.
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        let (y, _) =
+            lora::forward::<Self>(lm_head::float(x), lm_head::float(w), lm_head::float(a), lm_head::float(b), scale);
+        lm_head::prim(y)
+    }
+
+    /// RoPE of `x: [batch, seq, heads, d]` with `cos, sin: [batch, seq, d]`; `inverse`
+    /// rotates by the opposite angle.
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
+        lm_head::prim(rope::forward::<Self>(lm_head::float(x), lm_head::float(cos), lm_head::float(sin), inverse))
+    }
+
+    /// RMSNorm of `x: [rows, d]` with weight `w: [d]`: `(y, r)` with `r = 1/√(mean(x²) + ε)`
+    /// per row (`[rows, 1]`, f32), which the backward reads.
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, r) = elementwise::rms_norm_forward::<Self>(lm_head::float(x), lm_head::float(w), eps);
+        (lm_head::prim(y), lm_head::prim(r))
+    }
+
+    /// `(dx, dw)` of [`FusedOps::rms_norm`] from `dy`.
+    fn rms_norm_backward(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        r: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, dw) = elementwise::rms_norm_backward::<Self>(
+            lm_head::float(x),
+            lm_head::float(w),
+            lm_head::float(r),
+            lm_head::float(dy),
+        );
+        (lm_head::prim(dx), lm_head::prim(dw))
+    }
+
+    /// `silu(g) ∘ u` for flat `g, u: [n]`.
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        let g = lm_head::float::<Self, 1>(g);
+        lm_head::prim(burn::tensor::activation::silu(g) * lm_head::float::<Self, 1>(u))
+    }
+
+    /// `(dg, du)` of [`FusedOps::swiglu`] from `dy`.
+    fn swiglu_backward(
+        g: FloatTensor<Self>,
+        u: FloatTensor<Self>,
+        dy: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dg, du) =
+            elementwise::swiglu_backward::<Self, 1>(lm_head::float(g), lm_head::float(u), lm_head::float(dy));
+        (lm_head::prim(dg), lm_head::prim(du))
+    }
+}
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    fn linear_logprobs(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        with_entropy: bool,
+    ) -> lm_head::LogprobsAndEntropy<Self> {
+        lm_head::autodiff_linear_logprobs::<B, C>(x, w, targets, temperature, with_entropy)
+    }
+
+    fn masked_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+    ) -> FloatTensor<Self> {
+        attention::autodiff_masked_attention::<B, C>(q, k, v, mask)
+    }
+
+    fn rms_norm(x: FloatTensor<Self>, w: FloatTensor<Self>, eps: f64) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (y, r) = elementwise::autodiff_rms_norm::<B, C>(x, w, eps);
+        (y, <Self as AutodiffBackend>::from_inner(r))
+    }
+
+    fn swiglu(g: FloatTensor<Self>, u: FloatTensor<Self>) -> FloatTensor<Self> {
+        elementwise::autodiff_swiglu::<B, C>(g, u)
+    }
+
+    fn lora_linear(
+        x: FloatTensor<Self>,
+        w: FloatTensor<Self>,
+        a: FloatTensor<Self>,
+        b: FloatTensor<Self>,
+        scale: f64,
+    ) -> FloatTensor<Self> {
+        lora::autodiff_lora_linear::<B, C>(x, w, a, b, scale)
+    }
+
+    fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
+        rope::autodiff_rope::<B, C>(x, cos, sin, inverse)
+    }
+}
+
+impl FusedOps for burn::backend::NdArray<f32> {}
+
+/// f64: the reference backend of the kernels' own tests.
+impl FusedOps for burn::backend::NdArray<f64> {}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for burn::backend::Cuda {}
+
+/// An autodiff backend whose inner backend has the fused kernels too (trainers need both:
+/// the tracked model and, for references and rollouts, its `valid()` copy).
+pub trait AutodiffFusedOps: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
+
+impl<B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps> AutodiffFusedOps for B {}
