@@ -11,17 +11,8 @@ use align_kernels::burn::tensor::ops::AttentionModuleOptions;
 use align_kernels::burn::tensor::{Bool, Distribution, Tensor, TensorData};
 use align_kernels::{FusedOps, masked_attention};
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-fn close(what: &str, got: &[f64], want: &[f64], rel: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= rel * scale, "{what}[{i}]: {g} vs {w} (scale {scale})");
-    }
-}
+mod common;
+use common::{close, host};
 
 /// The model's mask in its GQA layout `[b, kv, groups·t, t]`: a key after the query or in
 /// another segment is masked. Row 0: one sequence then padding (segment 0: pads see pads);

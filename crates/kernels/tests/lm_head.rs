@@ -19,17 +19,8 @@ fn plain<B: Backend>(
     (logp.gather(1, t.unsqueeze_dim(1)).squeeze_dim(1), ent)
 }
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-fn close(what: &str, got: &[f64], want: &[f64], rel: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= rel * scale, "{what}[{i}]: {g} vs {w} (scale {scale})");
-    }
-}
+mod common;
+use common::{close, host};
 
 /// Compares values and the gradients of `x` and `w` under a loss that weights each row
 /// differently (so a wrong per-row upstream gradient shows).

@@ -1,21 +1,12 @@
 //! RoPE as one node against its Burn composition: values and the gradient of x.
 
 use align_kernels::burn::backend::{Autodiff, Flex, NdArray};
-use align_kernels::burn::tensor::backend::{AutodiffBackend, Backend};
+use align_kernels::burn::tensor::backend::AutodiffBackend;
 use align_kernels::burn::tensor::{Distribution, Tensor};
 use align_kernels::{FusedOps, rope};
 
-fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f64> {
-    t.into_data().convert::<f64>().to_vec().unwrap()
-}
-
-fn close(what: &str, got: &[f64], want: &[f64], rel: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= rel * scale, "{what}[{i}]: {g} vs {w} (scale {scale})");
-    }
-}
+mod common;
+use common::{close, host};
 
 fn check<B: AutodiffBackend + FusedOps>(b: usize, t: usize, h: usize, d: usize, rel: f64) {
     let dev = Default::default();
