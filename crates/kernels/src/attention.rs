@@ -96,11 +96,20 @@ pub(crate) struct Grads<B: Backend> {
     pub v: Tensor<B, 4>,
 }
 
-pub(crate) fn backward<B: Backend>(state: State<B>, dout: Tensor<B, 4>) -> Grads<B> {
-    let q: Tensor<B, 4> = float(state.q);
-    let (k, v): (Tensor<B, 4>, Tensor<B, 4>) = (float(state.k), float(state.v));
-    let (out, lse): (Tensor<B, 4>, Tensor<B, 4>) = (float(state.out), float(state.lse));
-    let mask: Tensor<B, 4, Bool> = Tensor::from_primitive(state.mask);
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    out: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    dout: Tensor<B, 4>,
+) -> Grads<B> {
+    let q: Tensor<B, 4> = float(q);
+    let (k, v): (Tensor<B, 4>, Tensor<B, 4>) = (float(k), float(v));
+    let (out, lse): (Tensor<B, 4>, Tensor<B, 4>) = (float(out), float(lse));
+    let mask: Tensor<B, 4, Bool> = Tensor::from_primitive(mask);
     let [b, h, m, d] = q.dims();
     let n = k.dims()[2];
     let scale = 1.0 / (d as f64).sqrt();
@@ -136,16 +145,17 @@ pub(crate) struct State<B: Backend> {
 #[derive(Debug)]
 struct MaskedAttention;
 
-impl<B: Backend> Backward<B, 3> for MaskedAttention {
+impl<B: FusedOps> Backward<B, 3> for MaskedAttention {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let [nq, nk, nv] = ops.parents;
-        let dout: Tensor<B, 4> = float(grads.consume::<B>(&ops.node));
-        let g = backward(ops.state, dout);
-        for (node, grad) in [(nq, g.q), (nk, g.k), (nv, g.v)] {
+        let dout = grads.consume::<B>(&ops.node);
+        let State { q, k, v, mask, out, lse } = ops.state;
+        let (dq, dk, dv) = B::attention_backward(q, k, v, mask, out, lse, dout);
+        for (node, grad) in [(nq, dq), (nk, dk), (nv, dv)] {
             if let Some(node) = node {
-                grads.register::<B>(node.id, prim(grad));
+                grads.register::<B>(node.id, grad);
             }
         }
     }
@@ -159,7 +169,7 @@ pub(crate) fn autodiff_masked_attention<B: FusedOps, C: CheckpointStrategy>(
 ) -> FloatTensor<Autodiff<B, C>> {
     let [b, h, m, _] = q.primitive.shape().dims::<4>();
     let n = k.primitive.shape().dims::<4>()[2];
-    if b * h * m * n <= RECOMPUTE_ABOVE_SCORES {
+    if !B::attention_recomputes(b * h * m * n) {
         let out = burn::tensor::module::attention(
             float::<Autodiff<B, C>, 4>(q),
             float(k),
@@ -174,15 +184,9 @@ pub(crate) fn autodiff_masked_attention<B: FusedOps, C: CheckpointStrategy>(
         MaskedAttention.prepare::<C>([q.node.clone(), k.node.clone(), v.node.clone()]).compute_bound().stateful();
     match prep {
         OpsKind::Tracked(prep) => {
-            let f = forward::<B>(
-                float(q.primitive.clone()),
-                float(k.primitive.clone()),
-                float(v.primitive.clone()),
-                Tensor::from_primitive(mask.clone()),
-            );
-            let out = prim(f.out);
-            let state =
-                State { q: q.primitive, k: k.primitive, v: v.primitive, mask, out: out.clone(), lse: prim(f.lse) };
+            let (out, lse) =
+                B::attention_forward(q.primitive.clone(), k.primitive.clone(), v.primitive.clone(), mask.clone());
+            let state = State { q: q.primitive, k: k.primitive, v: v.primitive, mask, out: out.clone(), lse };
             prep.finish(state, out)
         }
         // Nothing to differentiate: the backend's own attention (fused where it has one).

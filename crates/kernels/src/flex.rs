@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::FusedOps;
 use crate::elementwise;
-use crate::lm_head::{float, prim};
+use crate::lm_head::{float, int, prim};
 
 /// Elements per task: below this, splitting costs more than it saves.
 const GRAIN: usize = 1 << 14;
@@ -160,7 +160,166 @@ fn rope(x: &[f32], cos: &[f32], sin: &[f32], heads: usize, d: usize, sign: f32) 
     y
 }
 
+/// Target ids of an int tensor (i64 or i32), or `None` for another layout.
+fn targets(t: &FlexTensor) -> Option<Vec<usize>> {
+    if let Some(v) = t.as_slice::<i64>() {
+        return Some(v.iter().map(|&i| i as usize).collect());
+    }
+    t.as_slice::<i32>().map(|v| v.iter().map(|&i| i as usize).collect())
+}
+
+/// Values summed per block of a row in f32 lanes, the block totals in f64: the sums of a
+/// 49,152-wide row stay as accurate as Burn's own reductions at the speed of f32 lanes.
+const SUM_BLOCK: usize = 1024;
+
+/// `(Σ e, Σ e·s)` over one row, with `e = exp(s)` and `s = z · inv_t − max` (so both sums
+/// have terms of one sign: no cancellation in the entropy). The second is 0 unless asked.
+fn exp_sums(z: &[f32], inv_t: f32, max: f32, with_dot: bool) -> (f64, f64) {
+    const LANES: usize = 16;
+    let (mut sum, mut dot) = (0.0f64, 0.0f64);
+    for block in z.chunks(SUM_BLOCK) {
+        let (mut s, mut d) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let mut lanes = block.chunks_exact(LANES);
+        for lane in &mut lanes {
+            for j in 0..LANES {
+                let x = lane[j] * inv_t - max;
+                let e = exp(x);
+                s[j] += e;
+                if with_dot {
+                    d[j] += e * x;
+                }
+            }
+        }
+        for &v in lanes.remainder() {
+            let x = v * inv_t - max;
+            let e = exp(x);
+            s[0] += e;
+            d[0] += e * x;
+        }
+        sum += s.iter().map(|&v| f64::from(v)).sum::<f64>();
+        dot += d.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    (sum, if with_dot { dot } else { 0.0 })
+}
+
+/// The fused head's row statistics over raw logits `z: [rows, vocab]` read as `z · inv_t`:
+/// `(log p(target), lse, entropy)`, two passes over each row (max, then Σ exp).
+fn head_stats(z: &[f32], t: &[usize], inv_t: f32, with_entropy: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let vocab = z.len() / t.len().max(1);
+    let rows: Vec<(f32, f32, f32)> = z
+        .par_chunks(vocab)
+        .zip(t.par_iter())
+        .map(|(z, &t)| {
+            let max = z.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) * inv_t;
+            let (sum, dot) = exp_sums(z, inv_t, max, with_entropy);
+            let log_sum = sum.ln();
+            let lse = f64::from(max) + log_sum;
+            let picked = z.get(t).map_or(f64::NAN, |&v| f64::from(v * inv_t));
+            // H = lse − Σ p·z = log Σe − Σ e·s / Σe, with s = z·inv_t − max.
+            ((picked - lse) as f32, lse as f32, (log_sum - dot / sum) as f32)
+        })
+        .collect();
+    let logp = rows.iter().map(|r| r.0).collect();
+    let lse = rows.iter().map(|r| r.1).collect();
+    let entropy = if with_entropy { rows.iter().map(|r| r.2).collect() } else { vec![] };
+    (logp, lse, entropy)
+}
+
+/// `∂L/∂z = scale · (1[v = t] − exp(z · inv_t − lse))`, row by row.
+fn head_grad(z: &[f32], lse: &[f32], scale: &[f32], t: &[usize], inv_t: f32) -> Vec<f32> {
+    let vocab = z.len() / t.len().max(1);
+    let mut dz = vec![0.0f32; z.len()];
+    dz.par_chunks_mut(vocab).zip(z.par_chunks(vocab)).enumerate().for_each(|(i, (dz, z))| {
+        let (l, s) = (lse[i], scale[i]);
+        for (d, &v) in dz.iter_mut().zip(z) {
+            *d = -s * exp(v * inv_t - l);
+        }
+        if let Some(d) = dz.get_mut(t[i]) {
+            *d += s;
+        }
+    });
+    dz
+}
+
 impl FusedOps for Flex {
+    fn attention_forward(q: FlexTensor, k: FlexTensor, v: FlexTensor, mask: FlexTensor) -> (FlexTensor, FlexTensor) {
+        match crate::flex_attention::forward(&q, &k, &v, &mask) {
+            Some(out) => out,
+            None => {
+                let f = crate::attention::forward::<Flex>(
+                    float(q),
+                    float(k),
+                    float(v),
+                    burn::tensor::Tensor::from_primitive(mask),
+                );
+                (prim(f.out), prim(f.lse))
+            }
+        }
+    }
+
+    fn attention_backward(
+        q: FlexTensor,
+        k: FlexTensor,
+        v: FlexTensor,
+        mask: FlexTensor,
+        out: FlexTensor,
+        lse: FlexTensor,
+        dout: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        match crate::flex_attention::backward(&q, &k, &v, &mask, &out, &lse, &dout) {
+            Some(grads) => grads,
+            None => {
+                let g = crate::attention::backward::<Flex>(q, k, v, mask, out, lse, float(dout));
+                (prim(g.q), prim(g.k), prim(g.v))
+            }
+        }
+    }
+
+    /// The kernel above recomputes at no loss of speed, so the probabilities are never kept.
+    fn attention_recomputes(_scores: usize) -> bool {
+        true
+    }
+
+    fn head_chunk_stats(
+        z: FlexTensor,
+        targets_: FlexTensor,
+        temperature: f32,
+        with_entropy: bool,
+    ) -> (FlexTensor, FlexTensor, Option<FlexTensor>) {
+        match (contiguous_f32(&z), targets(&targets_)) {
+            (Some(zs), Some(t)) if !t.is_empty() && zs.len() % t.len() == 0 => {
+                let rows = t.len();
+                let (logp, lse, entropy) = head_stats(zs, &t, 1.0 / temperature, with_entropy);
+                let v = |x: Vec<f32>| tensor(x, Shape::new([rows]));
+                (v(logp), v(lse), with_entropy.then(|| v(entropy)))
+            }
+            _ => {
+                let (logp, lse, entropy) =
+                    crate::lm_head::chunk_stats::<Flex>(float(z), int(targets_), temperature, with_entropy);
+                (prim(logp), prim(lse), entropy.map(prim))
+            }
+        }
+    }
+
+    fn head_chunk_grad(
+        z: FlexTensor,
+        lse: FlexTensor,
+        scale: FlexTensor,
+        targets_: FlexTensor,
+        temperature: f32,
+    ) -> FlexTensor {
+        match (contiguous_f32(&z), contiguous_f32(&lse), contiguous_f32(&scale), targets(&targets_)) {
+            (Some(zs), Some(ls), Some(ss), Some(t))
+                if !t.is_empty() && zs.len() % t.len() == 0 && ls.len() == t.len() && ss.len() == t.len() =>
+            {
+                tensor(head_grad(zs, ls, ss, &t, 1.0 / temperature), shape(&z))
+            }
+            _ => {
+                prim(crate::lm_head::chunk_grad::<Flex>(float(z), float(lse), float(scale), int(targets_), temperature))
+            }
+        }
+    }
+
     fn rope(x: FlexTensor, cos: FlexTensor, sin: FlexTensor, inverse: bool) -> FlexTensor {
         match (contiguous_f32(&x), contiguous_f32(&cos), contiguous_f32(&sin)) {
             (Some(xs), Some(cs), Some(ss)) => {

@@ -24,6 +24,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod flex;
+mod flex_attention;
 pub mod lm_head;
 pub mod lora;
 pub mod rope;
@@ -62,6 +63,77 @@ pub trait FusedOps: Backend {
             with_entropy,
         );
         (lm_head::prim(out.logprobs), out.entropy.map(lm_head::prim))
+    }
+
+    /// One row chunk of the fused head: from raw logits `z: [r, vocab]` (f32 or f64) read
+    /// as `z / temperature`, each row's `(log p(target), log-sum-exp, entropy when asked)`, `[r]`.
+    fn head_chunk_stats(
+        z: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+        with_entropy: bool,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, Option<FloatTensor<Self>>) {
+        let (logp, lse, entropy) =
+            lm_head::chunk_stats::<Self>(lm_head::float(z), lm_head::int(targets), temperature, with_entropy);
+        (lm_head::prim(logp), lm_head::prim(lse), entropy.map(lm_head::prim))
+    }
+
+    /// The backward of [`FusedOps::head_chunk_stats`]' log-probs: `∂L/∂z = scale · (1[v = t] − p)`
+    /// with `p = exp(z / T − lse)` and `scale = g / T`, `[r, vocab]`.
+    fn head_chunk_grad(
+        z: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        scale: FloatTensor<Self>,
+        targets: IntTensor<Self>,
+        temperature: f32,
+    ) -> FloatTensor<Self> {
+        lm_head::prim(lm_head::chunk_grad::<Self>(
+            lm_head::float(z),
+            lm_head::float(lse),
+            lm_head::float(scale),
+            lm_head::int(targets),
+            temperature,
+        ))
+    }
+
+    /// Masked attention's forward keeping one log-sum-exp per query row: `(out, lse)` with
+    /// `lse: [b, h, m, 1]` (see [`attention`]); the generic version works in blocks of rows.
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let f = attention::forward::<Self>(
+            lm_head::float(q),
+            lm_head::float(k),
+            lm_head::float(v),
+            Tensor::from_primitive(mask),
+        );
+        (lm_head::prim(f.out), lm_head::prim(f.lse))
+    }
+
+    /// `(dq, dk, dv)` of [`FusedOps::attention_forward`] from `dout`, recomputing the
+    /// probabilities from `lse`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        mask: BoolTensor<Self>,
+        out: FloatTensor<Self>,
+        lse: FloatTensor<Self>,
+        dout: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let g = attention::backward::<Self>(q, k, v, mask, out, lse, lm_head::float(dout));
+        (lm_head::prim(g.q), lm_head::prim(g.k), lm_head::prim(g.v))
+    }
+
+    /// Whether autodiff attention over `scores` query-key pairs recomputes the probabilities
+    /// in its backward (rather than keeping them, as Burn's attention does). Generic: only
+    /// where they would not fit (above [`attention::RECOMPUTE_ABOVE_SCORES`]).
+    fn attention_recomputes(scores: usize) -> bool {
+        scores > attention::RECOMPUTE_ABOVE_SCORES
     }
 
     /// `softmax(q kᵀ/√d, masked) v` for `q: [b, h, m, d]`, `k, v: [b, h, n, d]` and a mask

@@ -93,10 +93,48 @@ fn rows_per_chunk(vocab: usize) -> usize {
     (CHUNK_LOGITS / vocab.max(1)).max(1)
 }
 
-/// A chunk's logits `x wᵀ / T` in f32, `[rows, vocab]`.
-fn chunk_logits<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>, temperature: f32) -> Tensor<B, 2> {
-    let z = at_least_f32(x.matmul(w.clone().transpose()));
-    if temperature != 1.0 && temperature > 0.0 { z / temperature } else { z }
+/// A chunk's raw logits `x wᵀ` in f32, `[rows, vocab]` (the temperature is applied by the
+/// statistics and the gradient, in the same pass).
+fn chunk_logits<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    at_least_f32(x.matmul(w.clone().transpose()))
+}
+
+/// The temperature the logits are divided by: 1 where it divides nothing (0 or 1).
+fn effective_temperature(temperature: f32) -> f32 {
+    if temperature > 0.0 { temperature } else { 1.0 }
+}
+
+/// One chunk's `(log p(target), lse, entropy)` from its raw logits `z: [r, vocab]`, with
+/// `z / temperature` the logits the softmax reads: the generic composition of Burn ops.
+pub fn chunk_stats<B: Backend>(
+    z: Tensor<B, 2>,
+    targets: Tensor<B, 1, Int>,
+    temperature: f32,
+    with_entropy: bool,
+) -> (Tensor<B, 1>, Tensor<B, 1>, Option<Tensor<B, 1>>) {
+    let z = if temperature != 1.0 { z / temperature } else { z };
+    let max = z.clone().max_dim(1);
+    let e = (z.clone() - max.clone()).exp();
+    let sum = e.clone().sum_dim(1);
+    let lse = max + sum.clone().log();
+    let picked = z.clone().gather(1, targets.unsqueeze_dim(1));
+    let entropy = with_entropy.then(|| (lse.clone() - (e * z).sum_dim(1) / sum).squeeze_dim(1));
+    ((picked - lse.clone()).squeeze_dim(1), lse.squeeze_dim(1), entropy)
+}
+
+/// One chunk's `∂L/∂z = scale · (1[v = t] − p)` for raw logits `z: [r, vocab]`, `p` the
+/// softmax of `z / temperature` (from its `lse`) and `scale = g / T`: the generic composition.
+pub fn chunk_grad<B: Backend>(
+    z: Tensor<B, 2>,
+    lse: Tensor<B, 1>,
+    scale: Tensor<B, 1>,
+    targets: Tensor<B, 1, Int>,
+    temperature: f32,
+) -> Tensor<B, 2> {
+    let z = if temperature != 1.0 { z / temperature } else { z };
+    let p = (z - lse.unsqueeze_dim(1)).exp();
+    let scale = scale.unsqueeze_dim::<2>(1);
+    (p * scale.clone().neg()).scatter(1, targets.unsqueeze_dim(1), scale, IndexingUpdateOp::Add)
 }
 
 /// The forward pass over row chunks, also returning each row's log-sum-exp (the backward's
@@ -107,7 +145,7 @@ pub(crate) struct Forward<B: Backend> {
     pub entropy: Option<Tensor<B, 1>>,
 }
 
-pub(crate) fn forward<B: Backend>(
+pub(crate) fn forward<B: FusedOps>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     targets: Tensor<B, 1, Int>,
@@ -116,29 +154,29 @@ pub(crate) fn forward<B: Backend>(
 ) -> Forward<B> {
     let [n, _] = x.dims();
     let rows = rows_per_chunk(w.dims()[0]);
+    let temperature = effective_temperature(temperature);
     let (mut logprobs, mut lses, mut entropies) = (Vec::new(), Vec::new(), Vec::new());
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
-        let z = chunk_logits(x.clone().narrow(0, start, len), &w, temperature);
-        let max = z.clone().max_dim(1);
-        let e = (z.clone() - max.clone()).exp();
-        let sum = e.clone().sum_dim(1);
-        let lse = max + sum.clone().log();
-        let picked = z.clone().gather(1, targets.clone().narrow(0, start, len).unsqueeze_dim(1));
-        logprobs.push(picked - lse.clone());
-        if with_entropy {
-            entropies.push(lse.clone() - (e * z).sum_dim(1) / sum);
-        }
-        lses.push(lse);
+        let z = chunk_logits(x.clone().narrow(0, start, len), &w);
+        let (logp, lse, entropy) = B::head_chunk_stats(
+            prim(z),
+            targets.clone().narrow(0, start, len).into_primitive(),
+            temperature,
+            with_entropy,
+        );
+        logprobs.push(float(logp));
+        lses.push(float(lse));
+        entropies.extend(entropy.map(float));
     }
-    let cat = |parts: Vec<Tensor<B, 2>>| -> Tensor<B, 1> {
-        if parts.is_empty() { Tensor::zeros([0], &x.device()) } else { Tensor::cat(parts, 0).squeeze_dim(1) }
+    let cat = |parts: Vec<Tensor<B, 1>>| -> Tensor<B, 1> {
+        if parts.is_empty() { Tensor::zeros([0], &x.device()) } else { Tensor::cat(parts, 0) }
     };
     Forward { logprobs: cat(logprobs), lse: cat(lses), entropy: with_entropy.then(|| cat(entropies)) }
 }
 
 /// `(∂L/∂x, ∂L/∂w)` from `g = ∂L/∂logp`, each only when asked for.
-fn backward<B: Backend>(
+fn backward<B: FusedOps>(
     state: State<B>,
     grad: Tensor<B, 1>,
     want_x: bool,
@@ -149,22 +187,22 @@ fn backward<B: Backend>(
         (float(x), float(w), int(targets), float(lse));
     let [n, _] = x.dims();
     let rows = rows_per_chunk(w.dims()[0]);
-    let inv_t = if temperature != 1.0 && temperature > 0.0 { 1.0 / temperature } else { 1.0 };
-    let grad = at_least_f32(grad);
+    let temperature = effective_temperature(temperature);
+    // `· (1/T)` rather than `/ T`: the rounding Burn's own `div_scalar` backward makes.
+    let scale = if temperature != 1.0 { at_least_f32(grad) * (1.0 / temperature) } else { at_least_f32(grad) };
     let mut dx = Vec::new();
     let mut dw: Option<Tensor<B, 2>> = None;
     for start in (0..n).step_by(rows) {
         let len = rows.min(n - start);
         let xc = x.clone().narrow(0, start, len);
-        let z = chunk_logits(xc.clone(), &w, temperature);
-        let p = (z - lse.clone().narrow(0, start, len).unsqueeze_dim(1)).exp();
-        let scale = grad.clone().narrow(0, start, len).unsqueeze_dim::<2>(1) * inv_t;
-        let dz = (p * scale.clone().neg()).scatter(
-            1,
-            targets.clone().narrow(0, start, len).unsqueeze_dim(1),
-            scale,
-            IndexingUpdateOp::Add,
-        );
+        let z = chunk_logits(xc.clone(), &w);
+        let dz: Tensor<B, 2> = float(B::head_chunk_grad(
+            prim(z),
+            prim(lse.clone().narrow(0, start, len)),
+            prim(scale.clone().narrow(0, start, len)),
+            targets.clone().narrow(0, start, len).into_primitive(),
+            temperature,
+        ));
         let dz = dz.cast(w.dtype());
         if want_x {
             dx.push(dz.clone().matmul(w.clone()));
@@ -199,7 +237,7 @@ struct LinearLogprobs;
 /// The fused head's outputs as primitives: log-probs and, when asked, entropies.
 pub type LogprobsAndEntropy<B> = (FloatTensor<B>, Option<FloatTensor<B>>);
 
-impl<B: Backend> Backward<B, 2> for LinearLogprobs {
+impl<B: FusedOps> Backward<B, 2> for LinearLogprobs {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
