@@ -47,28 +47,35 @@ pub struct Figures {
 
 /// align's inference figures on backend `B`.
 pub fn align_inference<B: FusedOps>(model: &Transformer<B>, reps: usize) -> Figures {
+    Figures {
+        prefill_tps: align_prefill_tps(model, 8, 128, reps),
+        decode_b1_tps: align_decode_tps(model, 1, reps),
+        decode_b8_tps: align_decode_tps(model, 8, reps),
+    }
+}
+
+/// Prefill tokens/s of `batch` prompts of `len` tokens: the forward, and the logits of the
+/// last position only, as `generate` reads them after a prefill.
+pub fn align_prefill_tps<B: FusedOps>(model: &Transformer<B>, batch: usize, len: usize, reps: usize) -> f64 {
     let device = model.embed_tokens.val().device();
-    let vocab = model.config.vocab_size;
-    let prefill = synthetic_ids(8, 128, vocab, 1);
-    let batch = TokenBatch::<B>::right_padded(&prefill, 0, &device);
+    let prefill = synthetic_ids(batch, len, model.config.vocab_size, 1);
+    let tokens = TokenBatch::<B>::right_padded(&prefill, 0, &device);
     let s = time(reps, || {
-        let h = model.forward_hidden(&batch, None);
-        // Only the last position's logits are needed after a prefill, as in generate.
-        let _ = model.logits(h.narrow(1, 127, 1)).into_data();
+        let h = model.forward_hidden(&tokens, None);
+        let _ = model.logits(h.narrow(1, len - 1, 1)).into_data();
     });
-    let prefill_tps = 8.0 * 128.0 / s;
+    (batch * len) as f64 / s
+}
+
+/// Greedy decode tokens/s: `batch` 32-token prompts, exactly 64 new tokens each.
+pub fn align_decode_tps<B: FusedOps>(model: &Transformer<B>, batch: usize, reps: usize) -> f64 {
     let cfg = SamplingConfig { temperature: 0.0, max_new_tokens: 64, ..Default::default() };
-    let decode = |b: usize| {
-        let prompts = synthetic_ids(b, 32, vocab, 2);
-        let s = time(reps, || {
-            let out = generate(model, &prompts, 0, &cfg);
-            assert!(out.iter().all(|c| c.tokens.len() == 64));
-        });
-        (b * 64) as f64 / s
-    };
-    let decode_b1_tps = decode(1);
-    let decode_b8_tps = decode(8);
-    Figures { prefill_tps, decode_b1_tps, decode_b8_tps }
+    let prompts = synthetic_ids(batch, 32, model.config.vocab_size, 2);
+    let s = time(reps, || {
+        let out = generate(model, &prompts, 0, &cfg);
+        assert!(out.iter().all(|c| c.tokens.len() == 64));
+    });
+    (batch * 64) as f64 / s
 }
 
 /// One forward + backward step of next-token cross-entropy, tokens/s.
@@ -111,7 +118,7 @@ pub fn bench_trl(python: &Path, peer: &Path, hf_dir: &Path, args: &[String]) -> 
 }
 
 /// `bench_trl.py --method generate` with the given shape.
-fn peer_generate(
+pub fn peer_generate(
     python: &Path,
     peer: &Path,
     hf_dir: &Path,

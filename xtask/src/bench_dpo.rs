@@ -19,9 +19,10 @@ type B = Autodiff<Cpu>;
 const PAIRS: usize = 4;
 const LEN: usize = 128;
 
-/// Median tokens/s of a DPO step (policy and reference forwards, backward, AdamW) after one
-/// warm-up step; tokens = non-pad tokens of the chosen and rejected rows, as bench_trl.py counts.
-fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
+/// Median tokens/s of a DPO step (policy and reference forwards, backward, AdamW) on `pairs`
+/// pairs of ≤ `len` tokens after one warm-up step; tokens = non-pad tokens of the chosen and
+/// rejected rows, as bench_trl.py counts.
+pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usize) -> Result<f64> {
     let device = Default::default();
     let pre = load_pretrained::<B>(gguf, Heads::LM, &device)?;
     let lora = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.0, ..Default::default() };
@@ -34,10 +35,10 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
         input_ids: p.iter().copied().chain(c.iter().copied()).collect(),
         loss_mask: std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect(),
     };
-    let train: Vec<Pair> = (0..PAIRS)
+    let train: Vec<Pair> = (0..pairs)
         .map(|_| {
-            let prompt = ids(LEN / 4);
-            let (c, r) = (ids(3 * LEN / 4 - 1), ids(3 * LEN / 4 - 1));
+            let prompt = ids(len / 4);
+            let (c, r) = (ids(3 * len / 4 - 1), ids(3 * len / 4 - 1));
             Pair { chosen: seq(&prompt, c), rejected: seq(&prompt, r), margin: None }
         })
         .collect();
@@ -47,12 +48,12 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
         eval: vec![],
         reference: Reference::AdaptersDisabled,
         pad_id: 0,
-        batch_size: PAIRS,
+        batch_size: pairs,
         config: model.config.clone(),
         lora: Some(lora),
         device,
     };
-    let batch: Vec<usize> = (0..PAIRS).collect();
+    let batch: Vec<usize> = (0..pairs).collect();
     let tokens = task.input_tokens(&batch) as f64;
     let secs = crate::bench_sft::median_step_seconds(model, reps, |m| {
         let terms = task.loss_sum(m, &batch)?;
@@ -61,19 +62,20 @@ fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
     Ok(tokens / secs)
 }
 
-fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, steps: usize) -> Result<Value> {
-    let args = ["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &PAIRS.to_string()]
+/// `bench_trl.py --method dpo --lora 16`: TRL's DPOTrainer with its defaults.
+pub fn trl_dpo(python: &Path, peer: &Path, hf_dir: &Path, pairs: usize, len: usize, steps: usize) -> Result<Value> {
+    let args = ["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &pairs.to_string()]
         .into_iter()
-        .chain(["--seq-len", &LEN.to_string(), "--lora", "16"])
+        .chain(["--seq-len", &len.to_string(), "--lora", "16"])
         .map(String::from)
         .collect::<Vec<_>>();
     crate::bench::bench_trl(python, peer, hf_dir, &args)
 }
 
 pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
-    let ours = align_tokens_per_second(gguf, reps)?;
+    let ours = align_tokens_per_second(gguf, PAIRS, LEN, reps)?;
     let trl = match peer {
-        Some((py, peer_dir, hf)) => Some(trl_tokens_per_second(py, peer_dir, hf, reps)?),
+        Some((py, peer_dir, hf)) => Some(trl_dpo(py, peer_dir, hf, PAIRS, LEN, reps)?),
         None => None,
     };
     let theirs = trl.as_ref().and_then(|v| v["tokens_per_second"]["median"].as_f64());

@@ -12,12 +12,12 @@ use align_rollout::{SamplingConfig, generate_groups_until};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
 
-const PROMPTS: usize = 8;
-const GROUP: usize = 8;
-const PROMPT_LEN: usize = 32;
-const NEW: usize = 64;
+pub const PROMPTS: usize = 8;
+pub const GROUP: usize = 8;
+pub const PROMPT_LEN: usize = 32;
+pub const NEW: usize = 64;
 
-fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64>)> {
+pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64>)> {
     let device = Default::default();
     let m = load_pretrained::<Cpu>(gguf, Heads::LM, &device)?.model;
     let prompts = crate::bench::synthetic_ids(PROMPTS, PROMPT_LEN, m.config.vocab_size, 2);

