@@ -122,6 +122,10 @@ fn align_row_in_child(id: &str, reps: usize) -> Result<Value> {
 /// Every row, align then the reference back to back; prints the markdown table and returns
 /// the report for `target/bench/all.json`.
 pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Value> {
+    if let Some(unknown) = only.iter().find(|o| !ROWS.iter().any(|r| r.id == o.as_str())) {
+        let ids: Vec<&str> = ROWS.iter().map(|r| r.id).collect();
+        bail!("--row {unknown:?}: no such row (rows: {})", ids.join(", "));
+    }
     let mut rows = vec![];
     let mut table = vec![
         "| row (SmolLM2-135M, f32, CPU) | align tok/s | reference | reference tok/s | ratio | align peak RSS MiB | reference peak RSS MiB | RSS ratio |".to_string(),
@@ -130,8 +134,8 @@ pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Val
     for row in ROWS.iter().filter(|r| only.is_empty() || only.iter().any(|o| o == r.id)) {
         eprintln!("bench --all: {} (align)...", row.label);
         let ours = align_row_in_child(row.id, reps)?;
-        let (tps, rss) =
-            (ours["tokens_per_s"].as_f64().unwrap_or(f64::NAN), ours["peak_rss_mib"].as_f64().unwrap_or(f64::NAN));
+        let field = |k: &str| ours[k].as_f64().with_context(|| format!("xtask bench-row {}: no {k}", row.id));
+        let (tps, rss) = (field("tokens_per_s")?, field("peak_rss_mib")?);
         let theirs = match peer {
             Some(p) => {
                 eprintln!("bench --all: {} ({})...", row.label, row.reference);

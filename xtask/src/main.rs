@@ -205,16 +205,12 @@ fn main() -> Result<()> {
                     eprintln!("bench: no --python given: the reference columns stay empty");
                 }
                 let report = bench_all::run(setup.as_ref(), reps, &rows)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/all.json", serde_json::to_string_pretty(&report)?)?;
-                eprintln!("bench: wrote target/bench/all.json");
+                write_report("all", &report)?;
                 return Ok(());
             }
             if profile {
                 let report = profile::run(&gguf, reps)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/profile.json", serde_json::to_string_pretty(&report)?)?;
-                eprintln!("bench: wrote target/bench/profile.json");
+                write_report("profile", &report)?;
                 return Ok(());
             }
             if backends {
@@ -238,27 +234,31 @@ fn main() -> Result<()> {
             if let Some((name, run)) = step_bench {
                 let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
                 let report = run(&gguf, peer, reps)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write(format!("target/bench/{name}.json"), serde_json::to_string_pretty(&report)?)?;
+                write_report(name, &report)?;
                 return Ok(());
             }
             if data {
                 let peer = python.as_deref().map(|p| (p, hf_dir.as_path()));
                 let report = bench_data::run(&gguf, &gsm8k, peer, reps)?;
-                std::fs::create_dir_all("target/bench")?;
-                std::fs::write("target/bench/data.json", serde_json::to_string_pretty(&report)?)?;
-                eprintln!("bench: wrote target/bench/data.json");
+                write_report("data", &report)?;
                 return Ok(());
             }
             let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir });
             let report = bench::run_inference_bench::<Cpu>(&gguf, setup.as_ref(), reps)?;
-            let out = PathBuf::from("target/bench/inference.json");
-            std::fs::create_dir_all("target/bench")?;
-            std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
-            eprintln!("bench: wrote {}", out.display());
-            Ok(())
+            write_report("inference", &report)
         }
     }
+}
+
+/// `target/bench/NAME.json`, written whole (a temporary file renamed into place).
+fn write_report(name: &str, report: &serde_json::Value) -> Result<()> {
+    let dir = PathBuf::from("target/bench");
+    std::fs::create_dir_all(&dir)?;
+    let (out, tmp) = (dir.join(format!("{name}.json")), dir.join(format!(".{name}.json.tmp")));
+    std::fs::write(&tmp, serde_json::to_string_pretty(report)?)?;
+    std::fs::rename(&tmp, &out)?;
+    eprintln!("bench: wrote {}", out.display());
+    Ok(())
 }
 
 fn pipeline_options(args: &PipelineArgs) -> align_pipeline::recipe::Options {
