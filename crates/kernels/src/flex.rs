@@ -8,9 +8,9 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::{Shape, TensorData};
 use rayon::prelude::*;
 
-use crate::FusedOps;
 use crate::elementwise;
 use crate::lm_head::{float, int, prim};
+use crate::{FusedOps, TokenSampling};
 
 /// Elements per task: below this, splitting costs more than it saves.
 const GRAIN: usize = 1 << 14;
@@ -316,6 +316,23 @@ impl FusedOps for Flex {
             }
             _ => {
                 prim(crate::lm_head::chunk_grad::<Flex>(float(z), float(lse), float(scale), int(targets_), temperature))
+            }
+        }
+    }
+
+    /// Rows on threads, each by the host reference rule (no `[rows, vocab]` temporaries).
+    fn sample_tokens(logits: FlexTensor, uniforms: &[f32], params: &TokenSampling) -> Vec<(u32, f32)> {
+        match contiguous_f32(&logits) {
+            Some(z) if !uniforms.is_empty() && z.len() % uniforms.len() == 0 => {
+                let v = z.len() / uniforms.len();
+                z.par_chunks(v)
+                    .zip(uniforms.par_iter())
+                    .map(|(row, &u)| crate::sampling::sample_row(row, params, u))
+                    .collect()
+            }
+            _ => {
+                let (tokens, logprobs) = crate::sampling::sample_generic::<Flex>(float(logits), uniforms, params);
+                crate::sampling::to_host(tokens, logprobs)
             }
         }
     }

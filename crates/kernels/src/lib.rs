@@ -17,6 +17,8 @@
 //! - [`rope`]: rotary position embedding as one node (its backward is the opposite rotation).
 //! - [`lora`]: a LoRA projection as one product over the stacked base and low-rank
 //!   factors, never forming the frozen weight's gradient.
+//! - [`sampling`]: each row's next token chosen where the logits are (temperature, top-k,
+//!   top-p), only ids and log-probs read back.
 //! - [`attention`]: masked softmax attention whose backward recomputes the probabilities
 //!   block by block (flash-style), so no `[batch, heads, seq, seq]` tensor outlives the
 //!   forward pass.
@@ -28,6 +30,7 @@ mod flex_attention;
 pub mod lm_head;
 pub mod lora;
 pub mod rope;
+pub mod sampling;
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -41,6 +44,7 @@ pub use elementwise::{rms_norm, swiglu};
 pub use lm_head::{HeadLogprobs, linear_logprobs};
 pub use lora::lora_linear;
 pub use rope::rope;
+pub use sampling::TokenSampling;
 
 /// A Burn backend with align's fused kernels. The provided methods are the generic
 /// implementations; `Autodiff<B>` overrides them with single-node ops and their own backward.
@@ -214,6 +218,14 @@ pub trait FusedOps: Backend {
             elementwise::swiglu_backward::<Self, 1>(lm_head::float(g), lm_head::float(u), lm_head::float(dy));
         (lm_head::prim(dg), lm_head::prim(du))
     }
+
+    /// Each row's next token from `logits: [rows, vocab]` and one uniform number in `[0, 1)`
+    /// per row (see [`sampling`]): `(token, log p(token))` per row, the only values read back
+    /// to the host. Generic: [`sampling::sample_generic`] on the device.
+    fn sample_tokens(logits: FloatTensor<Self>, uniforms: &[f32], params: &TokenSampling) -> Vec<(u32, f32)> {
+        let (tokens, logprobs) = sampling::sample_generic::<Self>(lm_head::float(logits), uniforms, params);
+        sampling::to_host(tokens, logprobs)
+    }
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
@@ -257,6 +269,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
         rope::autodiff_rope::<B, C>(x, cos, sin, inverse)
+    }
+
+    /// Sampling records nothing: the inner backend chooses.
+    fn sample_tokens(logits: FloatTensor<Self>, uniforms: &[f32], params: &TokenSampling) -> Vec<(u32, f32)> {
+        B::sample_tokens(<Self as AutodiffBackend>::inner(logits), uniforms, params)
     }
 }
 

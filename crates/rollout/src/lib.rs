@@ -3,15 +3,17 @@
 //!
 //! Prompts are left-padded into one batch, prefilled once, then decoded one token per step
 //! against the cache. Each row's positions count only its own tokens, so a row samples
-//! exactly what it would alone. Log-probs are under the sampling temperature, before top-k
-//! / top-p truncation: the quantity a policy-gradient trainer recomputes.
+//! exactly what it would alone. Tokens are chosen on the device (`FusedOps::sample_tokens`:
+//! temperature, top-k, top-p from one seeded uniform number per row), so only ids and
+//! log-probs reach the host, never a `[rows, vocab]` block of logits. Log-probs are under the
+//! sampling temperature, before top-k / top-p truncation: the quantity a policy-gradient
+//! trainer recomputes.
 
 mod sampling;
 
 pub use sampling::{Rng, SamplingConfig, sample_token};
 
 use align_model::FusedOps;
-use align_model::burn::tensor::Tensor;
 use align_model::{TokenBatch, Tokenizer, Transformer};
 
 /// One completion.
@@ -82,17 +84,21 @@ pub fn generate_groups_until<B: FusedOps>(
     let mut positions: Vec<i64> = (0..n).map(|r| prompts[r % p].len() as i64).collect();
     for step in 0..cfg.max_new_tokens {
         let logits = model.logits(last.unsqueeze_dim(1)).reshape([n as i32, -1]);
-        let logits = host_rows(logits);
+        let allow_stop = step >= cfg.min_new_tokens;
+        // One uniform number per live row, drawn in batch order: the device picks the
+        // tokens and only ids and log-probs come back.
+        let uniforms: Vec<f32> = (0..n)
+            .map(|r| if out[slot(r)].stopped || cfg.temperature <= 0.0 { 0.0 } else { rng.uniform() as f32 })
+            .collect();
+        let picked = B::sample_tokens(logits.into_primitive().tensor(), &uniforms, &cfg.token_sampling(allow_stop));
         let mut next = Vec::with_capacity(n);
-        for (r, row) in logits.iter().enumerate() {
+        for (r, &(tok, lp)) in picked.iter().enumerate() {
             let i = slot(r);
             let c = &mut out[i];
             if c.stopped {
                 next.push(pad_id);
                 continue;
             }
-            let allow_stop = step >= cfg.min_new_tokens;
-            let (tok, lp) = sample_token(row, cfg, allow_stop, &mut rng);
             c.tokens.push(tok);
             c.logprobs.push(lp);
             if allow_stop && (cfg.stop_token_ids.contains(&tok) || stop(i, &c.tokens)) {
@@ -178,12 +184,6 @@ pub fn generate_text_groups<B: FusedOps>(
             TextCompletion { completion: c, text, stop_string }
         })
         .collect()
-}
-
-fn host_rows<B: align_model::burn::tensor::backend::Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
-    let [_, v] = logits.dims();
-    let data: Vec<f32> = logits.into_data().convert::<f32>().to_vec().expect("f32 logits");
-    data.chunks(v).map(<[f32]>::to_vec).collect()
 }
 
 /// log-softmax of a logit row (for callers that score on the host).

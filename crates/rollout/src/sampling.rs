@@ -1,6 +1,8 @@
 //! Choosing the next token from a row of logits: greedy, or temperature with top-k and
 //! top-p truncation, from a seeded generator.
 
+use align_kernels::TokenSampling;
+use align_kernels::sampling::sample_row;
 use serde::{Deserialize, Serialize};
 
 /// How to pick tokens. `temperature == 0` is greedy.
@@ -40,68 +42,28 @@ impl Default for SamplingConfig {
 /// The sampler's generator.
 pub use align_model::SplitMix64 as Rng;
 
-/// Pick a token from `logits`; returns it with its log-prob under the temperature over the
-/// full vocabulary, before truncation and before the `min_new_tokens` mask: the quantity a
-/// trainer recomputes from the model's logits. Stop tokens are masked when `allow_stop` is
-/// false.
+impl SamplingConfig {
+    /// The kernel's rule for one decoding step: stop tokens are banned before
+    /// `min_new_tokens` (when `allow_stop` is false).
+    pub fn token_sampling(&self, allow_stop: bool) -> TokenSampling {
+        TokenSampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            banned: if allow_stop { vec![] } else { self.stop_token_ids.clone() },
+        }
+    }
+}
+
+/// Pick a token from one host row of `logits` (the rule of
+/// [`align_kernels::sampling`]: transformers' temperature → top-k → top-p);
+/// returns it with its log-prob under the temperature over the full vocabulary, before
+/// truncation and before the `min_new_tokens` ban: the quantity a trainer recomputes from
+/// the model's logits. Stop tokens are banned when `allow_stop` is false. Draws one number
+/// from `rng` unless greedy. [`crate::generate`] does the same on the device.
 pub fn sample_token(logits: &[f32], cfg: &SamplingConfig, allow_stop: bool, rng: &mut Rng) -> (u32, f32) {
-    let masked: Vec<f32> = if allow_stop || cfg.stop_token_ids.is_empty() {
-        logits.to_vec()
-    } else {
-        let mut l = logits.to_vec();
-        for &s in &cfg.stop_token_ids {
-            if let Some(x) = l.get_mut(s as usize) {
-                *x = f32::NEG_INFINITY;
-            }
-        }
-        l
-    };
-    let raw = crate::log_softmax_row(logits, cfg.temperature);
-    let logp = if allow_stop || cfg.stop_token_ids.is_empty() {
-        raw.clone()
-    } else {
-        crate::log_softmax_row(&masked, cfg.temperature)
-    };
-    if cfg.temperature <= 0.0 {
-        let (i, _) = masked
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best });
-        return (i as u32, raw[i]);
-    }
-    // Candidates: every finite token, or the top k, or the smallest top-p set. Only top-p
-    // needs an order over the whole vocabulary; top-k selects k first (a full sort of a
-    // 49k-token row per sampled token would dominate decoding on CPU).
-    let by_prob = |a: &usize, b: &usize| logp[*b].total_cmp(&logp[*a]).then(a.cmp(b));
-    let mut order: Vec<usize> = (0..logp.len()).filter(|&i| logp[i].is_finite()).collect();
-    if cfg.top_k > 0 && cfg.top_k < order.len() {
-        order.select_nth_unstable_by(cfg.top_k - 1, by_prob);
-        order.truncate(cfg.top_k);
-    }
-    if cfg.top_p < 1.0 {
-        order.sort_unstable_by(by_prob);
-        let mut mass = 0.0f64;
-        let mut keep = 0;
-        for &i in &order {
-            mass += (logp[i] as f64).exp();
-            keep += 1;
-            if mass >= cfg.top_p as f64 {
-                break;
-            }
-        }
-        order.truncate(keep.max(1));
-    }
-    let weights: Vec<f64> = order.iter().map(|&i| (logp[i] as f64).exp()).collect();
-    let total: f64 = weights.iter().sum();
-    let mut u = rng.uniform() * total;
-    for (&i, w) in order.iter().zip(&weights) {
-        if u < *w {
-            return (i as u32, raw[i]);
-        }
-        u -= w;
-    }
-    let i = *order.last().expect("at least one finite logit");
-    (i as u32, raw[i])
+    let u = if cfg.temperature > 0.0 { rng.uniform() as f32 } else { 0.0 };
+    sample_row(logits, &cfg.token_sampling(allow_stop), u)
 }
 
 #[cfg(test)]
