@@ -97,18 +97,23 @@ pub fn train_step_tps<B: AutodiffFusedOps>(gguf: &Path, batch: usize, len: usize
 }
 
 /// Run `../shared/peer/bench_trl.py` with `args` (after `--model DIR`); returns its JSON.
-pub fn bench_trl(python: &Path, peer: &Path, hf_dir: &Path, args: &[String]) -> Result<Value> {
+pub fn bench_trl(p: &PeerSetup, args: &[String]) -> Result<Value> {
     let out = std::env::temp_dir().join(format!("align-bench-trl-{}-{}.json", std::process::id(), args.join("_")));
-    let status = Command::new(python)
-        .arg(peer.join("bench_trl.py"))
+    let mut cmd = Command::new(&p.python);
+    if p.reference_f32 {
+        // Our wrapper: TRL's configs with bf16 (autocast) off, then the harness unchanged.
+        cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/trl_f32.py"));
+    }
+    let status = cmd
+        .arg(p.peer.join("bench_trl.py"))
         .arg("--model")
-        .arg(hf_dir)
+        .arg(&p.hf_dir)
         .args(args)
         .arg("--json-out")
         .arg(&out)
         .stdout(std::process::Stdio::null())
         .status()
-        .with_context(|| format!("running {}", python.display()))?;
+        .with_context(|| format!("running {}", p.python.display()))?;
     if !status.success() {
         bail!("bench_trl.py {} failed ({status})", args.join(" "));
     }
@@ -118,28 +123,23 @@ pub fn bench_trl(python: &Path, peer: &Path, hf_dir: &Path, args: &[String]) -> 
 }
 
 /// `bench_trl.py --method generate` with the given shape.
-pub fn peer_generate(
-    python: &Path,
-    peer: &Path,
-    hf_dir: &Path,
-    batch: usize,
-    prompt: usize,
-    new: usize,
-    steps: usize,
-) -> Result<Value> {
+pub fn peer_generate(p: &PeerSetup, batch: usize, prompt: usize, new: usize, steps: usize) -> Result<Value> {
     let args =
         ["--method", "generate", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &batch.to_string()]
             .into_iter()
             .chain(["--seq-len", &prompt.to_string(), "--max-new-tokens", &new.to_string()])
             .map(String::from)
             .collect::<Vec<_>>();
-    bench_trl(python, peer, hf_dir, &args)
+    bench_trl(p, &args)
 }
 
+/// The reference side: the harness's Python, its directory, the HF checkpoint it loads,
+/// and whether TRL's trainers run in f32 (`--reference-f32`) instead of their bf16 default.
 pub struct PeerSetup {
     pub python: PathBuf,
     pub peer: PathBuf,
     pub hf_dir: PathBuf,
+    pub reference_f32: bool,
 }
 
 pub fn run_inference_bench<B: FusedOps>(gguf: &Path, peer: Option<&PeerSetup>, reps: usize) -> Result<Value> {
@@ -162,10 +162,10 @@ pub fn run_inference_bench<B: FusedOps>(gguf: &Path, peer: Option<&PeerSetup>, r
         Some(p) => {
             eprintln!("bench: HF generate through bench_trl.py on the same shapes...");
             // Prefill: one new token after a 128-token prompt; the call is dominated by the prefill.
-            let pre = peer_generate(&p.python, &p.peer, &p.hf_dir, 8, 128, 1, reps)?;
+            let pre = peer_generate(p, 8, 128, 1, reps)?;
             let pre_tps = 8.0 * 128.0 / pre["step_seconds"]["median"].as_f64().context("step_seconds.median")?;
-            let b1 = peer_generate(&p.python, &p.peer, &p.hf_dir, 1, 32, 64, reps)?;
-            let b8 = peer_generate(&p.python, &p.peer, &p.hf_dir, 8, 32, 64, reps)?;
+            let b1 = peer_generate(p, 1, 32, 64, reps)?;
+            let b8 = peer_generate(p, 8, 32, 64, reps)?;
             let tps = |v: &Value| v["tokens_per_second"]["median"].as_f64().context("tokens_per_second.median");
             let (b1, b8) = (tps(&b1)?, tps(&b8)?);
             row("prefill tokens/s (8 x 128)", ours.prefill_tps, Some(pre_tps));

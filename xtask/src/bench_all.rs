@@ -70,21 +70,18 @@ pub fn align_row(gguf: &Path, id: &str, reps: usize) -> Result<Value> {
 
 /// The reference side of row `id`: tokens/s and peak RSS from `bench_trl.py`.
 fn reference_row(p: &PeerSetup, id: &str, reps: usize) -> Result<(f64, f64, Value)> {
-    let (py, peer, hf) = (p.python.as_path(), p.peer.as_path(), p.hf_dir.as_path());
     let v = match id {
-        "prefill" => crate::bench::peer_generate(py, peer, hf, 8, 128, 1, reps)?,
-        "decode-b1" => crate::bench::peer_generate(py, peer, hf, 1, 32, 64, reps)?,
-        "decode-b8" => crate::bench::peer_generate(py, peer, hf, 8, 32, 64, reps)?,
-        "sft-lora" => crate::bench_sft::trl_sft(py, peer, hf, 16, 8, 256, reps)?,
-        "sft-full" => crate::bench_sft::trl_sft(py, peer, hf, 0, 8, 256, reps)?,
-        "sft-lora-long" => crate::bench_sft::trl_sft(py, peer, hf, 16, 2, 2048, reps)?,
-        "dpo-lora" => crate::bench_dpo::trl_dpo(py, peer, hf, 4, 128, reps)?,
-        "dpo-lora-long" => crate::bench_dpo::trl_dpo(py, peer, hf, 2, 1024, reps)?,
-        "grpo" => crate::bench_grpo::trl(py, peer, hf, reps)?,
+        "prefill" => crate::bench::peer_generate(p, 8, 128, 1, reps)?,
+        "decode-b1" => crate::bench::peer_generate(p, 1, 32, 64, reps)?,
+        "decode-b8" => crate::bench::peer_generate(p, 8, 32, 64, reps)?,
+        "sft-lora" => crate::bench_sft::trl_sft(p, 16, 8, 256, reps)?,
+        "sft-full" => crate::bench_sft::trl_sft(p, 0, 8, 256, reps)?,
+        "sft-lora-long" => crate::bench_sft::trl_sft(p, 16, 2, 2048, reps)?,
+        "dpo-lora" => crate::bench_dpo::trl_dpo(p, 4, 128, reps)?,
+        "dpo-lora-long" => crate::bench_dpo::trl_dpo(p, 2, 1024, reps)?,
+        "grpo" => crate::bench_grpo::trl(p, reps)?,
         "rollout" => crate::bench::peer_generate(
-            py,
-            peer,
-            hf,
+            p,
             crate::bench_rollout::PROMPTS * crate::bench_rollout::GROUP,
             crate::bench_rollout::PROMPT_LEN,
             crate::bench_rollout::NEW,
@@ -166,7 +163,14 @@ pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Val
         }));
     }
     println!("{}", table.join("\n"));
-    Ok(json!({"reps": reps, "rows": rows, "table": table.join("\n")}))
+    let precision = match peer {
+        Some(p) if p.reference_f32 => {
+            "TRL trainers in f32 (bf16=False via xtask/scripts/trl_f32.py), other defaults kept"
+        }
+        Some(_) => "TRL's defaults (bf16=True autocast, gradient_checkpointing=True); HF forward/generate in f32",
+        None => "none",
+    };
+    Ok(json!({"reps": reps, "reference_precision": precision, "rows": rows, "table": table.join("\n")}))
 }
 
 /// The HF checkpoint the reference side loads, made from the GGUF with transformers if absent.

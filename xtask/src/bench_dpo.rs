@@ -63,19 +63,19 @@ pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usiz
 }
 
 /// `bench_trl.py --method dpo --lora 16`: TRL's DPOTrainer with its defaults.
-pub fn trl_dpo(python: &Path, peer: &Path, hf_dir: &Path, pairs: usize, len: usize, steps: usize) -> Result<Value> {
+pub fn trl_dpo(peer: &crate::bench::PeerSetup, pairs: usize, len: usize, steps: usize) -> Result<Value> {
     let args = ["--method", "dpo", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &pairs.to_string()]
         .into_iter()
         .chain(["--seq-len", &len.to_string(), "--lora", "16"])
         .map(String::from)
         .collect::<Vec<_>>();
-    crate::bench::bench_trl(python, peer, hf_dir, &args)
+    crate::bench::bench_trl(peer, &args)
 }
 
-pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
+pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> Result<Value> {
     let ours = align_tokens_per_second(gguf, PAIRS, LEN, reps)?;
     let trl = match peer {
-        Some((py, peer_dir, hf)) => Some(trl_dpo(py, peer_dir, hf, PAIRS, LEN, reps)?),
+        Some(peer) => Some(trl_dpo(peer, PAIRS, LEN, reps)?),
         None => None,
     };
     let theirs = trl.as_ref().and_then(|v| v["tokens_per_second"]["median"].as_f64());

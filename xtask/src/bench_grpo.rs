@@ -81,12 +81,12 @@ rewards = [{{ kind = "coherence" }}]
 }
 
 /// `bench_trl.py --method grpo` on the same shape.
-pub fn trl(python: &Path, peer: &Path, hf_dir: &Path, steps: usize) -> Result<Value> {
+pub fn trl(peer: &crate::bench::PeerSetup, steps: usize) -> Result<Value> {
     let args = ["--method", "grpo", "--steps", &steps.to_string(), "--warmup", "1"]
         .into_iter()
         .chain(["--batch-size", &COMPLETIONS.to_string(), "--num-generations", &GROUP.to_string()])
         .chain(["--max-new-tokens", &MAX_NEW.to_string(), "--lora", "16"])
         .map(String::from)
         .collect::<Vec<_>>();
-    crate::bench::bench_trl(python, peer, hf_dir, &args)
+    crate::bench::bench_trl(peer, &args)
 }

@@ -52,11 +52,11 @@ pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64
     Ok(((PROMPTS * GROUP * NEW) as f64 / sorted[sorted.len() / 2], secs))
 }
 
-pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
+pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> Result<Value> {
     eprintln!("bench: align rollout ({PROMPTS} prompts x G={GROUP}, {NEW} new tokens)...");
     let (ours, secs) = align_tokens_per_second(gguf, reps)?;
     let hf = match peer {
-        Some((py, peer_dir, hf_dir)) => {
+        Some(peer) => {
             eprintln!("bench: HF generate, batch {} x {NEW} new tokens...", PROMPTS * GROUP);
             let args = ["--method", "generate", "--steps", &reps.to_string(), "--warmup", "1"]
                 .into_iter()
@@ -64,7 +64,7 @@ pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Res
                 .chain(["--max-new-tokens", &NEW.to_string()])
                 .map(String::from)
                 .collect::<Vec<_>>();
-            Some(crate::bench::bench_trl(py, peer_dir, hf_dir, &args)?)
+            Some(crate::bench::bench_trl(peer, &args)?)
         }
         None => None,
     };

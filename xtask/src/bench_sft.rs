@@ -68,24 +68,16 @@ pub fn median_step_seconds(
 }
 
 /// `bench_trl.py --method sft`: TRL's SFTTrainer with its defaults on `rows` × `len`.
-pub fn trl_sft(
-    python: &Path,
-    peer: &Path,
-    hf_dir: &Path,
-    lora: usize,
-    rows: usize,
-    len: usize,
-    steps: usize,
-) -> Result<Value> {
+pub fn trl_sft(peer: &crate::bench::PeerSetup, lora: usize, rows: usize, len: usize, steps: usize) -> Result<Value> {
     let args = ["--method", "sft", "--steps", &steps.to_string(), "--warmup", "1", "--batch-size", &rows.to_string()]
         .into_iter()
         .chain(["--seq-len", &len.to_string(), "--lora", &lora.to_string()])
         .map(String::from)
         .collect::<Vec<_>>();
-    crate::bench::bench_trl(python, peer, hf_dir, &args)
+    crate::bench::bench_trl(peer, &args)
 }
 
-pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Result<Value> {
+pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> Result<Value> {
     println!(
         "| SFT step, SmolLM2-135M, 8 × 256 tokens, CPU | align tokens/s | TRL SFTTrainer tokens/s | align / TRL |"
     );
@@ -95,8 +87,8 @@ pub fn run(gguf: &Path, peer: Option<(&Path, &Path, &Path)>, reps: usize) -> Res
         let secs = align_step_seconds(gguf, rank, 8, 256, reps)?;
         let ours = 8.0 * 256.0 / secs;
         let theirs = match peer {
-            Some((py, peer_dir, hf)) => {
-                let v = trl_sft(py, peer_dir, hf, rank, 8, 256, reps)?;
+            Some(peer) => {
+                let v = trl_sft(peer, rank, 8, 256, reps)?;
                 v["tokens_per_second"]["median"].as_f64()
             }
             None => None,

@@ -101,6 +101,10 @@ enum Cmd {
         /// Timed repetitions after one warm-up
         #[arg(long, default_value_t = 3)]
         reps: usize,
+        /// Run TRL's trainers in f32 (bf16 autocast off) instead of their bf16 default, through
+        /// xtask/scripts/trl_f32.py: the fair comparison on a CPU without native bf16
+        #[arg(long)]
+        reference_f32: bool,
         /// Compare CPU backends on one forward+backward step instead
         #[arg(long)]
         backends: bool,
@@ -192,7 +196,22 @@ fn main() -> Result<()> {
             std::fs::write(&json_out, serde_json::to_string_pretty(&v)?)?;
             Ok(())
         }
-        Cmd::Bench { python, peer, hf_dir, reps, backends, data, sft, dpo, rollout, profile, gsm8k, all, rows } => {
+        Cmd::Bench {
+            python,
+            peer,
+            hf_dir,
+            reps,
+            reference_f32,
+            backends,
+            data,
+            sft,
+            dpo,
+            rollout,
+            profile,
+            gsm8k,
+            all,
+            rows,
+        } => {
             let gguf = fetch::smollm2()?;
             let hf_dir = hf_dir.unwrap_or(fetch::cache_dir()?.join("models/smollm2-hf"));
             let hf_dir = match &python {
@@ -200,7 +219,7 @@ fn main() -> Result<()> {
                 _ => hf_dir,
             };
             if all {
-                let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir });
+                let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir, reference_f32 });
                 if setup.is_none() {
                     eprintln!("bench: no --python given: the reference columns stay empty");
                 }
@@ -217,11 +236,7 @@ fn main() -> Result<()> {
                 return bench_backends(&gguf, reps);
             }
             // The step benches share one shape: align vs the peer harness, a JSON report.
-            type StepBench = fn(
-                &std::path::Path,
-                Option<(&std::path::Path, &std::path::Path, &std::path::Path)>,
-                usize,
-            ) -> Result<serde_json::Value>;
+            type StepBench = fn(&std::path::Path, Option<&bench::PeerSetup>, usize) -> Result<serde_json::Value>;
             let step_bench: Option<(&str, StepBench)> = if sft {
                 Some(("sft", bench_sft::run))
             } else if dpo {
@@ -232,8 +247,8 @@ fn main() -> Result<()> {
                 None
             };
             if let Some((name, run)) = step_bench {
-                let peer = python.as_deref().map(|p| (p, peer.as_path(), hf_dir.as_path()));
-                let report = run(&gguf, peer, reps)?;
+                let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir, reference_f32 });
+                let report = run(&gguf, setup.as_ref(), reps)?;
                 write_report(name, &report)?;
                 return Ok(());
             }
@@ -243,7 +258,7 @@ fn main() -> Result<()> {
                 write_report("data", &report)?;
                 return Ok(());
             }
-            let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir });
+            let setup = python.map(|python| bench::PeerSetup { python, peer, hf_dir, reference_f32 });
             let report = bench::run_inference_bench::<Cpu>(&gguf, setup.as_ref(), reps)?;
             write_report("inference", &report)
         }

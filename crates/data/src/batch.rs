@@ -143,17 +143,92 @@ pub fn pack_best_fit_decreasing(lengths: &[usize], capacity: usize) -> Result<Ve
 
 /// Rows of packed sequences, each row `capacity` wide (padding at the end).
 pub fn pack(seqs: &[&TokenizedSequence], capacity: usize, pad_id: u32) -> Result<HostBatch> {
+    Ok(pack_placed(seqs, capacity, pad_id)?.0)
+}
+
+/// [`pack`], also returning where each sequence starts in the flattened `[rows, capacity]`
+/// grid.
+pub fn pack_placed(seqs: &[&TokenizedSequence], capacity: usize, pad_id: u32) -> Result<(HostBatch, Vec<usize>)> {
     let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
     let bins = pack_best_fit_decreasing(&lengths, capacity)?;
     let mut out = empty(bins.len(), capacity, pad_id);
+    let mut starts = vec![0; seqs.len()];
     for (r, members) in bins.iter().enumerate() {
         let mut at = r * capacity;
         for (k, &i) in members.iter().enumerate() {
             place(&mut out, at, seqs[i], k as i64 + 1);
+            starts[i] = at;
             at += seqs[i].len();
         }
     }
-    Ok(out)
+    Ok((out, starts))
+}
+
+/// The rows a forward pass runs for a batch, and where each of the batch's cells went:
+/// the batch itself, or its sequences packed (see [`HostBatch::repacked`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForwardLayout {
+    /// The rows the model runs.
+    pub batch: HostBatch,
+    /// For each cell of the original flattened `[batch, seq]` grid, its cell in `batch`
+    /// (`usize::MAX` for a padding cell that packing dropped).
+    pub cell: Vec<usize>,
+}
+
+impl ForwardLayout {
+    /// The batch as it is.
+    pub fn padded(batch: &HostBatch) -> Self {
+        ForwardLayout { batch: batch.clone(), cell: (0..batch.input_ids.len()).collect() }
+    }
+
+    /// Flattened rows of the forward's hidden states for rows of the original grid.
+    pub fn rows(&self, original: &[usize]) -> Vec<usize> {
+        original.iter().map(|&i| self.cell[i]).collect()
+    }
+}
+
+impl HostBatch {
+    /// The same sequences packed best-fit decreasing into rows as wide as this batch, when
+    /// that takes fewer rows; `None` when it would not, or when a row is not one sequence
+    /// from column 0 (as [`pad_right`] lays them out). The model computes the same values
+    /// either way (positions restart and attention stays in each segment), on fewer tokens:
+    /// DPO pairs and RL completions of uneven length pad much of a batch.
+    pub fn repacked(&self, pad_id: u32) -> Option<ForwardLayout> {
+        let [b, t] = self.shape;
+        let mut seqs = Vec::with_capacity(b);
+        for r in 0..b {
+            let seg = &self.segments[r * t..(r + 1) * t];
+            let len = seg.iter().take_while(|&&s| s == 1).count();
+            if len == 0
+                || self.positions[r * t..r * t + len].iter().zip(0..).any(|(&p, j)| p != j)
+                || seg[len..].iter().any(|&s| s != 0)
+            {
+                return None;
+            }
+            let row = r * t..r * t + len;
+            seqs.push(TokenizedSequence {
+                input_ids: self.input_ids[row.clone()].iter().map(|&i| i as u32).collect(),
+                loss_mask: self.loss_mask[row].to_vec(),
+            });
+        }
+        let refs: Vec<&TokenizedSequence> = seqs.iter().collect();
+        let (batch, starts) = pack_placed(&refs, t, pad_id).ok()?;
+        if batch.shape[0] >= b {
+            return None;
+        }
+        let mut cell = vec![usize::MAX; b * t];
+        for (r, (s, start)) in seqs.iter().zip(starts).enumerate() {
+            for j in 0..s.len() {
+                cell[r * t + j] = start + j;
+            }
+        }
+        Some(ForwardLayout { batch, cell })
+    }
+
+    /// [`HostBatch::repacked`] when packing saves rows, else the batch as it is.
+    pub fn forward_layout(&self, pad_id: u32) -> ForwardLayout {
+        self.repacked(pad_id).unwrap_or_else(|| ForwardLayout::padded(self))
+    }
 }
 
 #[cfg(test)]
@@ -187,5 +262,42 @@ mod tests {
         let (t, m) = two.shifted_targets();
         let at = two.loss_positions(&t, &m);
         assert_eq!((at.cells, at.rows, at.targets), (vec![0, 2, 3], vec![0, 3, 4], vec![5, 2, 3]));
+    }
+
+    #[test]
+    fn repacking_moves_every_token_with_its_mask_and_saves_rows() {
+        let seq = |ids: &[u32], from: usize| TokenizedSequence {
+            input_ids: ids.to_vec(),
+            loss_mask: (0..ids.len()).map(|i| i >= from).collect(),
+        };
+        let rows = [seq(&[1, 2, 3, 4, 5, 6], 2), seq(&[7, 8], 1), seq(&[9, 10, 11], 1), seq(&[12], 0)];
+        let refs: Vec<&TokenizedSequence> = rows.iter().collect();
+        let padded = pad_right(&refs, 99);
+        let r = padded.repacked(99).expect("4 rows of 6 pack into 2");
+        assert_eq!(r.batch.shape, [2, 6]);
+        for (i, &c) in r.cell.iter().enumerate() {
+            if padded.segments[i] == 0 {
+                assert_eq!(c, usize::MAX);
+                continue;
+            }
+            assert_eq!(r.batch.input_ids[c], padded.input_ids[i]);
+            assert_eq!(r.batch.loss_mask[c], padded.loss_mask[i]);
+            assert_eq!(r.batch.positions[c], padded.positions[i]);
+        }
+        // Each shifted target the padded batch trains on is one the packed batch trains on.
+        let (pt, pm) = padded.shifted_targets();
+        let (rt, rm) = r.batch.shifted_targets();
+        let (w, rw) = (5, 5);
+        for (k, _) in pm.iter().enumerate().filter(|(_, m)| **m) {
+            let (row, j) = (k / w, k % w);
+            let c = r.cell[row * 6 + j + 1] - 1;
+            let rk = c / 6 * rw + c % 6;
+            assert!(rm[rk] && rt[rk] == pt[k], "target {k}");
+        }
+        assert_eq!(pm.iter().filter(|m| **m).count(), rm.iter().filter(|m| **m).count());
+        // Nothing to save: every row full.
+        assert!(pad_right(&[&rows[0], &rows[0]], 0).repacked(0).is_none());
+        // Not one sequence per row.
+        assert!(pack(&refs, 6, 0).unwrap().repacked(0).is_none());
     }
 }

@@ -19,7 +19,9 @@ pub mod synthetic;
 pub mod tokenize;
 
 pub use adapters::{Adapter, MultipleChoice};
-pub use batch::{HostBatch, LossPositions, pack, pack_best_fit_decreasing, pad_left, pad_right};
+pub use batch::{
+    ForwardLayout, HostBatch, LossPositions, pack, pack_best_fit_decreasing, pack_placed, pad_left, pad_right,
+};
 pub use dataset::{DatasetConfig, SkipReport, examples, load_examples};
 pub use error::{DataError, Location, Result};
 pub use loader::{Loader, LoaderState};

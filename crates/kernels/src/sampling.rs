@@ -51,14 +51,16 @@ impl TokenSampling {
 const BELOW_TOTAL: f64 = 1.0 - 1e-7;
 
 /// One row on the host: `(token, log p(token))` for the uniform number `u ∈ [0, 1)`.
-/// Weights are f32 exponentials (the vectorised [`crate::flex::exp`]) accumulated in f64. Ties in the top-k/top-p order go to the lower token id.
+/// The draw's weights are f32 exponentials (the vectorised [`crate::flex::exp`]) summed in
+/// f64; the log-prob's normaliser is exact f64. Ties in the top-k/top-p order go to the lower token id.
 pub fn sample_row(logits: &[f32], params: &TokenSampling, u: f32) -> (u32, f32) {
     let scale = params.scale();
     let banned = |i: usize| params.banned.contains(&(i as u32));
     let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x * scale));
-    let sum: f64 = logits.iter().map(|&x| exp(x * scale - max) as f64).sum();
-    let lse = max as f64 + sum.ln();
-    let logp = |i: usize| (logits[i] as f64 * scale as f64 - lse) as f32;
+    // The log-prob a trainer compares against: the normaliser in f64 exponentials, the
+    // draw's weights below in the fast f32 ones.
+    let lse = (logits.iter().map(|&x| ((x * scale - max) as f64).exp()).sum::<f64>().ln()) as f32;
+    let logp = |i: usize| (logits[i] * scale - max) - lse;
     let allowed = (0..logits.len()).filter(|&i| !banned(i) && logits[i] * scale > f32::NEG_INFINITY);
     if params.temperature <= 0.0 {
         let best = allowed.fold(None, |b: Option<usize>, i| match b {

@@ -172,20 +172,15 @@ pub struct ActorCritic<B: Backend> {
 impl<B: FusedOps> ActorCritic<B> {
     /// Values `[b, completion_width]` of the states before each completion token.
     fn values(&self, batch: &CompletionBatch<B>, policy_hidden: Option<Tensor<B, 3>>) -> Tensor<B, 2> {
-        let [b, _] = batch.tokens.dims();
+        let [b, w] = batch.targets.dims();
         match &self.critic {
             Some(c) => {
-                let h = c.forward_hidden(&batch.tokens, None).narrow(1, batch.prompt_width - 1, batch.completion_width);
-                c.scores(h).expect("the critic has a score head").narrow(2, 0, 1).reshape([b, batch.completion_width])
+                let h = batch.completion_states(c.forward_hidden(&batch.tokens, None));
+                c.scores(h).expect("the critic has a score head").narrow(2, 0, 1).reshape([b, w])
             }
             None => {
-                let h = policy_hidden.unwrap_or_else(|| {
-                    self.policy.forward_hidden(&batch.tokens, None).narrow(
-                        1,
-                        batch.prompt_width - 1,
-                        batch.completion_width,
-                    )
-                });
+                let h = policy_hidden
+                    .unwrap_or_else(|| batch.completion_states(self.policy.forward_hidden(&batch.tokens, None)));
                 self.policy.values(h).expect("the policy has a value head")
             }
         }

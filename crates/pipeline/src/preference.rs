@@ -227,7 +227,10 @@ pub fn pair_forward<B: FusedOps>(
     device: &B::Device,
 ) -> PairForward<B> {
     let [b, t] = batch.shape;
-    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
+    // Chosen and rejected rows of uneven length are packed when that saves rows; the loss
+    // positions below are the padded grid's, mapped to the packed rows.
+    let layout = batch.forward_layout(model.config.pad_token_id.unwrap_or(0));
+    let hidden = model.forward_hidden(&layout.batch.to_device::<B>(device), None);
     let (targets, mask) = batch.shifted_targets();
     let tokens: Vec<f64> = mask.chunks(t - 1).map(|r| r.iter().filter(|&&m| m).count() as f64).collect();
     let attended: Vec<bool> = (0..b)
@@ -235,7 +238,7 @@ pub fn pair_forward<B: FusedOps>(
         .map(|(r, j)| batch.segments[r * t + j] != 0 && batch.segments[r * t + j] == batch.segments[r * t + j - 1])
         .collect();
     let at = batch.loss_positions(&targets, if with_prompt { &attended } else { &mask });
-    let lp = model.logprobs_at(hidden, &at.rows, &at.targets, 1.0, false).logprobs;
+    let lp = model.logprobs_at(hidden, &layout.rows(&at.rows), &at.targets, 1.0, false).logprobs;
     let token_logps = spread_rows(lp, &at.cells, [b, t - 1]);
     let completion = float2::<B>(mask, [b, t - 1], device);
     PairForward {

@@ -11,7 +11,9 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use align_data::{DatasetConfig, ExampleTokenizer, LoaderState, LossPositions, TokenizeConfig};
+use align_data::{
+    DatasetConfig, ExampleTokenizer, LoaderState, LossPositions, TokenizeConfig, TokenizedSequence, pad_right,
+};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer, spread_rows};
@@ -171,17 +173,34 @@ pub fn completion_mask(completions: &[&[u32]], width: usize, exclude: &[bool]) -
         .collect()
 }
 
-/// Prompt + completion rows, prompts left-padded and completions right-padded, so
-/// completion tokens start at column `prompt_width` in every row.
+/// Prompt + completion sequences laid out for one forward pass: right-padded, or packed
+/// (segment ids) when that takes fewer rows, as completions of uneven length usually do.
+/// Everything a loss reads is indexed by `[b, completion_width]` cells, whatever the layout.
 pub struct CompletionBatch<B: Backend> {
     pub tokens: TokenBatch<B>,
-    pub prompt_width: usize,
     pub completion_width: usize,
     /// The completion ids `[b, completion_width]` (padding: `pad_id`).
     pub targets: Tensor<B, 2, Int>,
     /// Where the LM head runs: each completion token's cell in `[b, completion_width]`, the
     /// hidden-state row of `tokens` that predicts it, and the token.
     pub predicted: LossPositions,
+    /// For each cell of `[b, completion_width]`, the flattened hidden-state row of `tokens`
+    /// holding the state before that completion token: the state a value head reads (past a
+    /// completion's end, its last token's state, which no loss reads unmasked).
+    pub states: Vec<usize>,
+}
+
+impl<B: Backend> CompletionBatch<B> {
+    /// The states before each completion token, `[b, completion_width, d]`, from the hidden
+    /// states of `tokens`.
+    pub fn completion_states(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [rows, t, d] = hidden.dims();
+        let [b, w] = self.targets.dims();
+        let device = hidden.device();
+        let at: Vec<i64> = self.states.iter().map(|&i| i as i64).collect();
+        let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(at, [b * w]), &device);
+        hidden.reshape([rows * t, d]).select(0, idx).reshape([b, w, d])
+    }
 }
 
 pub fn completion_batch<B: Backend>(
@@ -191,33 +210,39 @@ pub fn completion_batch<B: Backend>(
     device: &B::Device,
 ) -> CompletionBatch<B> {
     let b = prompts.len();
-    let pw = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
     let cw = completions.iter().map(|c| c.len()).max().unwrap_or(0).max(1);
-    let w = pw + cw;
-    let (mut ids, mut pos, mut seg) = (vec![pad_id as i64; b * w], vec![0i64; b * w], vec![0i64; b * w]);
+    let seqs: Vec<TokenizedSequence> = prompts
+        .iter()
+        .zip(completions)
+        .map(|(p, c)| TokenizedSequence {
+            input_ids: p.iter().chain(c.iter()).copied().collect(),
+            loss_mask: std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect(),
+        })
+        .collect();
+    let padded = pad_right(&seqs.iter().collect::<Vec<_>>(), pad_id);
+    let width = padded.shape[1];
+    let layout = padded.forward_layout(pad_id);
     let mut targets = vec![pad_id as i64; b * cw];
     let mut predicted = LossPositions::default();
+    let mut states = Vec::with_capacity(b * cw);
     for (r, (p, c)) in prompts.iter().zip(completions).enumerate() {
-        let start = pw - p.len();
-        for (k, &t) in p.iter().chain(c.iter()).enumerate() {
-            ids[r * w + start + k] = t as i64;
-            pos[r * w + start + k] = k as i64;
-            seg[r * w + start + k] = 1;
-        }
-        for (k, &t) in c.iter().enumerate() {
-            targets[r * cw + k] = t as i64;
-            // Position t predicts token t + 1: completion token k is predicted at pw − 1 + k.
+        // Position t predicts token t + 1: completion token k is predicted at p + k − 1.
+        let at = |j: usize| layout.cell[r * width + j];
+        let last = (p.len() + c.len()).max(1) - 1;
+        for (k, &tok) in c.iter().enumerate() {
+            targets[r * cw + k] = tok as i64;
             predicted.cells.push(r * cw + k);
-            predicted.rows.push(r * w + pw - 1 + k);
-            predicted.targets.push(t as i64);
+            predicted.rows.push(at((p.len() + k).max(1) - 1));
+            predicted.targets.push(tok as i64);
         }
+        states.extend((0..cw).map(|k| at(((p.len() + k).max(1) - 1).min(last))));
     }
     CompletionBatch {
-        tokens: TokenBatch::from_host(ids, pos, seg, [b, w], device),
-        prompt_width: pw,
+        tokens: layout.batch.to_device(device),
         completion_width: cw,
         targets: Tensor::from_data(TensorData::new(targets, [b, cw]), device),
         predicted,
+        states,
     }
 }
 
@@ -237,15 +262,13 @@ pub fn completion_forward<B: FusedOps>(
     with_entropy: bool,
 ) -> CompletionForward<B> {
     let full = model.forward_hidden(&batch.tokens, None);
-    let shape = [batch.tokens.dims()[0], batch.completion_width];
+    let shape = batch.targets.dims();
     // The head runs on completion tokens only (not on prompts or padding).
     let p = &batch.predicted;
     let head = model.logprobs_at(full.clone(), &p.rows, &p.targets, temperature, with_entropy);
-    // Position t predicts token t + 1: completion token k is predicted at prompt_width − 1 + k.
-    let hidden = full.narrow(1, batch.prompt_width - 1, batch.completion_width);
     CompletionForward {
         logps: spread_rows(head.logprobs, &p.cells, shape),
-        hidden,
+        hidden: batch.completion_states(full),
         entropy: head.entropy.map(|e| spread_rows(e, &p.cells, shape)),
     }
 }

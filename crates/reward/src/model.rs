@@ -29,11 +29,15 @@ pub fn score_positions(batch: &HostBatch, pad_token_id: Option<u32>) -> Vec<i64>
 /// ([`score_positions`]), so an exported reward model scores the same in both.
 pub fn last_token_scores<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> Tensor<B, 1> {
     let b = batch.shape[0];
-    let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
-    let scores = model.scores(hidden).expect("the reward model has a score head");
     let last = score_positions(batch, model.config.pad_token_id);
-    let idx = Tensor::<B, 3, Int>::from_data(TensorData::new(last, [b, 1, 1]), device);
-    scores.narrow(2, 0, 1).gather(1, idx).reshape([b])
+    // Packed when that saves rows: the score reads the same token's hidden state either way.
+    let layout = batch.forward_layout(model.config.pad_token_id.unwrap_or(0));
+    let hidden = model.forward_hidden(&layout.batch.to_device::<B>(device), None);
+    let [rows, t, d] = hidden.dims();
+    let at: Vec<i64> = (0..b).map(|r| layout.cell[r * batch.shape[1] + last[r] as usize] as i64).collect();
+    let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(at, [b]), device);
+    let states = hidden.reshape([rows * t, d]).select(0, idx).reshape([b, 1, d]);
+    model.scores(states).expect("the reward model has a score head").narrow(2, 0, 1).reshape([b])
 }
 
 /// Scores of token sequences, `batch_size` right-padded rows per forward, in order.
