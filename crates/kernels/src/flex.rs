@@ -320,6 +320,15 @@ impl FusedOps for Flex {
         }
     }
 
+    /// A system BLAS when one loaded and the operands are 2-D f32 (row-major or transposed
+    /// views); flex's gemm otherwise.
+    fn matmul(a: FlexTensor, b: FlexTensor) -> FlexTensor {
+        match crate::blas::matmul(&a, &b) {
+            Some(c) => c,
+            None => prim(float::<Flex, 2>(a).matmul(float(b))),
+        }
+    }
+
     /// Rows on threads, each by the host reference rule (no `[rows, vocab]` temporaries).
     fn sample_tokens(logits: FlexTensor, uniforms: &[f32], params: &TokenSampling) -> Vec<(u32, f32)> {
         match contiguous_f32(&logits) {

@@ -11,6 +11,8 @@
 //! node and a [`Backward`](burn::backend::autodiff::ops::Backward) implementation. Code that
 //! uses a fused op asks for `B: FusedOps` instead of `B: Backend`.
 //!
+//! - [`matmul`]: the 2-D product of every projection and the LM head, which the CPU
+//!   backend runs on a system BLAS when one is installed ([`blas`]).
 //! - [`lm_head`]: `log_softmax(x Wᵀ / T)[target]` (and the entropy) over row chunks, never
 //!   holding more than one chunk of logits, forward or backward.
 //! - [`elementwise`]: RMSNorm and SwiGLU as one node each.
@@ -24,11 +26,13 @@
 //!   forward pass.
 
 pub mod attention;
+pub mod blas;
 pub mod elementwise;
 pub mod flex;
 mod flex_attention;
 pub mod lm_head;
 pub mod lora;
+pub mod matmul;
 pub mod rope;
 pub mod sampling;
 
@@ -43,6 +47,7 @@ pub use burn;
 pub use elementwise::{rms_norm, swiglu};
 pub use lm_head::{HeadLogprobs, linear_logprobs};
 pub use lora::lora_linear;
+pub use matmul::matmul;
 pub use rope::rope;
 pub use sampling::TokenSampling;
 
@@ -219,6 +224,11 @@ pub trait FusedOps: Backend {
         (lm_head::prim(dg), lm_head::prim(du))
     }
 
+    /// `a · b` for `a: [m, k]`, `b: [k, n]`. Generic: Burn's matmul.
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        lm_head::prim(lm_head::float::<Self, 2>(a).matmul(lm_head::float(b)))
+    }
+
     /// Each row's next token from `logits: [rows, vocab]` and one uniform number in `[0, 1)`
     /// per row (see [`sampling`]): `(token, log p(token))` per row, the only values read back
     /// to the host. Generic: [`sampling::sample_generic`] on the device.
@@ -269,6 +279,10 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
         rope::autodiff_rope::<B, C>(x, cos, sin, inverse)
+    }
+
+    fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {
+        matmul::autodiff_matmul::<B, C>(a, b)
     }
 
     /// Sampling records nothing: the inner backend chooses.

@@ -95,8 +95,8 @@ fn rows_per_chunk(vocab: usize) -> usize {
 
 /// A chunk's raw logits `x wᵀ` in f32, `[rows, vocab]` (the temperature is applied by the
 /// statistics and the gradient, in the same pass).
-fn chunk_logits<B: Backend>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
-    at_least_f32(x.matmul(w.clone().transpose()))
+fn chunk_logits<B: FusedOps>(x: Tensor<B, 2>, w: &Tensor<B, 2>) -> Tensor<B, 2> {
+    at_least_f32(crate::matmul(x, w.clone().transpose()))
 }
 
 /// The temperature the logits are divided by: 1 where it divides nothing (0 or 1).
@@ -205,10 +205,10 @@ fn backward<B: FusedOps>(
         ));
         let dz = dz.cast(w.dtype());
         if want_x {
-            dx.push(dz.clone().matmul(w.clone()));
+            dx.push(crate::matmul(dz.clone(), w.clone()));
         }
         if want_w {
-            let part = dz.transpose().matmul(xc);
+            let part = crate::matmul(dz.transpose(), xc);
             dw = Some(match dw {
                 Some(acc) => acc + part,
                 None => part,

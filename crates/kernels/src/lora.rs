@@ -25,8 +25,8 @@ use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::FloatTensor;
 
-use crate::FusedOps;
 use crate::lm_head::{float, prim};
+use crate::{FusedOps, matmul};
 
 /// `x W + scale·(x A) B` for `x: [n, in]` (see the module docs). `W` takes no gradient:
 /// callers use this for frozen base weights only.
@@ -41,15 +41,15 @@ pub fn lora_linear<B: FusedOps>(
 }
 
 /// The forward pass: `(y, h)` with `h = scale·x A` (the backward's only saved product).
-pub(crate) fn forward<B: Backend>(
+pub(crate) fn forward<B: FusedOps>(
     x: Tensor<B, 2>,
     w: Tensor<B, 2>,
     a: Tensor<B, 2>,
     b: Tensor<B, 2>,
     scale: f64,
 ) -> (Tensor<B, 2>, Tensor<B, 2>) {
-    let h = x.clone().matmul(a) * scale;
-    let y = Tensor::cat(vec![x, h.clone()], 1).matmul(Tensor::cat(vec![w, b], 0));
+    let h = matmul(x.clone(), a) * scale;
+    let y = matmul(Tensor::cat(vec![x, h.clone()], 1), Tensor::cat(vec![w, b], 0));
     (y, h)
 }
 
@@ -66,7 +66,7 @@ struct State<B: Backend> {
 #[derive(Debug)]
 struct LoraLinear;
 
-impl<B: Backend> Backward<B, 3> for LoraLinear {
+impl<B: FusedOps> Backward<B, 3> for LoraLinear {
     type State = State<B>;
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
@@ -75,16 +75,16 @@ impl<B: Backend> Backward<B, 3> for LoraLinear {
         let s = ops.state;
         let (x, w, a, b, h) =
             (float::<B, 2>(s.x), float::<B, 2>(s.w), float::<B, 2>(s.a), float::<B, 2>(s.b), float(s.h));
-        let u = dy.clone().matmul(b.transpose()) * s.scale;
+        let u = matmul(dy.clone(), b.transpose()) * s.scale;
         if let Some(node) = nb {
-            grads.register::<B>(node.id, prim(h.transpose().matmul(dy.clone())));
+            grads.register::<B>(node.id, prim(matmul(h.transpose(), dy.clone())));
         }
         if let Some(node) = na {
-            grads.register::<B>(node.id, prim(x.transpose().matmul(u.clone())));
+            grads.register::<B>(node.id, prim(matmul(x.transpose(), u.clone())));
         }
         if let Some(node) = nx {
             let wa = Tensor::cat(vec![w.transpose(), a.transpose()], 0);
-            grads.register::<B>(node.id, prim(Tensor::cat(vec![dy, u], 1).matmul(wa)));
+            grads.register::<B>(node.id, prim(matmul(Tensor::cat(vec![dy, u], 1), wa)));
         }
     }
 }

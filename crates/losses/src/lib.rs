@@ -3,7 +3,7 @@
 //! it matches; `tests/reference.rs` checks every case of `fixtures/reference/losses/*.json`
 //! (TRL's own outputs) to 1e-6 relative in f64 and 1e-4 in f32.
 //!
-//! Conventions (the project's `CONVENTIONS.md`): a sequence log-prob is the *sum* of its
+//! Conventions (`docs/conventions.md`): a sequence log-prob is the *sum* of its
 //! completion tokens' log-probs unless a function says "averaged"; masks are float tensors
 //! of 0/1 in the dtype of the values (what TRL multiplies by), and values at masked
 //! positions are ignored whatever they are (finite).

@@ -88,12 +88,17 @@ impl<B: FusedOps> Mlp<B> {
     }
 }
 
-/// A linear layer over `[batch, seq, d]` as one 2-D matmul: Burn backends run a 3-D
-/// input as one small matmul per batch row, re-reading the weight each time (6x slower
-/// for batch-8 decoding on CPU).
-pub fn linear<B: Backend>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+/// A linear layer over `[batch, seq, d]` as one 2-D product (`align_kernels::matmul`, a
+/// system BLAS on CPU when there is one): Burn backends run a 3-D input as one small
+/// matmul per batch row, re-reading the weight each time (6x slower for batch-8 decoding
+/// on CPU).
+pub fn linear<B: FusedOps>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     let [b, t, d] = x.dims();
-    let y = layer.forward(x.reshape([b * t, d]));
+    let y = align_kernels::matmul(x.reshape([b * t, d]), layer.weight.val());
+    let y = match &layer.bias {
+        Some(bias) => y + bias.val().unsqueeze(),
+        None => y,
+    };
     let n = y.dims()[1];
     y.reshape([b, t, n])
 }
@@ -347,41 +352,6 @@ impl<B: Backend> Transformer<B> {
         BlockContext { rope, mask }
     }
 
-    /// Next-token logits `[batch, seq, vocab]` from final hidden states.
-    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        let [b, t, d] = hidden.dims();
-        let x = hidden.reshape([b * t, d]);
-        // `w_t` is the projection as `[vocab, hidden]`.
-        let (w_t, bias) = self.head_weight();
-        let v = w_t.dims()[0];
-        // For a few rows (decoding), `(W xᵀ)ᵀ` runs ~3x faster on CPU than `x Wᵀ` with a
-        // 49k-wide output; for many rows the plain product is faster.
-        let y = if b * t <= 64 { w_t.matmul(x.transpose()).transpose() } else { x.matmul(w_t.transpose()) };
-        let y = match bias {
-            Some(bias) => y + bias.unsqueeze(),
-            None => y,
-        };
-        y.reshape([b, t, v])
-    }
-
-    /// The LM head as `[vocab, hidden]` and its bias.
-    fn head_weight(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
-        match &self.lm_head {
-            Some(head) => (head.weight.val().transpose(), head.bias.as_ref().map(|b| b.val())),
-            None => (self.embed_tokens.val(), None),
-        }
-    }
-
-    /// Score-head outputs `[batch, seq, num_labels]` in f32; `None` if built without one.
-    pub fn scores(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
-        self.score.as_ref().map(|s| linear(s, hidden).cast(FloatDType::F32))
-    }
-
-    /// Value-head outputs `[batch, seq]` in f32; `None` if built without one.
-    pub fn values(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
-        self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2).cast(FloatDType::F32))
-    }
-
     /// Every block projection with its HF module name (`model.layers.3.self_attn.q_proj`;
     /// GPT-2: `transformer.h.3.attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` — its fused `c_attn`
     /// is split here, so q/k/v are not addressable by an HF name).
@@ -426,6 +396,45 @@ impl<B: Backend> Transformer<B> {
 }
 
 impl<B: FusedOps> Transformer<B> {
+    /// Next-token logits `[batch, seq, vocab]` from final hidden states.
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [b, t, d] = hidden.dims();
+        let x = hidden.reshape([b * t, d]);
+        // `w_t` is the projection as `[vocab, hidden]`.
+        let (w_t, bias) = self.head_weight();
+        let v = w_t.dims()[0];
+        // For a few rows (decoding), `(W xᵀ)ᵀ` runs ~3x faster on CPU than `x Wᵀ` with a
+        // 49k-wide output; for many rows the plain product is faster.
+        let y = if b * t <= 64 {
+            align_kernels::matmul(w_t, x.transpose()).transpose()
+        } else {
+            align_kernels::matmul(x, w_t.transpose())
+        };
+        let y = match bias {
+            Some(bias) => y + bias.unsqueeze(),
+            None => y,
+        };
+        y.reshape([b, t, v])
+    }
+
+    /// The LM head as `[vocab, hidden]` and its bias.
+    fn head_weight(&self) -> (Tensor<B, 2>, Option<Tensor<B, 1>>) {
+        match &self.lm_head {
+            Some(head) => (head.weight.val().transpose(), head.bias.as_ref().map(|b| b.val())),
+            None => (self.embed_tokens.val(), None),
+        }
+    }
+
+    /// Score-head outputs `[batch, seq, num_labels]` in f32; `None` if built without one.
+    pub fn scores(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 3>> {
+        self.score.as_ref().map(|s| linear(s, hidden).cast(FloatDType::F32))
+    }
+
+    /// Value-head outputs `[batch, seq]` in f32; `None` if built without one.
+    pub fn values(&self, hidden: Tensor<B, 3>) -> Option<Tensor<B, 2>> {
+        self.value_head.as_ref().map(|v| linear(v, hidden).squeeze_dim(2).cast(FloatDType::F32))
+    }
+
     /// Final hidden states `[batch, seq, hidden]` (after the last norm). With a cache, the
     /// batch continues the cached positions and its keys/values are appended.
     pub fn forward_hidden(&self, batch: &TokenBatch<B>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
