@@ -607,10 +607,10 @@ fn grpo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Dev
                 };
                 tracing::info!(
                     step,
-                    loss = m.loss,
-                    reward = m.extra.get("reward"),
-                    kl = m.extra.get("kl"),
-                    eval_reward = m.extra.get("eval_reward"),
+                    loss = %crate::logfmt::opt(m.loss),
+                    reward = %crate::logfmt::opt(m.extra.get("reward").copied()),
+                    kl = %crate::logfmt::opt(m.extra.get("kl").copied()),
+                    eval_reward = %crate::logfmt::opt(m.extra.get("eval_reward").copied()),
                     "grpo"
                 );
                 logs.log(m)?;

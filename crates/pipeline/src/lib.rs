@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod grpo;
+pub mod logfmt;
 pub mod optim;
 pub mod ppo;
 pub mod preference;

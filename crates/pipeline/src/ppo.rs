@@ -632,10 +632,10 @@ fn ppo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Devi
             };
             tracing::info!(
                 step,
-                score = m.extra.get("objective/scores"),
-                kl = m.extra.get("objective/kl"),
-                kl_coef = m.extra.get("kl_coef"),
-                eval_reward = m.extra.get("eval_reward"),
+                score = %crate::logfmt::opt(m.extra.get("objective/scores").copied()),
+                kl = %crate::logfmt::opt(m.extra.get("objective/kl").copied()),
+                kl_coef = %crate::logfmt::opt(m.extra.get("kl_coef").copied()),
+                eval_reward = %crate::logfmt::opt(m.extra.get("eval_reward").copied()),
                 "ppo"
             );
             logs.log(m)?;

@@ -474,12 +474,12 @@ pub fn train<B: AutodiffBackend, T: TrainTask<B>>(
             metrics_file.flush()?;
             tracing::info!(
                 step,
-                loss = m.loss,
-                lr,
-                grad_norm = norm,
+                loss = %crate::logfmt::opt(m.loss),
+                lr = %crate::logfmt::Sig(lr),
+                grad_norm = %crate::logfmt::Sig(norm),
                 tokens_per_s = m.tokens_per_second as u64,
-                eval_loss = m.eval_loss,
-                metrics = ?m.extra,
+                eval_loss = %crate::logfmt::opt(m.eval_loss),
+                metrics = %crate::logfmt::map(&m.extra),
                 "train"
             );
             metrics.push(m);
