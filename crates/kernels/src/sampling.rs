@@ -164,7 +164,8 @@ pub fn sample_generic<B: Backend>(
 
 /// Tokens and log-probs to the host, row by row.
 pub(crate) fn to_host<B: Backend>(tokens: Tensor<B, 1, Int>, logprobs: Tensor<B, 1>) -> Vec<(u32, f32)> {
-    let ids: Vec<i64> = tokens.into_data().convert::<i64>().to_vec().unwrap_or_default();
-    let lps: Vec<f32> = logprobs.into_data().convert::<f32>().to_vec().unwrap_or_default();
+    // Converted data always reads back as the type it was converted to.
+    let ids: Vec<i64> = tokens.into_data().convert::<i64>().to_vec().expect("i64 token ids");
+    let lps: Vec<f32> = logprobs.into_data().convert::<f32>().to_vec().expect("f32 log-probs");
     ids.into_iter().zip(lps).map(|(t, lp)| (t as u32, lp)).collect()
 }

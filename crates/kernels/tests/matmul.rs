@@ -1,7 +1,7 @@
 //! The backend product (a system BLAS on the CPU backend when one is installed) against
 //! Burn's own matmul: plain, transposed and offset operands, and both input gradients.
 
-use align_kernels::burn::backend::{Autodiff, Flex};
+use align_kernels::burn::backend::{Autodiff, Flex, NdArray};
 use align_kernels::burn::tensor::backend::Backend;
 use align_kernels::burn::tensor::{Distribution, Tensor};
 use align_kernels::{blas, matmul};
@@ -48,17 +48,22 @@ fn products_match_burns_matmul_for_every_operand_layout() {
     close("one column", &host(matmul(a.clone(), col.clone())), &host(a.matmul(col)), 1e-5);
 }
 
-#[test]
-fn gradients_match_burns_matmul() {
-    type Ad = Autodiff<Flex>;
-    Ad::seed(&Default::default(), 5);
-    let (a0, b0, r) = (random::<Ad>([29, 64]), random::<Ad>([64, 41]), random::<Ad>([29, 41]));
+/// Both input gradients of the autodiff node against Burn's matmul's.
+fn check_gradients<B: align_kernels::burn::tensor::backend::AutodiffBackend + align_kernels::FusedOps>(rel: f64) {
+    B::seed(&Default::default(), 5);
+    let (a0, b0, r) = (random::<B>([29, 64]), random::<B>([64, 41]), random::<B>([29, 41]));
     let (a, b) = (a0.clone().require_grad(), b0.clone().require_grad());
     let g = (a.clone().matmul(b.clone()) * r.clone()).sum().backward();
     let (want_a, want_b) = (host(a.grad(&g).unwrap()), host(b.grad(&g).unwrap()));
     let (a, b) = (a0.require_grad(), b0.require_grad());
     let y = matmul(a.clone(), b.clone());
     let g = (y * r).sum().backward();
-    close("da", &host(a.grad(&g).unwrap()), &want_a, 1e-5);
-    close("db", &host(b.grad(&g).unwrap()), &want_b, 1e-5);
+    close("da", &host(a.grad(&g).unwrap()), &want_a, rel);
+    close("db", &host(b.grad(&g).unwrap()), &want_b, rel);
+}
+
+#[test]
+fn gradients_match_burns_matmul() {
+    check_gradients::<Autodiff<Flex>>(1e-5);
+    check_gradients::<Autodiff<NdArray<f64>>>(1e-10);
 }

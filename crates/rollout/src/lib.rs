@@ -185,11 +185,3 @@ pub fn generate_text_groups<B: FusedOps>(
         })
         .collect()
 }
-
-/// log-softmax of a logit row (for callers that score on the host).
-pub fn log_softmax_row(row: &[f32], temperature: f32) -> Vec<f32> {
-    let t = if temperature > 0.0 { temperature } else { 1.0 };
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|&x| (((x - max) / t) as f64).exp()).sum::<f64>().ln() as f32;
-    row.iter().map(|&x| (x - max) / t - lse).collect()
-}
