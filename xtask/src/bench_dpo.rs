@@ -9,8 +9,8 @@ use align_data::TokenizedSequence;
 use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
 use align_model::{Heads, load_pretrained};
-use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceTask, Reference};
-use align_pipeline::trainer::TrainTask;
+use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceStage, Reference};
+use align_pipeline::train::{RowBatch, Stage};
 use anyhow::Result;
 use serde_json::{Value, json};
 
@@ -42,23 +42,24 @@ pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usiz
             Pair { chosen: seq(&prompt, c), rejected: seq(&prompt, r), margin: None }
         })
         .collect();
-    let task = PreferenceTask::<B> {
+    let tokens = train.iter().map(|p| p.chosen.len() + p.rejected.len()).sum::<usize>() as f64;
+    let stage = PreferenceStage::<B> {
         objective: Objective::Dpo(DpoSettings::default()),
         train,
         eval: vec![],
         reference: Reference::AdaptersDisabled,
         pad_id: 0,
         batch_size: pairs,
+        accumulation: 1,
         config: model.config.clone(),
         lora: Some(lora),
+        tokenizer: pre.tokenizer,
+        base: gguf.to_path_buf(),
         device,
     };
-    let batch: Vec<usize> = (0..pairs).collect();
-    let tokens = task.input_tokens(&batch) as f64;
-    let secs = crate::bench_sft::median_step_seconds(model, reps, |m| {
-        let terms = task.loss_sum(m, &batch)?;
-        Ok(terms.sum / terms.count as f64)
-    })?;
+    let all: Vec<usize> = (0..pairs).collect();
+    let batch = RowBatch { micro: vec![all.clone()], units: pairs };
+    let secs = crate::bench_sft::median_step_seconds(model, reps, |m| Ok(stage.loss(m, &batch, 0, &all, 1)?.loss))?;
     Ok(tokens / secs)
 }
 

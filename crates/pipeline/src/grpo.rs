@@ -10,39 +10,29 @@
 //! align-rollout's tests), so no extra forward is spent on them.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use align_data::Loader;
+use align_lora::LoraConfig;
 use align_losses::grpo::{
     AdvantageConfig, GrpoLossType, GrpoObjective, MultiObjective, ScaleRewards, grpo_advantages, grpo_aggregate,
     grpo_clip_metrics, grpo_per_token_loss,
 };
 use align_losses::masked_mean;
-use align_model::AutodiffFusedOps;
-use align_model::FusedOps;
-use align_model::burn::backend::Autodiff;
-use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::AutodiffModule;
-use align_model::burn::optim::GradientsParams;
-use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
-use align_model::{Heads, HfHead, Tokenizer, Transformer, load_pretrained};
+use align_model::burn::tensor::{ElementConversion, Tensor};
+use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer};
 use align_reward::{Reward, RewardTerm, build_terms};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::StageConfig;
-use crate::optim::{AdamW, learning_rate};
 use crate::rl::{
-    Generation, MetricWindow, RlPrompt, RlState, Rollouts, RunLogs, completion_batch, completion_forward,
-    completion_mask, evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor,
-    score_rollouts,
+    CompletionLog, Generation, RlPrompt, Rollouts, completion_batch, completion_forward, completion_mask,
+    evaluate_prompts, host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
 };
-use crate::trainer::{
-    StepMetrics, accumulate, clipped_step, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
-};
+use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model};
+use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
 
 /// The CS336 loss variants, by the seed's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,20 +218,24 @@ impl GrpoSettings {
 
 /// Run (or resume) the GRPO stage on backend `B`; returns `final/`.
 pub fn run_grpo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    if cfg.training.gradient_checkpointing {
-        grpo_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
-    } else {
-        grpo_on::<Autodiff<B>>(cfg, resume, device)
-    }
+    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Grpo { cfg, resume }, device)
 }
 
-struct Stage<'a, B: AutodiffFusedOps> {
+/// GRPO as a [`Stage`]: a round samples one generation batch of `num_generations`
+/// completions per prompt and trains on it for `num_iterations` steps.
+struct GrpoStage<'a, B: AutodiffFusedOps> {
     cfg: &'a StageConfig,
-    s: &'a GrpoSettings,
+    s: GrpoSettings,
     plan: GrpoPlan,
-    tok: &'a Tokenizer,
+    tok: Tokenizer,
     pad: u32,
     rewards: Vec<(Box<dyn Reward>, f64)>,
+    train_prompts: Vec<RlPrompt>,
+    eval_prompts: Vec<RlPrompt>,
+    /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
+    frozen: Option<Transformer<B::InnerBackend>>,
+    config: ModelConfig,
+    log: Option<CompletionLog>,
     device: B::Device,
 }
 
@@ -256,18 +250,9 @@ struct Batch {
     metrics: BTreeMap<String, f64>,
 }
 
-impl<B: AutodiffFusedOps> Stage<'_, B> {
-    fn evaluate(
-        &self,
-        policy: &Transformer<B::InnerBackend>,
-        prompts: &[RlPrompt],
-        step: usize,
-    ) -> Result<BTreeMap<String, f64>> {
-        let sampling = self.s.generation(self.s.eval_temperature);
-        let batch = self.cfg.training.per_device_train_batch_size;
-        let seed = self.cfg.training.seed;
-        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
-        evaluate_prompts(policy, self.tok, &self.rewards, prompts, &sampling, batch, seed, &samples)
+impl<B: AutodiffFusedOps> GrpoStage<'_, B> {
+    fn lora(&self) -> Option<&LoraConfig> {
+        self.cfg.lora.as_ref()
     }
 
     fn mask_of(&self, completions: &[&[u32]], truncated: &[bool], width: usize) -> Vec<Vec<f64>> {
@@ -275,7 +260,8 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
         completion_mask(completions, width, &exclude)
     }
 
-    /// Sample, score and compute advantages (and reference log-probs) for one generation.
+    /// Sample, score and compute advantages (and reference log-probs) for one generation;
+    /// also returns its `completions.jsonl` rows.
     fn generate(
         &self,
         policy: &Transformer<B::InnerBackend>,
@@ -283,10 +269,9 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
         prompts: &[&RlPrompt],
         seed: u64,
         step: usize,
-        log: Option<&mut std::fs::File>,
-    ) -> Result<Batch> {
-        let s = self.s;
-        let r = rollout(policy, self.tok, prompts, s.num_generations, &s.generation(s.temperature), seed);
+    ) -> Result<(Batch, Vec<serde_json::Value>)> {
+        let s = &self.s;
+        let r = rollout(policy, &self.tok, prompts, s.num_generations, &s.generation(s.temperature), seed);
         let scored = score_rollouts(&self.rewards, prompts, &r)?;
         let weights: Vec<f64> = self.rewards.iter().map(|(_, w)| *w).collect();
         let adv = grpo_advantages(&scored.per_func, &weights, s.num_generations, &self.plan.advantages)
@@ -306,16 +291,7 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
         for (c, v) in &scored.components {
             m.insert(format!("rewards/{c}"), mean_std(v).0);
         }
-        let lens: Vec<f64> = r.completions.iter().map(|c| c.len() as f64).collect();
-        m.insert("completions/mean_length".into(), mean_std(&lens).0);
-        m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
-        m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
-        m.insert(
-            "completions/clipped_ratio".into(),
-            r.truncated.iter().filter(|&&t| t).count() as f64 / r.len().max(1) as f64,
-        );
-        m.insert("rollout_tokens_per_second".into(), r.tokens() as f64 / r.seconds.max(1e-9));
-        m.insert("rollout_seconds".into(), r.seconds);
+        m.extend(r.length_metrics());
 
         let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
         let refs: Vec<&[u32]> = r.completions.iter().map(Vec::as_slice).collect();
@@ -334,48 +310,83 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
             }
             _ => None,
         };
-        if let Some(f) = log {
-            for i in 0..r.len() {
-                let mut row = json!({
-                    "step": step,
-                    "prompt": prompts[r.prompt[i]].text,
-                    "completion": r.texts[i],
-                    "reward": adv.rewards[i],
-                    "advantage": adv.advantages[i],
-                    "tokens": r.completions[i].len(),
-                    "truncated": r.truncated[i],
-                });
-                for (k, (func, _)) in self.rewards.iter().enumerate() {
-                    row[func.name()] = json!(scored.per_func[i][k]);
-                }
-                for (c, v) in &scored.components {
-                    row[c] = json!(v[i]);
-                }
-                writeln!(f, "{row}")?;
+        let mut rows = vec![];
+        for i in 0..r.len() {
+            let mut row = json!({
+                "step": step,
+                "prompt": prompts[r.prompt[i]].text,
+                "completion": r.texts[i],
+                "reward": adv.rewards[i],
+                "advantage": adv.advantages[i],
+                "tokens": r.completions[i].len(),
+                "truncated": r.truncated[i],
+            });
+            for (k, (func, _)) in self.rewards.iter().enumerate() {
+                row[func.name()] = json!(scored.per_func[i][k]);
             }
-            f.flush()?;
+            for (c, v) in &scored.components {
+                row[c] = json!(v[i]);
+            }
+            rows.push(row);
         }
-        Ok(Batch {
+        let batch = Batch {
             prompts: prompt_ids,
             rollouts: r,
             advantages: adv.advantages,
             ref_logps,
             active_tokens: active,
             metrics: m,
-        })
+        };
+        Ok((batch, rows))
+    }
+}
+
+impl<B: AutodiffFusedOps> Stage<B> for GrpoStage<'_, B> {
+    type Model = Transformer<B>;
+    type Batch = Batch;
+
+    fn shape(&self) -> Shape {
+        let t = &self.cfg.training;
+        Shape {
+            items: self.train_prompts.len(),
+            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / self.s.num_generations,
+            draws_per_round: 1,
+            steps_per_round: self.s.num_iterations,
+            updates_per_step: 1,
+        }
+    }
+
+    fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
+        let prompts: Vec<&RlPrompt> = draws.concat().into_iter().map(|i| &self.train_prompts[i]).collect();
+        let policy = model.valid();
+        let adapters_off = (self.s.beta != 0.0 && self.lora().is_some()).then(|| {
+            let mut m = policy.clone();
+            m.set_adapters_enabled(false);
+            m
+        });
+        let reference = self.frozen.as_ref().or(adapters_off.as_ref());
+        let (batch, rows) = self.generate(&policy, reference, &prompts, round.generation_seed(), round.step + 1)?;
+        if let Some(log) = self.log.as_mut() {
+            log.write(&rows)?;
+        }
+        Ok(batch)
+    }
+
+    fn micro_batches(&self, batch: &Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        let order: Vec<usize> = (0..batch.rollouts.len()).collect();
+        order.chunks(self.cfg.training.per_device_train_batch_size.max(1)).map(<[usize]>::to_vec).collect()
     }
 
     /// The loss of micro-batch `idx` of `batch` (scaled for accumulation), with metrics.
-    fn micro_loss(
+    fn loss(
         &self,
         model: &Transformer<B>,
         batch: &Batch,
+        pass: usize,
         idx: &[usize],
-        first_pass: bool,
         micro_batches: usize,
-        window: &mut MetricWindow,
-    ) -> Tensor<B, 1> {
-        let s = self.s;
+    ) -> Result<MicroLoss<B>> {
+        let s = &self.s;
         let r = &batch.rollouts;
         let prompts: Vec<&[u32]> = idx.iter().map(|&i| batch.prompts[i].as_slice()).collect();
         let comps: Vec<&[u32]> = idx.iter().map(|&i| r.completions[i].as_slice()).collect();
@@ -386,7 +397,7 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
         let mask = rows_tensor::<B>(&mask_host, width, &self.device);
         let f = completion_forward(model, &cb, s.temperature, true);
         // On-policy (the first pass, or never importance-weighted): old = logp detached.
-        let old = (!first_pass && self.plan.importance_weighted).then(|| {
+        let old = (pass > 0 && self.plan.importance_weighted).then(|| {
             let rows: Vec<Vec<f64>> = idx.iter().map(|&i| r.logps[i].iter().map(|&x| x as f64).collect()).collect();
             rows_tensor::<B>(&rows, width, &self.device)
         });
@@ -413,232 +424,131 @@ impl<B: AutodiffFusedOps> Stage<'_, B> {
             GrpoLossType::Dapo => loss,
             _ => loss / micro_batches as f64,
         };
+        let mut metrics = vec![];
         if let Some(kl) = terms.per_token_kl {
-            window.add("kl", masked_mean(kl.detach(), mask.clone()).mean().into_scalar().elem::<f64>());
+            metrics.push(("kl", masked_mean(kl.detach(), mask.clone()).mean().into_scalar().elem::<f64>()));
         }
         if let Some(e) = f.entropy {
-            window.add("entropy", masked_mean(e, mask.clone()).mean().into_scalar().elem::<f64>());
+            metrics.push(("entropy", masked_mean(e, mask.clone()).mean().into_scalar().elem::<f64>()));
         }
         let ratio = host_rows(terms.ratio.detach());
         let (lo, hi) = self.plan.objective.clip.unwrap_or((s.epsilon, s.epsilon_high.unwrap_or(s.epsilon)));
         let c = grpo_clip_metrics(&ratio, &adv, &mask_host, lo, hi);
-        window.add("clip_ratio/low_mean", c.low_mean);
-        window.add("clip_ratio/high_mean", c.high_mean);
-        window.add("clip_ratio/region_mean", c.region_mean);
-        loss
+        metrics.push(("clip_ratio/low_mean", c.low_mean));
+        metrics.push(("clip_ratio/high_mean", c.high_mean));
+        metrics.push(("clip_ratio/region_mean", c.region_mean));
+        let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
+        Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
+    }
+
+    fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {
+        batch.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
+        if self.s.log_completions {
+            self.log = Some(CompletionLog::open(output_dir, resumed_at)?);
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        let t = &self.cfg.training;
+        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
+        let sampling = self.s.generation(self.s.eval_temperature);
+        let (policy, prompts) = (model.valid(), &self.eval_prompts);
+        let metrics = evaluate_prompts(
+            &policy,
+            &self.tok,
+            &self.rewards,
+            prompts,
+            &sampling,
+            t.per_device_train_batch_size,
+            t.seed,
+            &samples,
+        )?;
+        Ok(Some(Evaluation { loss: None, metrics }))
+    }
+
+    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+        save_trainable(model, self.lora(), HfHead::CausalLm, dir)
+    }
+
+    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+        load_trainable(model, self.lora(), &self.config, Heads::LM, dir, &self.device)
+    }
+
+    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+        export_policy(model, self.lora(), &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)
+    }
+
+    fn headline(&self) -> &'static [&'static str] {
+        &["reward", "kl", "eval_reward"]
+    }
+
+    fn progress(&self, batch: &Batch) -> String {
+        format!("reward {}", crate::logfmt::opt(batch.metrics.get("reward").copied()))
     }
 }
 
-fn grpo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    cfg.check_sections("grpo", Some("grpo"))?;
-    let s = cfg.grpo.clone().context("the GRPO stage needs a [grpo] section with its reward functions")?;
-    let plan = s.plan()?;
-    let args = &cfg.training;
-    let per_device = args.per_device_train_batch_size;
-    let accumulation = args.gradient_accumulation_steps;
-    if per_device == 0 || accumulation == 0 {
-        bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
-    }
-    let generation_size = per_device * accumulation;
-    if !generation_size.is_multiple_of(s.num_generations) {
-        bail!(
-            "per_device_train_batch_size × gradient_accumulation_steps = {generation_size} completions per generation \
-             batch is not a multiple of num_generations = {}",
-            s.num_generations
-        );
-    }
-    let prompts_per_generation = generation_size / s.num_generations;
+struct Grpo<'a> {
+    cfg: &'a StageConfig,
+    resume: bool,
+}
 
-    let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
-    let tok = pre.tokenizer;
-    let pad = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
-    let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
-    let eval_prompts = match &cfg.eval_data {
-        Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
-        None => vec![],
-    };
-    let rewards = build_terms::<B::InnerBackend>(&s.rewards, device)?;
-    let mut model = pre.model;
-    if let Some(l) = &cfg.lora {
-        let (m, names) = align_lora::attach(model, l, args.seed)?;
-        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
-        model = m;
-    }
-    let dtype = if args.bf16 { FloatDType::BF16 } else { FloatDType::F32 };
-    model = align_model::cast_float(model, dtype);
-    // Under LoRA the reference is the policy with adapters disabled (taken per generation).
-    let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| model.valid());
-    let model_config = model.config.clone();
-
-    let batches_per_epoch = train_prompts.len().div_ceil(prompts_per_generation);
-    let total = match args.max_steps {
-        Some(n) => n,
-        None => ((batches_per_epoch as f64 * args.num_train_epochs).ceil().max(1.0) as usize) * s.num_iterations,
-    };
-    let warmup = args.warmup(total);
-    let out = &cfg.output_dir;
-    std::fs::create_dir_all(out.join("checkpoints")).with_context(|| out.display().to_string())?;
-    std::fs::write(out.join("config.toml"), toml::to_string(cfg)?)?;
-    let mut loader = Loader::new(train_prompts.len(), prompts_per_generation, args.seed, true);
-    let mut opt = AdamW::<B>::new(args.adamw());
-    let (mut step, mut generation) = (0usize, 0usize);
-    let lora = cfg.lora.clone();
-    let resumed = resume_point(out, resume)?;
-    if let Some((at, dir)) = &resumed {
-        let state: RlState = read_state(dir, args.seed, total)?;
-        model = load_trainable(model, lora.as_ref(), &model_config, Heads::LM, dir, device)?;
-        model = align_model::cast_float(model, dtype);
-        load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), device)?;
-        opt.step = *at as u64;
-        loader.restore(state.loader);
-        (step, generation) = (*at, state.generation);
-        tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
-    }
-    let mut logs = RunLogs::open(out, resumed.map(|(at, _)| at))?;
-    let stage = Stage::<B> { cfg, s: &s, plan, tok: &tok, pad, rewards, device: device.clone() };
-    tracing::info!(
-        prompts = train_prompts.len(),
-        prompts_per_generation,
-        completions_per_generation = generation_size,
-        steps = total,
-        "GRPO"
-    );
-    let progress = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
-    );
-    progress.set_position(step as u64);
-    let eval_every = args.eval_steps.filter(|&e| e > 0 && !eval_prompts.is_empty());
-    if args.eval_on_start && step == 0 && eval_every.is_some() {
-        logs.log_eval_on_start(stage.evaluate(&model.valid(), &eval_prompts, 0)?)?;
-    }
-
-    let mut window = MetricWindow::default();
-    let mut last_saved = step;
-    let (mut window_loss, mut window_tokens, mut window_steps, mut window_start) =
-        (0.0, 0usize, 0usize, Instant::now());
-    while step < total {
-        // A new generation batch from the current policy.
-        let idx = loader.next_batch();
-        let prompts: Vec<&RlPrompt> = idx.iter().map(|&i| &train_prompts[i]).collect();
-        let policy = model.valid();
-        let adapters_off = (s.beta != 0.0 && lora.is_some()).then(|| {
-            let mut m = policy.clone();
-            m.set_adapters_enabled(false);
-            m
-        });
-        let batch = stage.generate(
-            &policy,
-            frozen.as_ref().or(adapters_off.as_ref()),
-            &prompts,
-            args.seed.wrapping_add(1_000_003 * generation as u64),
-            step + 1,
-            s.log_completions.then_some(&mut logs.completions),
-        )?;
-        generation += 1;
-        let n = batch.rollouts.len();
-        let order: Vec<usize> = (0..n).collect();
-        let micro: Vec<&[usize]> = order.chunks(per_device).collect();
-        for pass in 0..s.num_iterations {
-            if step >= total {
-                break;
-            }
-            let t0 = Instant::now();
-            // Every step of a generation batch logs its rollout metrics.
-            for (k, v) in &batch.metrics {
-                window.add(k.clone(), *v);
-            }
-            let lr = learning_rate(args.learning_rate, args.lr_scheduler_type, step, warmup, total, args.num_cycles);
-            B::seed(device, args.seed.wrapping_add(step as u64));
-            let mut accumulated: Option<GradientsParams> = None;
-            let mut loss_value = 0.0f64;
-            let mut fed = 0usize;
-            for chunk in &micro {
-                let loss = stage.micro_loss(&model, &batch, chunk, pass == 0, micro.len(), &mut window);
-                loss_value += loss.clone().into_scalar().elem::<f64>();
-                fed +=
-                    chunk.iter().map(|&i| batch.prompts[i].len() + batch.rollouts.completions[i].len()).sum::<usize>();
-                accumulated = Some(accumulate(&model, loss, accumulated));
-            }
-            if !loss_value.is_finite() {
-                bail!(
-                    "step {}: loss is {loss_value}; stopping. The last good checkpoint is intact under {}",
-                    step + 1,
-                    out.join("checkpoints").display()
-                );
-            }
-            let grads = accumulated.context("a generation batch with no micro-batches")?;
-            let norm;
-            (model, norm) = clipped_step(&mut opt, model, grads, lr, args.max_grad_norm);
-            step += 1;
-            window_loss += loss_value;
-            window_tokens += fed;
-            window_steps += 1;
-            window.add("grad_norm", norm);
-            window.add("train_tokens_per_second", fed as f64 / t0.elapsed().as_secs_f64().max(1e-9));
-            progress.set_position(step as u64);
-            progress.set_message(format!(
-                "loss {loss_value:.4} reward {:.3}",
-                batch.metrics.get("reward").copied().unwrap_or(f64::NAN)
-            ));
-            let eval = match eval_every {
-                Some(e) if step.is_multiple_of(e) || step == total => {
-                    Some(stage.evaluate(&model.valid(), &eval_prompts, step)?)
-                }
-                _ => None,
-            };
-            if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval.is_some() {
-                let elapsed = window_start.elapsed().as_secs_f64();
-                let mut extra = window.take();
-                extra.remove("grad_norm");
-                if let Some(e) = &eval {
-                    extra.extend(e.iter().map(|(k, v)| (format!("eval_{k}"), *v)));
-                }
-                let m = StepMetrics {
-                    step,
-                    epoch: generation as f64 / batches_per_epoch as f64,
-                    loss: Some(window_loss / window_steps.max(1) as f64),
-                    learning_rate: lr,
-                    grad_norm: norm,
-                    tokens_per_second: window_tokens as f64 / elapsed.max(1e-9),
-                    step_seconds: t0.elapsed().as_secs_f64(),
-                    eval_loss: None,
-                    extra,
-                };
-                tracing::info!(
-                    step,
-                    loss = %crate::logfmt::opt(m.loss),
-                    reward = %crate::logfmt::opt(m.extra.get("reward").copied()),
-                    kl = %crate::logfmt::opt(m.extra.get("kl").copied()),
-                    eval_reward = %crate::logfmt::opt(m.extra.get("eval_reward").copied()),
-                    "grpo"
-                );
-                logs.log(m)?;
-                (window_loss, window_tokens, window_steps, window_start) = (0.0, 0, 0, Instant::now());
-            }
-            // Checkpoints fall between generation batches (nothing of a batch is saved): at
-            // the first boundary at or after each multiple of save_steps.
-            let boundary = pass + 1 == s.num_iterations;
-            let due = args.save_steps > 0 && step / args.save_steps > last_saved / args.save_steps;
-            if boundary && due && step < total {
-                last_saved = step;
-                let state = RlState {
-                    step,
-                    generation,
-                    loader: loader.state(),
-                    seed: args.seed,
-                    total_steps: total,
-                    kl_coef: None,
-                };
-                let save = |dir: &Path| save_trainable(&model, lora.as_ref(), HfHead::CausalLm, dir);
-                logs.checkpoint(&save, &opt, &state, out, args.save_total_limit)?;
-            }
+impl StageMain for Grpo<'_> {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        cfg.check_sections("grpo", Some("grpo"))?;
+        let s = cfg.grpo.clone().context("the GRPO stage needs a [grpo] section with its reward functions")?;
+        let plan = s.plan()?;
+        let args = &cfg.training;
+        let generation_size = args.per_device_train_batch_size * args.gradient_accumulation_steps;
+        if generation_size == 0 {
+            bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
         }
+        if !generation_size.is_multiple_of(s.num_generations) {
+            bail!(
+                "per_device_train_batch_size × gradient_accumulation_steps = {generation_size} completions per \
+                 generation batch is not a multiple of num_generations = {}",
+                s.num_generations
+            );
+        }
+        let start = starting_model::<A>(cfg, Heads::LM, device)?;
+        let tok = start.tokenizer;
+        let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval_prompts = match &cfg.eval_data {
+            Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
+        };
+        let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
+        tracing::info!(
+            prompts = train_prompts.len(),
+            prompts_per_generation = generation_size / s.num_generations,
+            completions_per_generation = generation_size,
+            "GRPO"
+        );
+        let model = start.model;
+        // Under LoRA the reference is the policy with adapters disabled (taken per generation).
+        let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, args.bf16));
+        let mut stage = GrpoStage::<A> {
+            cfg,
+            s,
+            plan,
+            tok,
+            pad: start.pad_id,
+            rewards,
+            train_prompts,
+            eval_prompts,
+            frozen,
+            config: model.config.clone(),
+            log: None,
+            device: device.clone(),
+        };
+        train(&mut stage, model, args, &cfg.output_dir, self.resume)?;
+        Ok(cfg.output_dir.join("final"))
     }
-    progress.finish_and_clear();
-    let model = if args.bf16 { opt.model_with_masters(model) } else { model };
-    let final_dir = out.join("final");
-    export_policy(&model, lora.as_ref(), &cfg.model.path, &tok, &final_dir)?;
-    tracing::info!(final_dir = %final_dir.display(), steps = step, "stage done");
-    Ok(final_dir)
 }

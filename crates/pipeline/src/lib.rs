@@ -1,7 +1,8 @@
 //! Trainers for each alignment stage and the `align` command.
 //!
-//! - [`trainer`]: the loop every stage shares (AdamW, schedules, accumulation, clipping,
-//!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer.
+//! - [`train`]: the one loop every stage runs on (AdamW, schedules, accumulation, clipping,
+//!   eval, metrics, atomic checkpoints, exact resume); [`optim`] its optimizer; [`stage`]
+//!   what every stage does around it.
 //! - Stages, all configured by [`config::StageConfig`]: [`sft`]; [`preference`] (reward
 //!   model, DPO, ORPO, SimPO); the online RL stages [`grpo`] and [`ppo`], on [`rl`].
 //! - [`recipe`]: pipelines of stages (`cargo xtask run-pipeline`): references, caching,
@@ -18,4 +19,5 @@ pub mod recipe;
 pub mod rl;
 pub mod score;
 pub mod sft;
-pub mod trainer;
+pub mod stage;
+pub mod train;

@@ -12,41 +12,35 @@
 //! checkpoint whose score head reads every position) or a value head on the policy's trunk.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use align_data::Loader;
 use align_lora::LoraConfig;
 use align_losses::KlEstimator;
 use align_losses::ppo::{
-    AdaptiveKl, INVALID_LOGPROB, gae, mask_after, masked_whiten, ppo_policy_loss, ppo_token_rewards, ppo_value_loss,
-    valid_mask,
+    AdaptiveKl, INVALID_LOGPROB, apply_missing_eos_penalty, gae, mask_after, masked_whiten, ppo_policy_loss,
+    ppo_token_rewards, ppo_value_loss, sequence_lengths, truncate_after_stop, valid_mask,
 };
-use align_model::AutodiffFusedOps;
-use align_model::FusedOps;
-use align_model::burn::backend::Autodiff;
-use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use align_model::burn::module::{AutodiffModule, Module, Param};
-use align_model::burn::optim::GradientsParams;
+use align_model::burn::module::{AutodiffModule, Module};
 use align_model::burn::tensor::backend::Backend;
-use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
+use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, TensorMap, save_safetensors};
-use align_model::{Heads, HfHead, ModelConfig, Transformer, WeightSource, export, load_pretrained, save_pretrained};
-use align_reward::{RewardSpec, RewardTerm, build_terms};
+use align_model::{
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, WeightSource, export,
+    load_pretrained, save_pretrained,
+};
+use align_reward::{Reward, RewardSpec, RewardTerm, build_terms};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::StageConfig;
-use crate::optim::{AdamW, learning_rate};
 use crate::rl::{
-    CompletionBatch, Generation, MetricWindow, RlPrompt, RlState, RunLogs, completion_batch, completion_forward,
-    evaluate_prompts, export_policy, host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
+    CompletionBatch, CompletionLog, Generation, RlPrompt, completion_batch, completion_forward, evaluate_prompts,
+    host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
 };
-use crate::trainer::{
-    StepMetrics, accumulate, clipped_step, load_optimizer, load_trainable, read_state, resume_point, save_trainable,
-};
+use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model, train_in_full};
+use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
 
 /// Where the values come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -187,14 +181,6 @@ impl<B: FusedOps> ActorCritic<B> {
     }
 }
 
-/// A head's parameters made trainable (LoRA freezes the whole base first).
-fn trainable<B: Backend>(l: &mut align_model::burn::nn::Linear<B>) {
-    l.weight = Param::from_tensor(l.weight.val().detach()).set_require_grad(true);
-    if let Some(b) = l.bias.as_mut() {
-        *b = Param::from_tensor(b.val().detach()).set_require_grad(true);
-    }
-}
-
 /// The value head on the policy trunk, in TRL's names (`v_head.summary.*`).
 fn save_value_head<B: Backend>(policy: &Transformer<B>, dir: &Path) -> Result<()> {
     let full = export(policy, HfHead::CausalLm)?;
@@ -214,10 +200,14 @@ fn load_value_head<B: Backend>(policy: &mut Transformer<B>, dir: &Path, device: 
     let [out, inp] = [w.shape[0], w.shape[1]];
     let head = policy.value_head.as_mut().context("the policy has no value head")?;
     // HF stores [out, in]; Burn's Linear holds [in, out].
-    head.weight =
-        Param::from_tensor(Tensor::<B, 2>::from_data(TensorData::new(w.data, [out, inp]), device).transpose());
-    head.bias = Some(Param::from_tensor(Tensor::<B, 1>::from_data(TensorData::new(b.data, [out]), device)));
-    trainable(head);
+    head.weight = align_model::burn::module::Param::from_tensor(
+        Tensor::<B, 2>::from_data(TensorData::new(w.data, [out, inp]), device).transpose(),
+    );
+    head.bias = Some(align_model::burn::module::Param::from_tensor(Tensor::<B, 1>::from_data(
+        TensorData::new(b.data, [out]),
+        device,
+    )));
+    train_in_full(head);
     Ok(())
 }
 
@@ -261,12 +251,13 @@ impl Networks {
 
 /// Run (or resume) the PPO stage on backend `B`; returns `final/`.
 pub fn run_ppo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    if cfg.training.gradient_checkpointing {
-        ppo_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
-    } else {
-        ppo_on::<Autodiff<B>>(cfg, resume, device)
-    }
+    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Ppo { cfg, resume }, device)
 }
+
+/// Padding of response rows for align-losses' helpers: not a token id, so a completion's
+/// EOS stays in its sequence even where the tokenizer's pad token is its EOS (TRL pads
+/// with the pad token and so drops that EOS from the sequence, an artefact of pad = EOS).
+const NO_TOKEN: i64 = -1;
 
 /// One rollout batch after post-processing: everything the PPO epochs train on, host-side.
 struct Batch {
@@ -279,184 +270,94 @@ struct Batch {
     values: Vec<Vec<f64>>,
     advantages: Vec<Vec<f64>>,
     returns: Vec<Vec<f64>>,
+    /// The minibatches of each update: `num_ppo_epochs` shuffles, `num_mini_batches` each.
+    minibatches: Vec<Vec<usize>>,
+    /// The KL summed over a completion, averaged over the batch (adaptive control).
+    mean_kl: f64,
+    metrics: BTreeMap<String, f64>,
 }
 
-fn ppo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    cfg.check_sections("ppo", Some("ppo"))?;
-    let s = cfg.ppo.clone().context("the PPO stage needs a [ppo] section with its reward functions")?;
-    if s.rewards.is_empty() {
-        bail!("[ppo] needs at least one reward function, e.g. rewards = [{{ kind = \"model\", path = \"…/final\" }}]");
-    }
-    if s.num_ppo_epochs == 0 || s.num_mini_batches == 0 {
-        bail!("num_ppo_epochs and num_mini_batches must be at least 1");
-    }
-    if s.adaptive_kl && (s.kl_target <= 0.0 || s.kl_horizon <= 0.0) {
-        bail!("adaptive KL needs kl_target > 0 and kl_horizon > 0");
-    }
-    let args = &cfg.training;
-    let (per_device, accumulation) = (args.per_device_train_batch_size, args.gradient_accumulation_steps);
-    if per_device == 0 || accumulation == 0 {
-        bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
-    }
-    // TRL: a rollout batch is per_device × accumulation × num_mini_batches prompts.
-    let mini_batch = per_device * accumulation;
-    let batch_size = mini_batch * s.num_mini_batches;
+/// PPO as a [`Stage`]: a round samples one completion per prompt and trains on it for
+/// `num_ppo_epochs × num_mini_batches` updates, logged as one step.
+struct PpoStage<'a, B: AutodiffFusedOps> {
+    cfg: &'a StageConfig,
+    s: PpoSettings,
+    tok: Tokenizer,
+    pad: u32,
+    rewards: Vec<(Box<dyn Reward>, f64)>,
+    train_prompts: Vec<RlPrompt>,
+    eval_prompts: Vec<RlPrompt>,
+    /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
+    frozen: Option<Transformer<B::InnerBackend>>,
+    nets: Networks,
+    kl: AdaptiveKl,
+    log: Option<CompletionLog>,
+    device: B::Device,
+}
 
-    let shared = s.critic == Critic::Shared;
-    let pre = load_pretrained::<B>(&cfg.model.path, Heads { lm: true, score: false, value: shared }, device)?;
-    let tok = pre.tokenizer;
-    let pad = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
-    let eos = tok.eos_token_id;
-    let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
-    let eval_prompts = match &cfg.eval_data {
-        Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
-        None => vec![],
-    };
-    let rewards = build_terms::<B::InnerBackend>(&s.rewards, device)?;
-    let mut policy = pre.model;
-    let critic = if shared {
-        None
-    } else {
-        let path = s.value_model_path.clone().unwrap_or_else(|| {
-            s.rewards
-                .iter()
-                .find_map(|t| match &t.spec {
-                    RewardSpec::Model { path, .. } => Some(path.clone()),
-                    _ => None,
-                })
-                .unwrap_or_else(|| cfg.model.path.clone())
-        });
-        let c = load_pretrained::<B>(&path, Heads { lm: false, score: true, value: false }, device)
-            .with_context(|| format!("the value model {}", path.display()))?;
-        tracing::info!(value_model = %path.display(), "critic");
-        Some(c.model)
-    };
-    let mut critic = critic;
-    if let Some(l) = &cfg.lora {
-        let (m, names) = align_lora::attach(policy, l, args.seed)?;
-        tracing::info!(modules = names.len(), r = l.r, "LoRA attached to the policy");
-        policy = m;
-        if let Some(v) = policy.value_head.as_mut() {
-            trainable(v);
-        }
-        if let Some(c) = critic.take() {
-            let (mut c, _) = align_lora::attach(c, l, args.seed.wrapping_add(1))?;
-            if let Some(h) = c.score.as_mut() {
-                trainable(h);
-            }
-            critic = Some(c);
-        }
-    }
-    let nets = Networks {
-        lora: cfg.lora.clone(),
-        policy_config: policy.config.clone(),
-        critic_config: critic.as_ref().map(|c| c.config.clone()),
-    };
-    let dtype = if args.bf16 { FloatDType::BF16 } else { FloatDType::F32 };
-    let mut model = align_model::cast_float(ActorCritic { policy, critic }, dtype);
-    let frozen = cfg.lora.is_none().then(|| model.policy.valid());
-
-    let updates_per_epoch = train_prompts.len().div_ceil(batch_size);
-    let total = match args.max_steps {
-        Some(n) => n,
-        None => (updates_per_epoch as f64 * args.num_train_epochs).ceil().max(1.0) as usize,
-    };
-    let optimizer_steps_per_update = s.num_ppo_epochs * s.num_mini_batches;
-    let total_optimizer_steps = total * optimizer_steps_per_update;
-    let warmup = args.warmup(total_optimizer_steps);
-    let out = &cfg.output_dir;
-    std::fs::create_dir_all(out.join("checkpoints")).with_context(|| out.display().to_string())?;
-    std::fs::write(out.join("config.toml"), toml::to_string(cfg)?)?;
-    let mut loader = Loader::new(train_prompts.len(), batch_size, args.seed, true);
-    let mut opt = AdamW::<B>::new(args.adamw());
-    let mut kl = AdaptiveKl { value: s.kl_coef, target: s.kl_target, horizon: s.kl_horizon };
-    let (mut step, mut generation) = (0usize, 0usize);
-    let resumed = resume_point(out, resume)?;
-    if let Some((at, dir)) = &resumed {
-        let state: RlState = read_state(dir, args.seed, total)?;
-        model = align_model::cast_float(nets.load(model, dir, device)?, dtype);
-        load_optimizer::<B>(&mut opt, &dir.join("optimizer.safetensors"), device)?;
-        opt.step = (at * optimizer_steps_per_update) as u64;
-        loader.restore(state.loader);
-        (step, generation) = (*at, state.generation);
-        if let Some(c) = state.kl_coef {
-            kl.value = c;
-        }
-        tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
-    }
-    let mut logs = RunLogs::open(out, resumed.map(|(at, _)| at))?;
-    tracing::info!(prompts = train_prompts.len(), batch_size, updates = total, critic = ?s.critic, "PPO");
-    let progress = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
-    );
-    progress.set_position(step as u64);
-    let eval_every = args.eval_steps.filter(|&e| e > 0 && !eval_prompts.is_empty());
-    let evaluate = |policy: &Transformer<B::InnerBackend>, at: usize| {
-        evaluate_prompts(
-            policy,
-            &tok,
-            &rewards,
-            &eval_prompts,
-            &s.generation(s.eval_temperature),
-            per_device,
-            args.seed,
-            &out.join(format!("eval/step-{at}.jsonl")),
-        )
-    };
-    if args.eval_on_start && step == 0 && eval_every.is_some() {
-        logs.log_eval_on_start(evaluate(&model.policy.valid(), 0)?)?;
+impl<B: AutodiffFusedOps> PpoStage<'_, B> {
+    fn mini_batch(&self) -> usize {
+        self.cfg.training.per_device_train_batch_size * self.cfg.training.gradient_accumulation_steps
     }
 
-    let mut window = MetricWindow::default();
-    let (mut window_loss, mut window_tokens, mut window_steps, mut window_start) =
-        (0.0, 0usize, 0usize, Instant::now());
-    while step < total {
-        let t0 = Instant::now();
-        let idx = loader.next_batch();
-        let prompts: Vec<&RlPrompt> = idx.iter().map(|&i| &train_prompts[i]).collect();
-        let inner = model.valid();
-        let r = rollout(
-            &inner.policy,
-            &tok,
-            &prompts,
-            1,
-            &s.generation(s.temperature),
-            args.seed.wrapping_add(1_000_003 * generation as u64),
-        );
-        generation += 1;
+    /// Score a rollout and turn it into per-token advantages and returns (TRL's
+    /// `PPOTrainer.train` up to its epochs); also returns its `completions.jsonl` rows.
+    fn post_process(
+        &self,
+        model: &ActorCritic<B::InnerBackend>,
+        prompts: &[&RlPrompt],
+        round: Round,
+    ) -> Result<(Batch, Vec<serde_json::Value>)> {
+        let s = &self.s;
+        let r = rollout(&model.policy, &self.tok, prompts, 1, &s.generation(s.temperature), round.generation_seed());
         let n = r.len();
-        let scored = score_rollouts(&rewards, &prompts, &r)?;
+        let scored = score_rollouts(&self.rewards, prompts, &r)?;
         let raw_scores: Vec<f64> = scored
             .per_func
             .iter()
-            .map(|fs| fs.iter().zip(&rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
+            .map(|fs| fs.iter().zip(&self.rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
             .collect();
-        let has_eos: Vec<bool> = r.completions.iter().map(|c| eos.is_some_and(|e| c.last() == Some(&e))).collect();
-        let scores: Vec<f64> = match s.missing_eos_penalty {
-            Some(p) => raw_scores.iter().zip(&has_eos).map(|(x, &e)| if e { *x } else { x - p }).collect(),
-            None => raw_scores.clone(),
-        };
-        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
         let width = r.completions.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let seq_lengths: Vec<usize> = r.completions.iter().map(|c| c.len().saturating_sub(1)).collect();
+        let eos = self.tok.eos_token_id.map(i64::from);
+        let rows: Vec<Vec<i64>> = r
+            .completions
+            .iter()
+            .map(|c| c.iter().map(|&t| t as i64).chain(std::iter::repeat(NO_TOKEN)).take(width).collect())
+            .collect();
+        let responses = match eos {
+            Some(e) => truncate_after_stop(&rows, e, NO_TOKEN),
+            None => rows,
+        };
+        let seq_lengths = sequence_lengths(&responses, NO_TOKEN);
+        let has_eos: Vec<bool> = responses.iter().map(|row| eos.is_some_and(|e| row.contains(&e))).collect();
+        let scores = match (s.missing_eos_penalty, eos) {
+            (Some(p), Some(e)) => apply_missing_eos_penalty(&raw_scores, &responses, e, p),
+            (Some(p), None) => raw_scores.iter().map(|x| x - p).collect(),
+            (None, _) => raw_scores,
+        };
+        let completions: Vec<Vec<u32>> = responses
+            .iter()
+            .map(|row| row.iter().take_while(|&&t| t != NO_TOKEN).map(|&t| t as u32).collect())
+            .collect();
+        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
         // Reference log-probs and old values, one no-grad forward per micro-batch.
-        let reference = match &frozen {
+        let reference = match &self.frozen {
             Some(f) => f.clone(),
             None => {
-                let mut m = inner.policy.clone();
+                let mut m = model.policy.clone();
                 m.set_adapters_enabled(false);
                 m
             }
         };
         let (mut ref_logps, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let per_device = self.cfg.training.per_device_train_batch_size.max(1);
         for start in (0..n).step_by(per_device) {
             let end = (start + per_device).min(n);
             let ps: Vec<&[u32]> = prompt_ids[start..end].iter().map(Vec::as_slice).collect();
-            let cs: Vec<&[u32]> = r.completions[start..end].iter().map(Vec::as_slice).collect();
-            let cb = completion_batch::<B::InnerBackend>(&ps, &cs, pad, device);
+            let cs: Vec<&[u32]> = completions[start..end].iter().map(Vec::as_slice).collect();
+            let cb = completion_batch::<B::InnerBackend>(&ps, &cs, self.pad, &self.device);
             ref_logps.extend(host_rows(completion_forward(&reference, &cb, s.temperature, false).logps));
-            values.extend(host_rows(inner.values(&cb, None)));
+            values.extend(host_rows(model.values(&cb, None)));
         }
         let pad_rows = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
             rows.into_iter()
@@ -470,7 +371,7 @@ fn ppo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Devi
         let logps = mask_after(&logps, &seq_lengths, 0, INVALID_LOGPROB);
         let ref_logps = mask_after(&pad_rows(ref_logps), &seq_lengths, 0, INVALID_LOGPROB);
         let values = mask_after(&pad_rows(values), &seq_lengths, 1, 0.0);
-        let token_rewards = ppo_token_rewards(&logps, &ref_logps, &scores, &seq_lengths, kl.value, s.kl_estimator);
+        let token_rewards = ppo_token_rewards(&logps, &ref_logps, &scores, &seq_lengths, self.kl.value, s.kl_estimator);
         let mut per_token = token_rewards.rewards.clone();
         if s.whiten_rewards {
             per_token =
@@ -482,191 +383,273 @@ fn ppo_on<B: AutodiffFusedOps>(cfg: &StageConfig, resume: bool, device: &B::Devi
             .map_err(anyhow::Error::msg)
             .context("a rollout batch needs at least two completion tokens to whiten advantages")?;
         let advantages = mask_after(&advantages, &seq_lengths, 0, 0.0);
-        let rollout_seconds = t0.elapsed().as_secs_f64();
 
-        // What the TRL PPO trainer logs for the batch.
+        // What TRL's PPO trainer logs for the batch.
         let kl_sums: Vec<f64> = token_rewards.kl.iter().map(|k| k.iter().sum()).collect();
         let nsr_sums: Vec<f64> = token_rewards.non_score_reward.iter().map(|k| k.iter().sum()).collect();
         let mean_kl = mean_std(&kl_sums).0;
-        let mut batch_metrics = BTreeMap::<String, f64>::new();
-        batch_metrics.insert("objective/kl".into(), mean_kl);
-        batch_metrics.insert(
+        let mut m = r.length_metrics();
+        m.insert("objective/kl".into(), mean_kl);
+        m.insert(
             "objective/entropy".into(),
             mean_std(&r.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect::<Vec<_>>()).0,
         );
-        batch_metrics.insert("objective/non_score_reward".into(), mean_std(&nsr_sums).0);
-        batch_metrics.insert(
+        m.insert("objective/non_score_reward".into(), mean_std(&nsr_sums).0);
+        m.insert(
             "objective/rlhf_reward".into(),
             mean_std(&scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect::<Vec<_>>()).0,
         );
-        batch_metrics.insert("objective/scores".into(), mean_std(&scores).0);
-        batch_metrics.insert("kl_coef".into(), kl.value);
-        for (k, (f, _)) in rewards.iter().enumerate() {
+        m.insert("objective/scores".into(), mean_std(&scores).0);
+        m.insert("kl_coef".into(), self.kl.value);
+        for (k, (f, _)) in self.rewards.iter().enumerate() {
             let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
-            batch_metrics.insert(format!("rewards/{}/mean", f.name()), mean_std(&v).0);
+            m.insert(format!("rewards/{}/mean", f.name()), mean_std(&v).0);
         }
         for (c, v) in &scored.components {
-            batch_metrics.insert(format!("rewards/{c}"), mean_std(v).0);
+            m.insert(format!("rewards/{c}"), mean_std(v).0);
         }
-        let lens: Vec<f64> = r.completions.iter().map(|c| c.len() as f64).collect();
-        batch_metrics.insert("completions/mean_length".into(), mean_std(&lens).0);
-        batch_metrics
-            .insert("completions/eos_ratio".into(), has_eos.iter().filter(|&&e| e).count() as f64 / n.max(1) as f64);
-        batch_metrics.insert("rollout_tokens_per_second".into(), r.tokens() as f64 / r.seconds.max(1e-9));
-        if s.log_completions {
-            for i in 0..n {
-                let mut row = json!({
-                    "step": step + 1,
-                    "prompt": prompts[r.prompt[i]].text,
-                    "completion": r.texts[i],
-                    "score": scores[i],
-                    "kl": kl_sums[i],
-                    "tokens": r.completions[i].len(),
-                });
-                for (k, (f, _)) in rewards.iter().enumerate() {
-                    row[f.name()] = json!(scored.per_func[i][k]);
-                }
-                writeln!(logs.completions, "{row}")?;
+        m.insert("completions/eos_ratio".into(), has_eos.iter().filter(|&&e| e).count() as f64 / n.max(1) as f64);
+        let mut log_rows = vec![];
+        for i in 0..n {
+            let mut row = json!({
+                "step": round.step + 1,
+                "prompt": prompts[r.prompt[i]].text,
+                "completion": r.texts[i],
+                "score": scores[i],
+                "kl": kl_sums[i],
+                "tokens": completions[i].len(),
+            });
+            for (k, (f, _)) in self.rewards.iter().enumerate() {
+                row[f.name()] = json!(scored.per_func[i][k]);
             }
-            logs.completions.flush()?;
+            log_rows.push(row);
+        }
+        // num_ppo_epochs shuffles of the batch (align-data's loader), num_mini_batches each.
+        let mut order = Loader::new(n, self.mini_batch(), round.generation_seed(), true);
+        let mut minibatches = vec![];
+        for _ in 0..s.num_ppo_epochs {
+            let drawn = order.batches_per_epoch();
+            minibatches.extend((0..drawn).map(|_| order.next_batch()));
+            minibatches.extend((drawn..s.num_mini_batches).map(|_| vec![]));
         }
         let batch = Batch {
             prompts: prompt_ids,
-            completions: r.completions,
+            completions,
             seq_lengths,
             logprobs: logps,
             values,
             advantages,
             returns,
+            minibatches,
+            mean_kl,
+            metrics: m,
         };
+        Ok((batch, log_rows))
+    }
+}
 
-        // num_ppo_epochs passes, each over shuffled minibatches of micro-batches.
-        let t_train = Instant::now();
-        let (mut loss_sum, mut fed, mut norm) = (0.0f64, 0usize, 0.0f64);
-        let mut shuffle = align_model::SplitMix64::new(args.seed ^ (generation as u64).wrapping_mul(0x9E37_79B9));
-        for epoch in 0..s.num_ppo_epochs {
-            let mut order: Vec<usize> = (0..n).collect();
-            for i in (1..order.len()).rev() {
-                let j = (shuffle.uniform() * (i + 1) as f64) as usize;
-                order.swap(i, j.min(i));
-            }
-            for (k, mb) in order.chunks(mini_batch).enumerate() {
-                let opt_step = step * optimizer_steps_per_update + epoch * s.num_mini_batches + k;
-                let lr = learning_rate(
-                    args.learning_rate,
-                    args.lr_scheduler_type,
-                    opt_step,
-                    warmup,
-                    total_optimizer_steps,
-                    args.num_cycles,
-                );
-                B::seed(device, args.seed.wrapping_add(opt_step as u64));
-                let micro: Vec<&[usize]> = mb.chunks(per_device).collect();
-                let mut accumulated: Option<GradientsParams> = None;
-                for idx in &micro {
-                    let (loss, stats) = micro_loss(&model, &batch, idx, &s, pad, device);
-                    for (name, v) in stats {
-                        window.add(name, v);
-                    }
-                    let loss = loss / micro.len() as f64;
-                    loss_sum += loss.clone().into_scalar().elem::<f64>();
-                    fed += idx.iter().map(|&i| batch.prompts[i].len() + batch.completions[i].len()).sum::<usize>();
-                    accumulated = Some(accumulate(&model, loss, accumulated));
-                }
-                let grads = accumulated.context("a minibatch with no micro-batches")?;
-                (model, norm) = clipped_step(&mut opt, model, grads, lr, args.max_grad_norm);
-            }
+impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
+    type Model = ActorCritic<B>;
+    type Batch = Batch;
+
+    fn shape(&self) -> Shape {
+        Shape {
+            items: self.train_prompts.len(),
+            draw_size: self.mini_batch() * self.s.num_mini_batches,
+            draws_per_round: 1,
+            steps_per_round: 1,
+            updates_per_step: self.s.num_ppo_epochs * self.s.num_mini_batches,
         }
-        let loss_value = loss_sum / optimizer_steps_per_update as f64;
-        if !loss_value.is_finite() {
+    }
+
+    fn next_batch(&mut self, model: &ActorCritic<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
+        let prompts: Vec<&RlPrompt> = draws.concat().into_iter().map(|i| &self.train_prompts[i]).collect();
+        let (batch, rows) = self.post_process(&model.valid(), &prompts, round)?;
+        if let Some(log) = self.log.as_mut() {
+            log.write(&rows)?;
+        }
+        Ok(batch)
+    }
+
+    fn micro_batches(&self, batch: &Batch, _pass: usize, update: usize) -> Vec<Vec<usize>> {
+        let per_device = self.cfg.training.per_device_train_batch_size.max(1);
+        batch.minibatches[update].chunks(per_device).map(<[usize]>::to_vec).collect()
+    }
+
+    fn loss(
+        &self,
+        model: &ActorCritic<B>,
+        batch: &Batch,
+        _pass: usize,
+        idx: &[usize],
+        micro_batches: usize,
+    ) -> Result<MicroLoss<B>> {
+        let (loss, metrics) = micro_loss(model, batch, idx, &self.s, self.pad, &self.device);
+        let fed_tokens = idx.iter().map(|&i| batch.prompts[i].len() + batch.completions[i].len()).sum();
+        Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, units: 1.0, fed_tokens })
+    }
+
+    fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {
+        batch.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    fn after_step(&mut self, batch: &Batch) {
+        if self.s.adaptive_kl {
+            self.kl.update(batch.mean_kl, batch.completions.len());
+        }
+    }
+
+    fn state(&self) -> serde_json::Value {
+        json!({ "kl_coef": self.kl.value })
+    }
+
+    fn restore(&mut self, state: serde_json::Value) -> Result<()> {
+        if let Some(c) = state.get("kl_coef").and_then(serde_json::Value::as_f64) {
+            self.kl.value = c;
+        }
+        Ok(())
+    }
+
+    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
+        if self.s.log_completions {
+            self.log = Some(CompletionLog::open(output_dir, resumed_at)?);
+        }
+        Ok(())
+    }
+
+    fn evaluate(&mut self, model: &ActorCritic<B>, step: usize) -> Result<Option<Evaluation>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        let t = &self.cfg.training;
+        let metrics = evaluate_prompts(
+            &model.policy.valid(),
+            &self.tok,
+            &self.rewards,
+            &self.eval_prompts,
+            &self.s.generation(self.s.eval_temperature),
+            t.per_device_train_batch_size,
+            t.seed,
+            &self.cfg.output_dir.join(format!("eval/step-{step}.jsonl")),
+        )?;
+        Ok(Some(Evaluation { loss: None, metrics }))
+    }
+
+    fn save_weights(&self, model: &ActorCritic<B>, dir: &Path) -> Result<()> {
+        self.nets.save(model, dir)
+    }
+
+    fn load_weights(&self, model: ActorCritic<B>, dir: &Path) -> Result<ActorCritic<B>> {
+        self.nets.load(model, dir, &self.device)
+    }
+
+    fn export(&self, model: &ActorCritic<B>, final_dir: &Path) -> Result<()> {
+        let lora = self.nets.lora.as_ref();
+        export_policy(&model.policy, lora, &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)?;
+        if model.policy.value_head.is_some() {
+            save_value_head(&model.policy, final_dir)?;
+        }
+        if let Some(c) = &model.critic {
+            let merged = if lora.is_some() { align_lora::merge_and_unload(c.valid()) } else { c.valid() };
+            save_pretrained(&merged, Some(&self.tok), HfHead::SequenceClassification, &final_dir.join("value_model"))?;
+        }
+        Ok(())
+    }
+
+    fn headline(&self) -> &'static [&'static str] {
+        &["objective/scores", "objective/kl", "kl_coef", "eval_reward"]
+    }
+
+    fn progress(&self, batch: &Batch) -> String {
+        format!("kl {} kl_coef {}", crate::logfmt::Sig(batch.mean_kl), crate::logfmt::Sig(self.kl.value))
+    }
+}
+
+struct Ppo<'a> {
+    cfg: &'a StageConfig,
+    resume: bool,
+}
+
+impl StageMain for Ppo<'_> {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        cfg.check_sections("ppo", Some("ppo"))?;
+        let s = cfg.ppo.clone().context("the PPO stage needs a [ppo] section with its reward functions")?;
+        if s.rewards.is_empty() {
             bail!(
-                "update {}: loss is {loss_value}; stopping. The last good checkpoint is intact under {}",
-                step + 1,
-                out.join("checkpoints").display()
+                "[ppo] needs at least one reward function, e.g. rewards = [{{ kind = \"model\", path = \"…/final\" }}]"
             );
         }
-        if s.adaptive_kl {
-            kl.update(mean_kl, n);
+        if s.num_ppo_epochs == 0 || s.num_mini_batches == 0 {
+            bail!("num_ppo_epochs and num_mini_batches must be at least 1");
         }
-        step += 1;
-        for (k, v) in &batch_metrics {
-            window.add(k.clone(), *v);
+        if s.adaptive_kl && (s.kl_target <= 0.0 || s.kl_horizon <= 0.0) {
+            bail!("adaptive KL needs kl_target > 0 and kl_horizon > 0");
         }
-        window.add("rollout_seconds", rollout_seconds);
-        window.add("train_tokens_per_second", fed as f64 / t_train.elapsed().as_secs_f64().max(1e-9));
-        window_loss += loss_value;
-        window_tokens += fed;
-        window_steps += 1;
-        progress.set_position(step as u64);
-        progress.set_message(format!(
-            "score {:.3} kl {mean_kl:.3} kl_coef {:.4}",
-            batch_metrics["objective/scores"], kl.value
-        ));
-        let eval = match eval_every {
-            Some(e) if step.is_multiple_of(e) || step == total => Some(evaluate(&model.policy.valid(), step)?),
-            _ => None,
+        let args = &cfg.training;
+        let shared = s.critic == Critic::Shared;
+        let start = starting_model::<A>(cfg, Heads { lm: true, score: false, value: shared }, device)?;
+        let tok = start.tokenizer;
+        let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval_prompts = match &cfg.eval_data {
+            Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
         };
-        if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval.is_some() {
-            let mut extra = window.take();
-            if let Some(e) = &eval {
-                extra.extend(e.iter().map(|(k, v)| (format!("eval_{k}"), *v)));
+        let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
+        let mut policy = start.model;
+        let mut critic = None;
+        if !shared {
+            let path = s.value_model_path.clone().unwrap_or_else(|| {
+                s.rewards
+                    .iter()
+                    .find_map(|t| match &t.spec {
+                        RewardSpec::Model { path, .. } => Some(path.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_else(|| cfg.model.path.clone())
+            });
+            let c = load_pretrained::<A>(&path, Heads { lm: false, score: true, value: false }, device)
+                .with_context(|| format!("the value model {}", path.display()))?;
+            tracing::info!(value_model = %path.display(), "critic");
+            critic = Some(c.model);
+        }
+        if let Some(l) = &cfg.lora {
+            if let Some(v) = policy.value_head.as_mut() {
+                train_in_full(v);
             }
-            let lr = learning_rate(
-                args.learning_rate,
-                args.lr_scheduler_type,
-                step * optimizer_steps_per_update - 1,
-                warmup,
-                total_optimizer_steps,
-                args.num_cycles,
-            );
-            let m = StepMetrics {
-                step,
-                epoch: generation as f64 / updates_per_epoch as f64,
-                loss: Some(window_loss / window_steps.max(1) as f64),
-                learning_rate: lr,
-                grad_norm: norm,
-                tokens_per_second: window_tokens as f64 / window_start.elapsed().as_secs_f64().max(1e-9),
-                step_seconds: t0.elapsed().as_secs_f64(),
-                eval_loss: None,
-                extra,
-            };
-            tracing::info!(
-                step,
-                score = %crate::logfmt::opt(m.extra.get("objective/scores").copied()),
-                kl = %crate::logfmt::opt(m.extra.get("objective/kl").copied()),
-                kl_coef = %crate::logfmt::opt(m.extra.get("kl_coef").copied()),
-                eval_reward = %crate::logfmt::opt(m.extra.get("eval_reward").copied()),
-                "ppo"
-            );
-            logs.log(m)?;
-            (window_loss, window_tokens, window_steps, window_start) = (0.0, 0, 0, Instant::now());
+            if let Some(c) = critic.take() {
+                let (mut c, _) = align_lora::attach(c, l, args.seed.wrapping_add(1))?;
+                if let Some(h) = c.score.as_mut() {
+                    train_in_full(h);
+                }
+                critic = Some(c);
+            }
         }
-        if args.save_steps > 0 && step.is_multiple_of(args.save_steps) && step < total {
-            let state = RlState {
-                step,
-                generation,
-                loader: loader.state(),
-                seed: args.seed,
-                total_steps: total,
-                kl_coef: Some(kl.value),
-            };
-            let save = |dir: &Path| nets.save(&model, dir);
-            logs.checkpoint(&save, &opt, &state, out, args.save_total_limit)?;
-        }
+        let nets = Networks {
+            lora: cfg.lora.clone(),
+            policy_config: policy.config.clone(),
+            critic_config: critic.as_ref().map(|c| c.config.clone()),
+        };
+        let frozen = cfg.lora.is_none().then(|| frozen_copy(&policy, args.bf16));
+        tracing::info!(prompts = train_prompts.len(), critic = ?s.critic, "PPO");
+        let kl = AdaptiveKl { value: s.kl_coef, target: s.kl_target, horizon: s.kl_horizon };
+        let mut stage = PpoStage::<A> {
+            cfg,
+            s,
+            tok,
+            pad: start.pad_id,
+            rewards,
+            train_prompts,
+            eval_prompts,
+            frozen,
+            nets,
+            kl,
+            log: None,
+            device: device.clone(),
+        };
+        train(&mut stage, ActorCritic { policy, critic }, args, &cfg.output_dir, self.resume)?;
+        Ok(cfg.output_dir.join("final"))
     }
-    progress.finish_and_clear();
-    let model = if args.bf16 { opt.model_with_masters(model) } else { model };
-    let final_dir = out.join("final");
-    export_policy(&model.policy, cfg.lora.as_ref(), &cfg.model.path, &tok, &final_dir)?;
-    if model.policy.value_head.is_some() {
-        save_value_head(&model.policy, &final_dir)?;
-    }
-    if let Some(c) = &model.critic {
-        let merged = if cfg.lora.is_some() { align_lora::merge_and_unload(c.valid()) } else { c.valid() };
-        save_pretrained(&merged, Some(&tok), HfHead::SequenceClassification, &final_dir.join("value_model"))?;
-    }
-    tracing::info!(final_dir = %final_dir.display(), updates = step, "stage done");
-    Ok(final_dir)
 }
 
 /// The PPO loss `pg + vf_coef·vf` of micro-batch `idx`, with TRL's per-minibatch stats.

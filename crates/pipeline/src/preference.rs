@@ -14,20 +14,20 @@ use align_losses::preference::{
     DpoLossType, PreferenceMetrics, bradley_terry_loss, dpo_loss, orpo_loss, orpo_odds_ratio, simpo_loss,
 };
 use align_losses::{sequence_logprobs, sft_loss};
-use align_model::burn::backend::Autodiff;
-use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
-use align_model::burn::module::{AutodiffModule, Param};
+use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
 use align_model::{
-    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained,
-    spread_rows,
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, save_pretrained, spread_rows,
 };
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
-use crate::trainer::{Evaluation, LossTerms, TrainTask, load_trainable, save_trainable, train};
+use crate::stage::{StageMain, on_autodiff, starting_model, train_in_full};
+use crate::train::{
+    Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
+};
 
 /// `[reward]`: the Bradley–Terry reward model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -272,15 +272,20 @@ pub enum Reference<B: AutodiffFusedOps> {
     None,
 }
 
-pub struct PreferenceTask<B: AutodiffFusedOps> {
+/// A pairwise stage as a [`Stage`]: a round is `gradient_accumulation_steps` micro-batches
+/// of pairs; a pair is the loss unit.
+pub struct PreferenceStage<B: AutodiffFusedOps> {
     pub objective: Objective,
     pub train: Vec<Pair>,
     pub eval: Vec<Pair>,
     pub reference: Reference<B>,
     pub pad_id: u32,
     pub batch_size: usize,
+    pub accumulation: usize,
     pub config: ModelConfig,
     pub lora: Option<LoraConfig>,
+    pub tokenizer: Tokenizer,
+    pub base: PathBuf,
     pub device: B::Device,
 }
 
@@ -301,7 +306,7 @@ fn metric_sums(m: PreferenceMetrics, n: usize) -> Vec<(&'static str, f64)> {
     ]
 }
 
-impl<B: AutodiffFusedOps> PreferenceTask<B> {
+impl<B: AutodiffFusedOps> PreferenceStage<B> {
     /// Reference log-probs `(chosen, rejected)` of pairs `idx` (of the train or eval set).
     fn reference_logps(
         &self,
@@ -415,29 +420,48 @@ impl<B: AutodiffFusedOps> PreferenceTask<B> {
     }
 }
 
-impl<B: AutodiffFusedOps> TrainTask<B> for PreferenceTask<B> {
+impl<B: AutodiffFusedOps> Stage<B> for PreferenceStage<B> {
     type Model = Transformer<B>;
+    type Batch = RowBatch;
 
-    fn num_examples(&self) -> usize {
-        self.train.len()
+    fn shape(&self) -> Shape {
+        Shape {
+            items: self.train.len(),
+            draw_size: self.batch_size,
+            draws_per_round: self.accumulation,
+            steps_per_round: 1,
+            updates_per_step: 1,
+        }
     }
 
-    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<LossTerms<B>> {
-        let pairs: Vec<&Pair> = batch.iter().map(|&i| &self.train[i]).collect();
+    fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
+        RowBatch::new(draws, round, <[usize]>::len)
+    }
+
+    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        batch.micro.clone()
+    }
+
+    fn loss(
+        &self,
+        model: &Transformer<B>,
+        batch: &RowBatch,
+        _: usize,
+        micro: &[usize],
+        _: usize,
+    ) -> Result<MicroLoss<B>> {
+        let pairs: Vec<&Pair> = micro.iter().map(|&i| &self.train[i]).collect();
         let inner = matches!(self.reference, Reference::AdaptersDisabled).then(|| model.valid());
-        let t = self.terms::<B>(model, inner.as_ref(), &pairs, batch, false, &self.device);
-        Ok(LossTerms { sum: t.sum, count: pairs.len(), metrics: t.metrics })
+        let t = self.terms::<B>(model, inner.as_ref(), &pairs, micro, false, &self.device);
+        Ok(MicroLoss {
+            loss: t.sum / batch.units as f64,
+            metrics: t.metrics,
+            units: pairs.len() as f64,
+            fed_tokens: pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
+        })
     }
 
-    fn loss_tokens(&self, batch: &[usize]) -> usize {
-        batch.len()
-    }
-
-    fn input_tokens(&self, batch: &[usize]) -> usize {
-        batch.iter().map(|&i| self.train[i].chosen.len() + self.train[i].rejected.len()).sum()
-    }
-
-    fn evaluate(&self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
+    fn evaluate(&mut self, model: &Transformer<B>, _step: usize) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -461,7 +485,7 @@ impl<B: AutodiffFusedOps> TrainTask<B> for PreferenceTask<B> {
         }
         bar.finish_and_clear();
         let n = self.eval.len() as f64;
-        Ok(Some(Evaluation { loss: loss / n, metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect() }))
+        Ok(Some(Evaluation { loss: Some(loss / n), metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect() }))
     }
 
     fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
@@ -471,9 +495,21 @@ impl<B: AutodiffFusedOps> TrainTask<B> for PreferenceTask<B> {
     fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
         load_trainable(model, self.lora.as_ref(), &self.config, self.heads(), dir, &self.device)
     }
+
+    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+        match (&self.lora, &self.objective) {
+            // A reward model ships merged: one HF sequence-classification checkpoint.
+            (Some(_), Objective::Reward(_)) => {
+                let merged = align_lora::merge_and_unload(model.valid());
+                save_pretrained(&merged, Some(&self.tokenizer), HfHead::SequenceClassification, final_dir)?;
+                Ok(())
+            }
+            (lora, _) => export_policy(model, lora.as_ref(), &self.base, &self.tokenizer, self.head(), final_dir),
+        }
+    }
 }
 
-impl<B: AutodiffFusedOps> PreferenceTask<B> {
+impl<B: AutodiffFusedOps> PreferenceStage<B> {
     fn head(&self) -> HfHead {
         if matches!(self.objective, Objective::Reward(_)) { HfHead::SequenceClassification } else { HfHead::CausalLm }
     }
@@ -493,89 +529,72 @@ pub fn run_preference<B: FusedOps>(
     resume: bool,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    if cfg.training.gradient_checkpointing {
-        preference_on::<Autodiff<B, BalancedCheckpointing>>(cfg, stage, resume, device)
-    } else {
-        preference_on::<Autodiff<B>>(cfg, stage, resume, device)
-    }
+    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Preference { cfg, stage, resume }, device)
 }
 
-fn preference_on<B: AutodiffFusedOps>(
-    cfg: &PreferenceConfig,
+struct Preference<'a> {
+    cfg: &'a PreferenceConfig,
     stage: PairwiseStage,
     resume: bool,
-    device: &B::Device,
-) -> Result<PathBuf> {
-    let objective = cfg.objective(stage)?;
-    if let Objective::Dpo(s) = &objective {
-        if s.loss_type == DpoLossType::Sigmoid && s.label_smoothing > 0.0 {
-            tracing::warn!("label_smoothing is ignored by loss_type = \"sigmoid\" (as in TRL >= 0.29); use \"cdpo\"");
-        }
-        if s.loss_type == DpoLossType::Robust && !(0.0..0.5).contains(&s.label_smoothing) {
-            bail!("robust DPO needs 0 <= label_smoothing < 0.5, got {}", s.label_smoothing);
-        }
-    }
-    let reward = matches!(objective, Objective::Reward(_));
-    let heads = if reward { Heads { lm: false, score: true, value: false } } else { Heads::LM };
-    let pre = load_pretrained::<B>(&cfg.model.path, heads, device)?;
-    let tok = pre.tokenizer;
-    let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
-    let train_pairs = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
-    let eval_pairs = match &cfg.eval_data {
-        Some(d) => load_pairs(&tok, d, &cfg.tokenize, "eval")?,
-        None => vec![],
-    };
-    let mut model = pre.model;
-    if let Some(l) = &cfg.lora {
-        let (m, names) = align_lora::attach(model, l, cfg.training.seed)?;
-        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
-        model = m;
-        if reward {
-            // The new score head trains in full (PEFT's modules_to_save = ["score"]).
-            if let Some(s) = model.score.as_mut() {
-                s.weight = Param::from_tensor(s.weight.val().detach()).set_require_grad(true);
+}
+
+impl StageMain for Preference<'_> {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        let objective = cfg.objective(self.stage)?;
+        if let Objective::Dpo(s) = &objective {
+            if s.loss_type == DpoLossType::Sigmoid && s.label_smoothing > 0.0 {
+                tracing::warn!(
+                    "label_smoothing is ignored by loss_type = \"sigmoid\" (as in TRL >= 0.29); use \"cdpo\""
+                );
+            }
+            if s.loss_type == DpoLossType::Robust && !(0.0..0.5).contains(&s.label_smoothing) {
+                bail!("robust DPO needs 0 <= label_smoothing < 0.5, got {}", s.label_smoothing);
             }
         }
-    }
-    let mut task = PreferenceTask::<B> {
-        objective: objective.clone(),
-        train: train_pairs,
-        eval: eval_pairs,
-        reference: Reference::None,
-        pad_id,
-        batch_size: cfg.training.per_device_train_batch_size,
-        config: model.config.clone(),
-        lora: cfg.lora.clone(),
-        device: device.clone(),
-    };
-    if let Objective::Dpo(s) = &objective {
-        task.reference = if s.precompute_ref_log_probs {
-            let (train, eval) = precompute_reference(&task, &model.valid())?;
-            Reference::Precomputed { train, eval }
-        } else if cfg.lora.is_some() {
-            Reference::AdaptersDisabled
-        } else {
-            Reference::Frozen(Box::new(model.valid()))
+        let reward = matches!(objective, Objective::Reward(_));
+        let heads = if reward { Heads { lm: false, score: true, value: false } } else { Heads::LM };
+        let start = starting_model::<A>(cfg, heads, device)?;
+        let tok = start.tokenizer;
+        let train_pairs = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval_pairs = match &cfg.eval_data {
+            Some(d) => load_pairs(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
         };
-    }
-    std::fs::create_dir_all(&cfg.output_dir)?;
-    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
-    let out = train(&task, model, &cfg.training, &cfg.output_dir, resume)?;
-    let final_dir = cfg.output_dir.join("final");
-    match (&cfg.lora, reward) {
-        // A reward model ships merged: one HF sequence-classification checkpoint.
-        (Some(_), true) => {
-            let merged = align_lora::merge_and_unload(out.model.valid());
-            save_pretrained(&merged, Some(&tok), HfHead::SequenceClassification, &final_dir)?;
+        let mut model = start.model;
+        if reward
+            && cfg.lora.is_some()
+            && let Some(s) = model.score.as_mut()
+        {
+            train_in_full(s);
         }
-        (Some(l), false) => {
-            align_lora::save_peft(&mut out.model.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
-            tok.save(&final_dir)?;
+        let mut stage = PreferenceStage::<A> {
+            objective: objective.clone(),
+            train: train_pairs,
+            eval: eval_pairs,
+            reference: Reference::None,
+            pad_id: start.pad_id,
+            batch_size: cfg.training.per_device_train_batch_size,
+            accumulation: cfg.training.gradient_accumulation_steps,
+            config: model.config.clone(),
+            lora: cfg.lora.clone(),
+            tokenizer: tok,
+            base: cfg.model.path.clone(),
+            device: device.clone(),
+        };
+        if let Objective::Dpo(s) = &objective {
+            stage.reference = if s.precompute_ref_log_probs {
+                let (train, eval) = precompute_reference(&stage, &model.valid())?;
+                Reference::Precomputed { train, eval }
+            } else if cfg.lora.is_some() {
+                Reference::AdaptersDisabled
+            } else {
+                Reference::Frozen(Box::new(model.valid()))
+            };
         }
-        (None, _) => save_pretrained(&out.model.valid(), Some(&tok), task.head(), &final_dir)?,
+        train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
+        Ok(cfg.output_dir.join("final"))
     }
-    tracing::info!(final_dir = %final_dir.display(), steps = out.steps, "stage done");
-    Ok(final_dir)
 }
 
 type RefLogps = Vec<(f64, f64)>;
@@ -583,7 +602,7 @@ type RefLogps = Vec<(f64, f64)>;
 /// Reference log-probs of every train and eval pair under the starting policy (adapters
 /// disabled), computed once with a progress bar.
 fn precompute_reference<B: AutodiffFusedOps>(
-    task: &PreferenceTask<B>,
+    task: &PreferenceStage<B>,
     policy: &Transformer<B::InnerBackend>,
 ) -> Result<(RefLogps, RefLogps)> {
     let mut m = policy.clone();

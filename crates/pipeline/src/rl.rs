@@ -11,19 +11,14 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use align_data::{
-    DatasetConfig, ExampleTokenizer, LoaderState, LossPositions, TokenizeConfig, TokenizedSequence, pad_right,
-};
+use align_data::{DatasetConfig, ExampleTokenizer, LossPositions, TokenizeConfig, TokenizedSequence, pad_right};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer, spread_rows};
 use align_reward::{Reward, Sample};
 use align_rollout::{SamplingConfig, generate_text_groups};
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
-
-use crate::trainer::StepMetrics;
 
 /// A prompt to generate from, with the row it came from (rewards read ground truths and
 /// external scores from it).
@@ -90,6 +85,20 @@ pub struct Rollouts {
 }
 
 impl Rollouts {
+    /// Length and speed metrics of the batch, by TRL's names.
+    pub fn length_metrics(&self) -> BTreeMap<String, f64> {
+        let lens: Vec<f64> = self.completions.iter().map(|c| c.len() as f64).collect();
+        let mut m = BTreeMap::new();
+        m.insert("completions/mean_length".into(), mean_std(&lens).0);
+        m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
+        m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
+        let truncated = self.truncated.iter().filter(|&&t| t).count();
+        m.insert("completions/clipped_ratio".into(), truncated as f64 / self.len().max(1) as f64);
+        m.insert("rollout_tokens_per_second".into(), self.tokens() as f64 / self.seconds.max(1e-9));
+        m.insert("rollout_seconds".into(), self.seconds);
+        m
+    }
+
     pub fn len(&self) -> usize {
         self.completions.len()
     }
@@ -273,146 +282,33 @@ pub fn completion_forward<B: FusedOps>(
     }
 }
 
-/// Where an online loop stands (saved as a checkpoint's `trainer_state.json`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RlState {
-    pub step: usize,
-    /// Generation batches sampled so far (seeds the next one).
-    pub generation: usize,
-    pub loader: LoaderState,
-    pub seed: u64,
-    pub total_steps: usize,
-    /// The adaptive KL coefficient (PPO).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kl_coef: Option<f64>,
+/// `completions.jsonl`: every sampled completion with its rewards, fresh or, on resume, cut
+/// back to the checkpoint's step.
+pub struct CompletionLog {
+    file: std::fs::File,
 }
 
-impl crate::trainer::CheckpointState for RlState {
-    fn seed_and_total(&self) -> (u64, usize) {
-        (self.seed, self.total_steps)
-    }
-}
-
-/// An online run's logs: `metrics.jsonl` and `completions.jsonl`, fresh or, on resume, cut
-/// back to the checkpoint's step (what followed is rewritten).
-pub struct RunLogs {
-    pub metrics: Vec<StepMetrics>,
-    metrics_file: std::fs::File,
-    pub completions: std::fs::File,
-}
-
-impl RunLogs {
-    pub fn open(out: &Path, resumed_at: Option<usize>) -> Result<Self> {
-        let (m, c) = (out.join("metrics.jsonl"), out.join("completions.jsonl"));
-        let metrics = match resumed_at {
+impl CompletionLog {
+    pub fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        let path = output_dir.join("completions.jsonl");
+        match resumed_at {
             Some(at) => {
-                truncate_jsonl_after(&c, at)?;
-                metrics_until(&m, at)?
+                crate::train::truncate_jsonl_after(&path, at)?;
             }
-            None => {
-                std::fs::write(&m, "")?;
-                std::fs::write(&c, "")?;
-                vec![]
-            }
-        };
-        let open = |p: &Path| std::fs::OpenOptions::new().append(true).open(p).with_context(|| p.display().to_string());
-        Ok(RunLogs { metrics, metrics_file: open(&m)?, completions: open(&c)? })
+            None => std::fs::write(&path, "").with_context(|| path.display().to_string())?,
+        }
+        let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| path.display().to_string())?;
+        Ok(CompletionLog { file })
     }
 
-    /// Append a row to `metrics.jsonl` (flushed) and keep it.
-    pub fn log(&mut self, m: StepMetrics) -> Result<()> {
-        writeln!(self.metrics_file, "{}", serde_json::to_string(&m)?)?;
-        self.metrics_file.flush()?;
-        self.metrics.push(m);
+    /// Append rows (flushed).
+    pub fn write(&mut self, rows: &[serde_json::Value]) -> Result<()> {
+        for row in rows {
+            writeln!(self.file, "{row}")?;
+        }
+        self.file.flush()?;
         Ok(())
     }
-
-    /// Write `checkpoints/step-N/` for an online run at a generation boundary.
-    pub fn checkpoint<B: align_model::burn::tensor::backend::AutodiffBackend>(
-        &self,
-        save: &dyn Fn(&Path) -> Result<()>,
-        opt: &crate::optim::AdamW<B>,
-        state: &RlState,
-        out: &Path,
-        keep: Option<usize>,
-    ) -> Result<()> {
-        let json = serde_json::to_value(state)?;
-        crate::trainer::write_checkpoint_with(save, opt, state.step, &json, &self.metrics, out, keep)
-    }
-
-    /// The step-0 row of an evaluation before training.
-    pub fn log_eval_on_start(&mut self, eval: BTreeMap<String, f64>) -> Result<()> {
-        tracing::info!(reward = eval.get("reward"), "eval before training");
-        self.log(StepMetrics::before_training(None, &eval))
-    }
-}
-
-/// Write the trained policy to `final/`: the PEFT adapter and tokenizer under LoRA, else
-/// the HF checkpoint.
-pub fn export_policy<B: align_model::burn::tensor::backend::AutodiffBackend>(
-    policy: &Transformer<B>,
-    lora: Option<&align_lora::LoraConfig>,
-    base: &Path,
-    tok: &Tokenizer,
-    final_dir: &Path,
-) -> Result<()> {
-    use align_model::burn::module::AutodiffModule;
-    match lora {
-        Some(l) => {
-            align_lora::save_peft(&mut policy.clone(), l, &base.display().to_string(), final_dir)?;
-            tok.save(final_dir)?;
-        }
-        None => align_model::save_pretrained(&policy.valid(), Some(tok), align_model::HfHead::CausalLm, final_dir)?,
-    }
-    Ok(())
-}
-
-/// Rewrite `path` (JSONL of objects with a `step` field) keeping rows up to `step`: a
-/// resumed run rewrites what followed its checkpoint.
-pub fn truncate_jsonl_after(path: &Path, step: usize) -> Result<Vec<String>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
-    let mut keep = vec![];
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
-        if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step) {
-            keep.push(line.to_string());
-        }
-    }
-    let mut body = keep.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    std::fs::write(path, body).with_context(|| path.display().to_string())?;
-    Ok(keep)
-}
-
-/// Metrics of the steps since the last log row, averaged.
-#[derive(Default)]
-pub struct MetricWindow {
-    sums: std::collections::BTreeMap<String, f64>,
-    counts: std::collections::BTreeMap<String, usize>,
-}
-
-impl MetricWindow {
-    pub fn add(&mut self, key: impl Into<String>, value: f64) {
-        let k = key.into();
-        *self.sums.entry(k.clone()).or_default() += value;
-        *self.counts.entry(k).or_default() += 1;
-    }
-    pub fn take(&mut self) -> std::collections::BTreeMap<String, f64> {
-        let out = self.sums.iter().map(|(k, v)| (k.clone(), v / self.counts[k].max(1) as f64)).collect();
-        *self = MetricWindow::default();
-        out
-    }
-}
-
-/// Metrics rows of an earlier run up to `step` (resume).
-pub fn metrics_until(path: &Path, step: usize) -> Result<Vec<StepMetrics>> {
-    truncate_jsonl_after(path, step)?
-        .iter()
-        .map(|l| serde_json::from_str(l).with_context(|| path.display().to_string()))
-        .collect()
 }
 
 /// Mean and Bessel-corrected standard deviation (torch's `std`, as TRL logs it; 0 for

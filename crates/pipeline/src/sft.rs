@@ -10,17 +10,16 @@ use align_data::{
     pad_right,
 };
 use align_lora::LoraConfig;
-use align_model::burn::backend::Autodiff;
-use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 use align_model::burn::module::AutodiffModule;
-use align_model::burn::tensor::Tensor;
-use align_model::{
-    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, load_pretrained, save_pretrained,
-};
+use align_model::burn::tensor::{ElementConversion, Tensor};
+use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer};
 use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
-use crate::trainer::{Evaluation, LossTerms, TrainTask, train};
+use crate::stage::{StageMain, on_autodiff, starting_model};
+use crate::train::{
+    Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
+};
 
 /// The SFT stage's config: the stage config shared by every stage.
 pub type SftConfig = StageConfig;
@@ -52,23 +51,33 @@ fn sequences(
         .collect()
 }
 
-pub struct SftTask<B: AutodiffFusedOps> {
+/// SFT as a [`Stage`]: a round is `gradient_accumulation_steps` micro-batches of examples.
+pub struct SftStage<B: AutodiffFusedOps> {
     pub train: Vec<TokenizedSequence>,
     pub eval: Vec<TokenizedSequence>,
     pub pad_id: u32,
     pub packing: Option<usize>,
     pub batch_size: usize,
+    pub accumulation: usize,
     pub config: ModelConfig,
     pub lora: Option<LoraConfig>,
+    pub tokenizer: Tokenizer,
+    pub base: PathBuf,
     pub device: B::Device,
 }
 
-impl<B: AutodiffFusedOps> SftTask<B> {
+impl<B: AutodiffFusedOps> SftStage<B> {
     fn host_batch(&self, seqs: &[&TokenizedSequence]) -> Result<HostBatch> {
         Ok(match self.packing {
             Some(cap) => pack(seqs, cap, self.pad_id)?,
             None => pad_right(seqs, self.pad_id),
         })
+    }
+
+    /// Loss tokens of a micro-batch: every loss token but a sequence's first (nothing
+    /// predicts it).
+    fn loss_tokens(&self, batch: &[usize]) -> usize {
+        batch.iter().map(|&i| self.train[i].loss_mask.iter().skip(1).filter(|&&m| m).count()).sum()
     }
 }
 
@@ -82,29 +91,50 @@ pub fn nll_sum<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &
     (lp.sum().neg(), at.rows.len())
 }
 
-impl<B: AutodiffFusedOps> TrainTask<B> for SftTask<B> {
+impl<B: AutodiffFusedOps> Stage<B> for SftStage<B> {
     type Model = Transformer<B>;
+    type Batch = RowBatch;
 
-    fn num_examples(&self) -> usize {
-        self.train.len()
+    fn shape(&self) -> Shape {
+        Shape {
+            items: self.train.len(),
+            draw_size: self.batch_size,
+            draws_per_round: self.accumulation,
+            steps_per_round: 1,
+            updates_per_step: 1,
+        }
     }
 
-    fn loss_sum(&self, model: &Transformer<B>, batch: &[usize]) -> Result<LossTerms<B>> {
-        let seqs: Vec<&TokenizedSequence> = batch.iter().map(|&i| &self.train[i]).collect();
+    fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
+        RowBatch::new(draws, round, |b| self.loss_tokens(b))
+    }
+
+    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        batch.micro.clone()
+    }
+
+    fn loss(
+        &self,
+        model: &Transformer<B>,
+        batch: &RowBatch,
+        _: usize,
+        micro: &[usize],
+        _: usize,
+    ) -> Result<MicroLoss<B>> {
+        let seqs: Vec<&TokenizedSequence> = micro.iter().map(|&i| &self.train[i]).collect();
         let (sum, count) = nll_sum(model, &self.host_batch(&seqs)?, &self.device);
-        Ok(LossTerms { sum, count, metrics: vec![] })
+        if count != self.loss_tokens(micro) {
+            bail!("the batch counted {} loss tokens but its loss covers {count}", self.loss_tokens(micro));
+        }
+        Ok(MicroLoss {
+            loss: sum / batch.units as f64,
+            metrics: vec![],
+            units: count as f64,
+            fed_tokens: seqs.iter().map(|s| s.len()).sum(),
+        })
     }
 
-    fn loss_tokens(&self, batch: &[usize]) -> usize {
-        // Every loss token but a sequence's first (nothing predicts it).
-        batch.iter().map(|&i| self.train[i].loss_mask.iter().skip(1).filter(|&&m| m).count()).sum()
-    }
-
-    fn input_tokens(&self, batch: &[usize]) -> usize {
-        batch.iter().map(|&i| self.train[i].len()).sum()
-    }
-
-    fn evaluate(&self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
+    fn evaluate(&mut self, model: &Transformer<B>, _step: usize) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -116,72 +146,63 @@ impl<B: AutodiffFusedOps> TrainTask<B> for SftTask<B> {
             sum += s.into_scalar().elem::<f64>();
             n += k;
         }
-        Ok(Some(Evaluation { loss: sum / n.max(1) as f64, metrics: Default::default() }))
+        Ok(Some(Evaluation { loss: Some(sum / n.max(1) as f64), metrics: Default::default() }))
     }
 
     fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
-        crate::trainer::save_trainable(model, self.lora.as_ref(), HfHead::CausalLm, dir)
+        save_trainable(model, self.lora.as_ref(), HfHead::CausalLm, dir)
     }
 
     fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
-        crate::trainer::load_trainable(model, self.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
+        load_trainable(model, self.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
+    }
+
+    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+        export_policy(model, self.lora.as_ref(), &self.base, &self.tokenizer, HfHead::CausalLm, final_dir)
     }
 }
-
-use align_model::burn::tensor::ElementConversion;
 
 /// Run (or resume) an SFT stage on backend `B` (autodiff is added here, with Burn's
 /// balanced activation checkpointing when `gradient_checkpointing` is on); returns `final/`.
 pub fn run_sft<B: FusedOps>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    if cfg.training.gradient_checkpointing {
-        sft_on::<Autodiff<B, BalancedCheckpointing>>(cfg, resume, device)
-    } else {
-        sft_on::<Autodiff<B>>(cfg, resume, device)
-    }
+    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Sft { cfg, resume }, device)
 }
 
-fn sft_on<B: AutodiffFusedOps>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    cfg.check_sections("sft", None)?;
-    let pre = load_pretrained::<B>(&cfg.model.path, Heads::LM, device)?;
-    let tok = pre.tokenizer;
-    let pad_id = tok.pad_token_id.or(tok.eos_token_id).context("the tokenizer has neither a pad nor an EOS token")?;
-    let train_seqs = sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
-    let eval_seqs = match &cfg.eval_data {
-        Some(d) => sequences(&tok, d, &cfg.tokenize, "eval")?,
-        None => vec![],
-    };
-    let packing = if cfg.packing {
-        Some(cfg.tokenize.max_length.context("packing needs tokenize.max_length (the row length)")?)
-    } else {
-        None
-    };
-    let mut model = pre.model;
-    if let Some(l) = &cfg.lora {
-        let (m, names) = align_lora::attach(model, l, cfg.training.seed)?;
-        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
-        model = m;
+struct Sft<'a> {
+    cfg: &'a SftConfig,
+    resume: bool,
+}
+
+impl StageMain for Sft<'_> {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        cfg.check_sections("sft", None)?;
+        let start = starting_model::<A>(cfg, Heads::LM, device)?;
+        let tok = start.tokenizer;
+        let train_seqs = sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval_seqs = match &cfg.eval_data {
+            Some(d) => sequences(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
+        };
+        let packing = if cfg.packing {
+            Some(cfg.tokenize.max_length.context("packing needs tokenize.max_length (the row length)")?)
+        } else {
+            None
+        };
+        let mut stage = SftStage::<A> {
+            train: train_seqs,
+            eval: eval_seqs,
+            pad_id: start.pad_id,
+            packing,
+            batch_size: cfg.training.per_device_train_batch_size,
+            accumulation: cfg.training.gradient_accumulation_steps,
+            config: start.model.config.clone(),
+            lora: cfg.lora.clone(),
+            tokenizer: tok,
+            base: cfg.model.path.clone(),
+            device: device.clone(),
+        };
+        train(&mut stage, start.model, &cfg.training, &cfg.output_dir, self.resume)?;
+        Ok(cfg.output_dir.join("final"))
     }
-    let task = SftTask::<B> {
-        train: train_seqs,
-        eval: eval_seqs,
-        pad_id,
-        packing,
-        batch_size: cfg.training.per_device_train_batch_size,
-        config: model.config.clone(),
-        lora: cfg.lora.clone(),
-        device: device.clone(),
-    };
-    std::fs::create_dir_all(&cfg.output_dir)?;
-    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
-    let out = train(&task, model, &cfg.training, &cfg.output_dir, resume)?;
-    let final_dir = cfg.output_dir.join("final");
-    match &cfg.lora {
-        Some(l) => {
-            align_lora::save_peft(&mut out.model.clone(), l, &cfg.model.path.display().to_string(), &final_dir)?;
-            tok.save(&final_dir)?;
-        }
-        None => save_pretrained(&out.model.valid(), Some(&tok), HfHead::CausalLm, &final_dir)?,
-    }
-    tracing::info!(final_dir = %final_dir.display(), steps = out.steps, "SFT done");
-    Ok(final_dir)
 }

@@ -42,7 +42,7 @@ fn grpo_raises_its_reward() {
     let m = metrics(&d.join("run"));
     assert_eq!(m.len(), 12);
     let reward =
-        |r: &[align_pipeline::trainer::StepMetrics]| r.iter().map(|m| m.extra["reward"]).sum::<f64>() / r.len() as f64;
+        |r: &[align_pipeline::train::StepMetrics]| r.iter().map(|m| m.extra["reward"]).sum::<f64>() / r.len() as f64;
     let (first, last) = (reward(&m[..3]), reward(&m[9..]));
     assert!(last > first + 0.1, "mean reward {first:.3} → {last:.3}");
     for k in [

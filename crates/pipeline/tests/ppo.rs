@@ -40,7 +40,7 @@ fn ppo_raises_the_reward_model_score_with_a_separate_critic() {
     // The policy is the reference until its first update: the rollout's KL is ~0.
     assert!(train[0].extra["objective/kl"].abs() < 1e-3, "{}", train[0].extra["objective/kl"]);
     assert!(train[9].extra["objective/kl"] > 1e-3);
-    let score = |r: &[align_pipeline::trainer::StepMetrics]| {
+    let score = |r: &[align_pipeline::train::StepMetrics]| {
         r.iter().map(|m| m.extra["objective/scores"]).sum::<f64>() / r.len() as f64
     };
     let (first, last) = (score(&train[..3]), score(&train[7..]));

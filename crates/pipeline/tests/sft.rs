@@ -107,7 +107,7 @@ fn packed_lora_sft_writes_a_peft_adapter() {
     assert!(final_dir.join("adapter_model.safetensors").exists() && final_dir.join("adapter_config.json").exists());
     assert!(final_dir.join("tokenizer.json").exists());
     // save_total_limit = 1: only the newest checkpoint (step 15; none is written at the end) stays
-    let kept: Vec<usize> = align_pipeline::trainer::checkpoints(&d.join("run")).into_iter().map(|(s, _)| s).collect();
+    let kept: Vec<usize> = align_pipeline::train::checkpoints(&d.join("run")).into_iter().map(|(s, _)| s).collect();
     assert_eq!(kept, vec![15]);
     let m = metrics(&d.join("run"));
     assert!(m.last().unwrap().loss.unwrap() < m.first().unwrap().loss.unwrap() - 0.5, "{m:?}");
@@ -134,7 +134,7 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     let cfg: SftConfig = toml::from_str(&text).unwrap();
     let err = run_sft::<Cpu>(&cfg, false, &Default::default()).expect_err("the run must stop").to_string();
     assert!(err.contains("loss is") && err.contains("last good checkpoint"), "{err}");
-    let ckpts = align_pipeline::trainer::checkpoints(&d.join("run"));
+    let ckpts = align_pipeline::train::checkpoints(&d.join("run"));
     assert!(!ckpts.is_empty(), "checkpoints before the NaN survive");
     assert!(!d.join("run/final").exists());
     std::fs::remove_dir_all(&d).ok();

@@ -87,7 +87,7 @@ pub fn state(stage: &StagePlan) -> Result<StageState> {
         None => StageState::Pending,
         Some(r) if r.fingerprint != stage.fingerprint => StageState::Changed,
         Some(r) if r.status == Status::Done => StageState::Done,
-        Some(_) => StageState::Interrupted(crate::trainer::checkpoints(&stage.dir).last().map(|(s, _)| *s)),
+        Some(_) => StageState::Interrupted(crate::train::checkpoints(&stage.dir).last().map(|(s, _)| *s)),
     })
 }
 

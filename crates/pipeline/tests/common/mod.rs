@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use align_pipeline::trainer::StepMetrics;
+use align_pipeline::train::StepMetrics;
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")

@@ -12,10 +12,13 @@ use align_lora::LoraConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+mod training;
+
+pub use training::TrainingArguments;
+
 use crate::grpo::GrpoSettings;
 use crate::ppo::PpoSettings;
 use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
-use crate::trainer::TrainingArguments;
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

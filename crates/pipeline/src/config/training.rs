@@ -1,0 +1,117 @@
+//! `[training]`: the optimisation settings every stage shares, by Hugging Face
+//! `TrainingArguments` names and defaults.
+
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{AdamWConfig, Schedule};
+
+/// `[training]`: HF TrainingArguments names; every default documented.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingArguments {
+    /// Examples per micro-batch. Default 8.
+    pub per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step. Default 1.
+    pub gradient_accumulation_steps: usize,
+    /// Peak learning rate. Default 5e-5.
+    pub learning_rate: f64,
+    /// constant | linear | cosine | cosine_with_restarts. Default linear.
+    pub lr_scheduler_type: Schedule,
+    /// Cosine cycles (0.5 = half a cosine; restarts: number of cycles). Default 0.5.
+    pub num_cycles: f64,
+    /// Warmup as a fraction of all steps. Default 0.0.
+    pub warmup_ratio: f64,
+    /// Warmup steps; wins over warmup_ratio when > 0. Default 0.
+    pub warmup_steps: usize,
+    /// Epochs over the data. Default 3.0.
+    pub num_train_epochs: f64,
+    /// Optimizer steps; overrides num_train_epochs when set. Default none.
+    pub max_steps: Option<usize>,
+    /// Clip the global gradient norm to this (0 = off). Default 1.0.
+    pub max_grad_norm: f64,
+    /// Log every N steps. Default 10.
+    pub logging_steps: usize,
+    /// Evaluate the eval loss every N steps (needs eval data). Default none.
+    pub eval_steps: Option<usize>,
+    /// Also evaluate before the first step (logged as step 0). Default false.
+    pub eval_on_start: bool,
+    /// Checkpoint every N steps (0 = only the final model). Default 500.
+    pub save_steps: usize,
+    /// Keep at most this many checkpoints. Default none (all).
+    pub save_total_limit: Option<usize>,
+    /// Seed of shuffling, adapter init and dropout. Default 42.
+    pub seed: u64,
+    /// bf16 mixed precision: weights, activations and gradients in bf16 (half the memory
+    /// and, on CUDA, tensor-core matmuls), while the optimizer keeps f32 master weights and
+    /// moments (as Apex O2 / HF `bf16` with f32 masters), norms and losses run in f32, and
+    /// `final/` is exported from the masters in f32. On the CPU backend bf16 is emulated
+    /// and slower than f32. Default false.
+    pub bf16: bool,
+    /// Recompute cheap activations in backward instead of keeping them (Burn's balanced
+    /// checkpointing strategy, chosen by the stage runner): less memory, more compute.
+    /// Default false.
+    pub gradient_checkpointing: bool,
+    /// AdamW β1. Default 0.9.
+    pub adam_beta1: f64,
+    /// AdamW β2. Default 0.999.
+    pub adam_beta2: f64,
+    /// AdamW ε. Default 1e-8.
+    pub adam_epsilon: f64,
+    /// Decoupled weight decay (not on norms, biases, embeddings). Default 0.0.
+    pub weight_decay: f64,
+}
+
+impl Default for TrainingArguments {
+    fn default() -> Self {
+        TrainingArguments {
+            per_device_train_batch_size: 8,
+            gradient_accumulation_steps: 1,
+            learning_rate: 5e-5,
+            lr_scheduler_type: Schedule::Linear,
+            num_cycles: 0.5,
+            warmup_ratio: 0.0,
+            warmup_steps: 0,
+            num_train_epochs: 3.0,
+            max_steps: None,
+            max_grad_norm: 1.0,
+            logging_steps: 10,
+            eval_steps: None,
+            eval_on_start: false,
+            save_steps: 500,
+            save_total_limit: None,
+            seed: 42,
+            bf16: false,
+            gradient_checkpointing: false,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl TrainingArguments {
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            adam_beta1: self.adam_beta1,
+            adam_beta2: self.adam_beta2,
+            adam_epsilon: self.adam_epsilon,
+            weight_decay: self.weight_decay,
+            decay_all: false,
+        }
+    }
+
+    /// Logged steps of a run: `max_steps`, else `num_train_epochs` over `rounds_per_epoch`
+    /// batches (rounded up), each trained for `steps_per_round` steps.
+    pub fn total_steps(&self, rounds_per_epoch: usize, steps_per_round: usize) -> usize {
+        if let Some(s) = self.max_steps {
+            return s;
+        }
+        ((rounds_per_epoch as f64 * self.num_train_epochs).ceil().max(1.0) as usize) * steps_per_round
+    }
+
+    /// Warmup steps of a schedule `total` optimizer steps long.
+    pub fn warmup(&self, total: usize) -> usize {
+        if self.warmup_steps > 0 { self.warmup_steps } else { (self.warmup_ratio * total as f64).ceil() as usize }
+    }
+}

@@ -1,0 +1,77 @@
+//! What every stage does around the loop: choose the autodiff backend, load the starting
+//! model and tokenizer, attach LoRA, and record the config it ran with.
+
+use std::path::PathBuf;
+
+use align_model::burn::backend::Autodiff;
+use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
+use align_model::burn::module::{AutodiffModule, Param};
+use align_model::burn::tensor::FloatDType;
+use align_model::burn::tensor::backend::Backend;
+use align_model::{AutodiffFusedOps, FusedOps, Heads, Tokenizer, Transformer, load_pretrained};
+use anyhow::{Context, Result};
+
+use crate::config::StageConfig;
+
+/// A stage's body, generic over the autodiff backend it trains on.
+pub trait StageMain {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf>;
+}
+
+/// Run `stage` on `Autodiff<B>`, with Burn's balanced activation checkpointing when
+/// `gradient_checkpointing` is on (less memory, more compute).
+pub fn on_autodiff<B: FusedOps, S: StageMain>(
+    gradient_checkpointing: bool,
+    stage: S,
+    device: &B::Device,
+) -> Result<PathBuf> {
+    if gradient_checkpointing {
+        stage.run::<Autodiff<B, BalancedCheckpointing>>(device)
+    } else {
+        stage.run::<Autodiff<B>>(device)
+    }
+}
+
+/// The starting model of a stage, with LoRA attached when configured.
+pub struct StartingModel<B: Backend> {
+    pub model: Transformer<B>,
+    pub tokenizer: Tokenizer,
+    /// The id padding rows (the tokenizer's pad token, else its EOS).
+    pub pad_id: u32,
+}
+
+/// Load `[model]` with `heads`, attach `[lora]` (seeded by the run's seed), and write the
+/// config to `output_dir/config.toml`.
+pub fn starting_model<B: FusedOps>(cfg: &StageConfig, heads: Heads, device: &B::Device) -> Result<StartingModel<B>> {
+    let pre = load_pretrained::<B>(&cfg.model.path, heads, device)?;
+    let tokenizer = pre.tokenizer;
+    let pad_id = tokenizer
+        .pad_token_id
+        .or(tokenizer.eos_token_id)
+        .context("the tokenizer has neither a pad nor an EOS token")?;
+    let mut model = pre.model;
+    if let Some(l) = &cfg.lora {
+        let (m, names) = align_lora::attach(model, l, cfg.training.seed)?;
+        tracing::info!(modules = names.len(), r = l.r, "LoRA attached");
+        model = m;
+    }
+    std::fs::create_dir_all(&cfg.output_dir).with_context(|| cfg.output_dir.display().to_string())?;
+    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
+    Ok(StartingModel { model, tokenizer, pad_id })
+}
+
+/// A head's parameters made trainable: LoRA freezes the whole base, but a new score or
+/// value head trains in full (PEFT's `modules_to_save`).
+pub fn train_in_full<B: Backend>(l: &mut align_model::burn::nn::Linear<B>) {
+    l.weight = Param::from_tensor(l.weight.val().detach()).set_require_grad(true);
+    if let Some(b) = l.bias.as_mut() {
+        *b = Param::from_tensor(b.val().detach()).set_require_grad(true);
+    }
+}
+
+/// A frozen copy of the starting policy (a reference model), in the precision the policy
+/// trains in.
+pub fn frozen_copy<A: AutodiffFusedOps>(model: &Transformer<A>, bf16: bool) -> Transformer<A::InnerBackend> {
+    let dtype = if bf16 { FloatDType::BF16 } else { FloatDType::F32 };
+    align_model::cast_float(model.valid(), dtype)
+}

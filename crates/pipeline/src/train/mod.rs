@@ -1,0 +1,582 @@
+//! The one training loop. Every stage (SFT, reward, DPO, ORPO, SimPO, KTO, GRPO, RLOO, PPO)
+//! is a [`Stage`]: it says how to turn loader draws into a batch (dataset rows, or rollouts
+//! with advantages), which micro-batches each optimizer update runs on, and a micro-batch's
+//! loss. The loop owns everything else, once: the data order, per-update seeding, the
+//! learning-rate schedule, gradient accumulation, clipping, the NaN stop, metric windows,
+//! logs and progress, evaluation cadence, checkpoints, exact resume and the export of
+//! `final/`.
+//!
+//! Counting, in the terms of the [`Shape`] a stage declares:
+//! - a *round* draws `draws_per_round` batches of `draw_size` items from the loader and
+//!   turns them into one stage batch;
+//! - each round is trained for `steps_per_round` logged *steps* (GRPO's `num_iterations`);
+//! - each step makes `updates_per_step` optimizer updates (PPO's epochs × minibatches),
+//!   each accumulating the gradients of its micro-batches.
+//!
+//! The schedule runs over optimizer updates; logs, evaluation and checkpoints count steps.
+//! Checkpoints fall between rounds, so nothing of a batch is ever saved.
+
+pub mod checkpoint;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use align_data::{Loader, LoaderState};
+use align_model::burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
+use align_model::burn::optim::GradientsParams;
+use align_model::burn::tensor::backend::AutodiffBackend;
+use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+pub use checkpoint::{checkpoints, export_policy, load_trainable, save_trainable};
+
+use crate::config::TrainingArguments;
+use crate::logfmt::{Sig, opt};
+use crate::optim::{AdamW, grad_norm, learning_rate};
+
+/// How a stage's work divides into rounds, steps and updates (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Items (examples or prompts) the loader draws from.
+    pub items: usize,
+    /// Items per loader draw.
+    pub draw_size: usize,
+    /// Draws that make one round's batch (SFT: gradient accumulation; online stages: one).
+    pub draws_per_round: usize,
+    /// Logged steps each round is trained for.
+    pub steps_per_round: usize,
+    /// Optimizer updates per step.
+    pub updates_per_step: usize,
+}
+
+/// Where the loop is when it asks for a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
+    /// Rounds drawn before this one (seeds its generation).
+    pub index: usize,
+    /// Steps done so far.
+    pub step: usize,
+    /// The run's seed.
+    pub seed: u64,
+}
+
+impl Round {
+    /// The sampling seed of this round's generation (online stages).
+    pub fn generation_seed(&self) -> u64 {
+        self.seed.wrapping_add(1_000_003 * self.index as u64)
+    }
+}
+
+/// The batch of a stage that trains on dataset rows: a step's micro-batches of row indices
+/// and the loss units (tokens or pairs) they hold together, the step's normaliser.
+pub struct RowBatch {
+    pub micro: Vec<Vec<usize>>,
+    pub units: usize,
+}
+
+impl RowBatch {
+    /// The draws of a round, with `units` counting a micro-batch's loss units; a step with
+    /// none is an error.
+    pub fn new(draws: Vec<Vec<usize>>, round: Round, units: impl Fn(&[usize]) -> usize) -> Result<Self> {
+        let total = draws.iter().map(|b| units(b)).sum();
+        if total == 0 {
+            bail!("step {}: the batch has no tokens in the loss (all completions truncated away?)", round.step + 1);
+        }
+        Ok(RowBatch { micro: draws, units: total })
+    }
+}
+
+/// One micro-batch's contribution to an update.
+pub struct MicroLoss<B: AutodiffBackend> {
+    /// Its share of the update's loss: the update minimises the sum over its micro-batches.
+    pub loss: Tensor<B, 1>,
+    /// Stage metrics as sums over `units` (pairs, tokens, or 1 for a mean); a logged value
+    /// is Σ sums / Σ units over its window.
+    pub metrics: Vec<(&'static str, f64)>,
+    pub units: f64,
+    /// Non-padding tokens fed to the model (for tokens/s).
+    pub fed_tokens: usize,
+}
+
+/// An evaluation on held-out data: a loss (when the stage has one) and metrics, logged as
+/// `eval_loss` and `eval_*`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Evaluation {
+    pub loss: Option<f64>,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// What a stage supplies to the loop.
+pub trait Stage<B: AutodiffBackend> {
+    type Model: AutodiffModule<B> + Clone;
+    type Batch;
+
+    fn shape(&self) -> Shape;
+
+    /// The batch of one round from the loader's draws: examples to train on, or prompts to
+    /// generate from and score.
+    fn next_batch(&mut self, model: &Self::Model, draws: Vec<Vec<usize>>, round: Round) -> Result<Self::Batch>;
+
+    /// The micro-batches (indices into the batch) of update `update` of pass `pass` over it.
+    /// An empty list skips the update (a short last minibatch).
+    fn micro_batches(&self, batch: &Self::Batch, pass: usize, update: usize) -> Vec<Vec<usize>>;
+
+    /// The loss of one micro-batch; `micro_batches` is how many the update has.
+    fn loss(
+        &self,
+        model: &Self::Model,
+        batch: &Self::Batch,
+        pass: usize,
+        micro: &[usize],
+        micro_batches: usize,
+    ) -> Result<MicroLoss<B>>;
+
+    /// Metrics of the batch itself (rewards, lengths), logged with every step trained on it.
+    fn batch_metrics(&self, _batch: &Self::Batch) -> Vec<(String, f64)> {
+        vec![]
+    }
+
+    /// After each step (adaptive KL control).
+    fn after_step(&mut self, _batch: &Self::Batch) {}
+
+    /// The stage's own state for checkpoints (restored with [`Stage::restore`]).
+    fn state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    fn restore(&mut self, _state: serde_json::Value) -> Result<()> {
+        Ok(())
+    }
+
+    /// Open the stage's own logs, cut back to `resumed_at` on resume.
+    fn open_logs(&mut self, _output_dir: &Path, _resumed_at: Option<usize>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Evaluate on held-out data, if the stage has any; `step` names its sample files.
+    fn evaluate(&mut self, _model: &Self::Model, _step: usize) -> Result<Option<Evaluation>> {
+        Ok(None)
+    }
+
+    /// Save the trainable weights into a checkpoint directory, and load them back.
+    fn save_weights(&self, model: &Self::Model, dir: &Path) -> Result<()>;
+    fn load_weights(&self, model: Self::Model, dir: &Path) -> Result<Self::Model>;
+
+    /// Write the trained model to `final/`.
+    fn export(&self, model: &Self::Model, final_dir: &Path) -> Result<()>;
+
+    /// The metrics the log line shows (all when empty).
+    fn headline(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// A short note for the progress bar.
+    fn progress(&self, _batch: &Self::Batch) -> String {
+        String::new()
+    }
+}
+
+/// One logged step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub epoch: f64,
+    /// Mean training loss since the previous row; absent on the step-0 eval row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    pub learning_rate: f64,
+    pub grad_norm: f64,
+    /// Non-padding input tokens per second since the previous row.
+    pub tokens_per_second: f64,
+    pub step_seconds: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_loss: Option<f64>,
+    /// Stage metrics (`rewards/chosen`, …) and their `eval_` counterparts.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, f64>,
+}
+
+impl StepMetrics {
+    /// The step-0 row of an evaluation before training.
+    pub fn before_training(eval: &Evaluation) -> Self {
+        StepMetrics {
+            step: 0,
+            epoch: 0.0,
+            loss: None,
+            learning_rate: 0.0,
+            grad_norm: 0.0,
+            tokens_per_second: 0.0,
+            step_seconds: 0.0,
+            eval_loss: eval.loss,
+            extra: eval.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)).collect(),
+        }
+    }
+}
+
+/// The result of a run.
+pub struct TrainOutcome<M> {
+    pub model: M,
+    pub steps: usize,
+    pub metrics: Vec<StepMetrics>,
+}
+
+/// Where a run stands: a checkpoint's `trainer_state.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LoopState {
+    step: usize,
+    /// Rounds drawn so far.
+    rounds: usize,
+    loader: LoaderState,
+    seed: u64,
+    total_steps: usize,
+    /// The stage's own state (PPO's adaptive KL coefficient).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    stage: serde_json::Value,
+}
+
+/// Train `model` as `stage` says, writing `metrics.jsonl`, checkpoints and `final/` under
+/// `output_dir`. With `resume`, continue from the newest complete checkpoint (none: start
+/// fresh); without it, a directory holding checkpoints is refused.
+pub fn train<B: AutodiffBackend, S: Stage<B>>(
+    stage: &mut S,
+    mut model: S::Model,
+    args: &TrainingArguments,
+    output_dir: &Path,
+    resume: bool,
+) -> Result<TrainOutcome<S::Model>> {
+    if args.per_device_train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
+        bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
+    }
+    let shape = stage.shape();
+    if shape.items == 0 {
+        bail!("no training examples");
+    }
+    let updates = shape.updates_per_step.max(1);
+    // bf16: weights and activations in bf16, f32 masters and moments in the optimizer.
+    let dtype = if args.bf16 { FloatDType::BF16 } else { FloatDType::F32 };
+    model = align_model::cast_float(model, dtype);
+    std::fs::create_dir_all(output_dir.join("checkpoints")).with_context(|| output_dir.display().to_string())?;
+    let device = model.devices().first().cloned().context("the model has no device")?;
+    let mut loader = Loader::new(shape.items, shape.draw_size, args.seed, true);
+    let rounds_per_epoch = loader.batches_per_epoch().div_ceil(shape.draws_per_round.max(1));
+    let total = args.total_steps(rounds_per_epoch, shape.steps_per_round.max(1));
+    let schedule_len = total * updates;
+    let warmup = args.warmup(schedule_len);
+    let mut optimizer = AdamW::<B>::new(args.adamw());
+    let (mut step, mut rounds) = (0usize, 0usize);
+
+    let resumed = checkpoint::resume_point(output_dir, resume)?;
+    if let Some((at, dir)) = &resumed {
+        let state = checkpoint::read_state(dir, args.seed, total)?;
+        model = align_model::cast_float(stage.load_weights(model, dir)?, dtype);
+        checkpoint::load_optimizer::<B>(&mut optimizer, &dir.join("optimizer.safetensors"), &device)?;
+        optimizer.step = (at * updates) as u64;
+        loader.restore(state.loader);
+        stage.restore(state.stage)?;
+        (step, rounds) = (*at, state.rounds);
+        tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
+    }
+    let resumed_at = resumed.map(|(at, _)| at);
+    let mut log = MetricsLog::open(output_dir, resumed_at)?;
+    stage.open_logs(output_dir, resumed_at)?;
+    let progress = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    progress.set_position(step as u64);
+    if args.eval_on_start
+        && step == 0
+        && let Some(e) = stage.evaluate(&model, 0)?
+    {
+        tracing::info!(eval_loss = %opt(e.loss), metrics = %crate::logfmt::map(&e.metrics), "eval before training");
+        log.push(StepMetrics::before_training(&e))?;
+    }
+
+    let mut window = Window { start: Some(Instant::now()), ..Window::default() };
+    let mut last_saved = step;
+    let mut t0 = Instant::now();
+    while step < total {
+        let draws: Vec<Vec<usize>> = (0..shape.draws_per_round.max(1)).map(|_| loader.next_batch()).collect();
+        let batch = stage.next_batch(&model, draws, Round { index: rounds, step, seed: args.seed })?;
+        rounds += 1;
+        for pass in 0..shape.steps_per_round.max(1) {
+            if step >= total {
+                break;
+            }
+            for (k, v) in stage.batch_metrics(&batch) {
+                window.add(&k, v, 1.0);
+            }
+            let t_train = Instant::now();
+            let (mut step_loss, mut fed, mut lr, mut norm) = (0.0f64, 0usize, 0.0f64, 0.0f64);
+            for update in 0..updates {
+                let at = step * updates + update;
+                lr = learning_rate(
+                    args.learning_rate,
+                    args.lr_scheduler_type,
+                    at,
+                    warmup,
+                    schedule_len,
+                    args.num_cycles,
+                );
+                // Dropout draws from the backend RNG: seeded per update, a resumed run draws the same.
+                B::seed(&device, args.seed.wrapping_add(at as u64));
+                let micro = stage.micro_batches(&batch, pass, update);
+                if micro.is_empty() {
+                    continue;
+                }
+                let (mut grads, mut update_loss) = (None, 0.0f64);
+                for mb in &micro {
+                    let m = stage.loss(&model, &batch, pass, mb, micro.len())?;
+                    for (k, v) in m.metrics {
+                        window.add(k, v, m.units);
+                    }
+                    update_loss += m.loss.clone().into_scalar().elem::<f64>();
+                    fed += m.fed_tokens;
+                    grads = Some(accumulate(&model, m.loss, grads));
+                }
+                if !update_loss.is_finite() {
+                    bail!(
+                        "step {}: loss is {update_loss}; stopping. The last good checkpoint is intact under {}",
+                        step + 1,
+                        output_dir.join("checkpoints").display()
+                    );
+                }
+                let grads = grads.context("an update with no micro-batches")?;
+                (model, norm) = clipped_step(&mut optimizer, model, grads, lr, args.max_grad_norm);
+                step_loss += update_loss;
+            }
+            step += 1;
+            stage.after_step(&batch);
+            let step_loss = step_loss / updates as f64;
+            window.step(step_loss, fed);
+            window.add("train_tokens_per_second", fed as f64 / t_train.elapsed().as_secs_f64().max(1e-9), 1.0);
+            progress.set_position(step as u64);
+            progress.set_message(format!(
+                "loss {} lr {} {:.0} tok/s {}",
+                Sig(step_loss),
+                Sig(lr),
+                fed as f64 / t_train.elapsed().as_secs_f64().max(1e-9),
+                stage.progress(&batch)
+            ));
+
+            let eval = match args.eval_steps {
+                Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => stage.evaluate(&model, step)?,
+                _ => None,
+            };
+            if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval.is_some() {
+                let state = loader.state();
+                let (loss, tokens_per_second, mut extra) = window.take();
+                if let Some(e) = &eval {
+                    extra.extend(e.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)));
+                }
+                let row = StepMetrics {
+                    step,
+                    epoch: state.epoch as f64 + state.batch as f64 / loader.batches_per_epoch().max(1) as f64,
+                    loss: Some(loss),
+                    learning_rate: lr,
+                    grad_norm: norm,
+                    tokens_per_second,
+                    step_seconds: t0.elapsed().as_secs_f64(),
+                    eval_loss: eval.as_ref().and_then(|e| e.loss),
+                    extra,
+                };
+                let headline: BTreeMap<String, f64> = match stage.headline() {
+                    [] => row.extra.clone(),
+                    keys => row
+                        .extra
+                        .iter()
+                        .filter(|(k, _)| keys.contains(&k.as_str()))
+                        .map(|(k, v)| (k.clone(), *v))
+                        .collect(),
+                };
+                tracing::info!(
+                    step,
+                    loss = %opt(row.loss),
+                    lr = %Sig(lr),
+                    grad_norm = %Sig(norm),
+                    tokens_per_s = row.tokens_per_second as u64,
+                    eval_loss = %opt(row.eval_loss),
+                    metrics = %crate::logfmt::map(&headline),
+                    "train"
+                );
+                log.push(row)?;
+            }
+            let round_done = pass + 1 == shape.steps_per_round.max(1);
+            let due = args.save_steps > 0 && step / args.save_steps > last_saved / args.save_steps;
+            if round_done && due && step < total {
+                last_saved = step;
+                let state = LoopState {
+                    step,
+                    rounds,
+                    loader: loader.state(),
+                    seed: args.seed,
+                    total_steps: total,
+                    stage: stage.state(),
+                };
+                let save = |dir: &Path| stage.save_weights(&model, dir);
+                let state = serde_json::to_value(&state)?;
+                checkpoint::write_checkpoint(
+                    &save,
+                    &optimizer,
+                    step,
+                    &state,
+                    &log.rows,
+                    output_dir,
+                    args.save_total_limit,
+                )?;
+            }
+            t0 = Instant::now();
+        }
+    }
+    progress.finish_and_clear();
+    let model = if args.bf16 { optimizer.model_with_masters(model) } else { model };
+    let final_dir = output_dir.join("final");
+    stage.export(&model, &final_dir)?;
+    tracing::info!(final_dir = %final_dir.display(), steps = step, "stage done");
+    Ok(TrainOutcome { model, steps: step, metrics: log.rows })
+}
+
+/// Metrics and losses of the steps since the last log row.
+#[derive(Default)]
+struct Window {
+    sums: BTreeMap<String, f64>,
+    units: BTreeMap<String, f64>,
+    loss: f64,
+    steps: usize,
+    tokens: usize,
+    start: Option<Instant>,
+}
+
+impl Window {
+    fn add(&mut self, key: &str, sum: f64, units: f64) {
+        self.start.get_or_insert_with(Instant::now);
+        *self.sums.entry(key.to_string()).or_default() += sum;
+        *self.units.entry(key.to_string()).or_default() += units;
+    }
+
+    fn step(&mut self, loss: f64, tokens: usize) {
+        self.start.get_or_insert_with(Instant::now);
+        self.loss += loss;
+        self.steps += 1;
+        self.tokens += tokens;
+    }
+
+    /// The window's mean loss, tokens/s and mean metrics; starts a new window.
+    fn take(&mut self) -> (f64, f64, BTreeMap<String, f64>) {
+        let elapsed = self.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+        let metrics = self.sums.iter().map(|(k, v)| (k.clone(), v / self.units[k].max(f64::MIN_POSITIVE))).collect();
+        let out = (self.loss / self.steps.max(1) as f64, self.tokens as f64 / elapsed.max(1e-9), metrics);
+        *self = Window { start: Some(Instant::now()), ..Window::default() };
+        out
+    }
+}
+
+/// `metrics.jsonl`, fresh or, on resume, cut back to the checkpoint's step (what followed
+/// is rewritten).
+struct MetricsLog {
+    rows: Vec<StepMetrics>,
+    file: std::fs::File,
+}
+
+impl MetricsLog {
+    fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+        let path = output_dir.join("metrics.jsonl");
+        let rows = match resumed_at {
+            Some(at) => truncate_jsonl_after(&path, at)?
+                .iter()
+                .map(|l| serde_json::from_str(l).with_context(|| path.display().to_string()))
+                .collect::<Result<Vec<StepMetrics>>>()?,
+            None => {
+                std::fs::write(&path, "").with_context(|| path.display().to_string())?;
+                vec![]
+            }
+        };
+        let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| path.display().to_string())?;
+        Ok(MetricsLog { rows, file })
+    }
+
+    /// Append a row (flushed) and keep it.
+    fn push(&mut self, row: StepMetrics) -> Result<()> {
+        writeln!(self.file, "{}", serde_json::to_string(&row)?)?;
+        self.file.flush()?;
+        self.rows.push(row);
+        Ok(())
+    }
+}
+
+/// Rewrite `path` (JSONL of objects with a `step` field) keeping rows up to `step`: a
+/// resumed run rewrites what followed its checkpoint. Returns the rows kept.
+pub fn truncate_jsonl_after(path: &Path, step: usize) -> Result<Vec<String>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
+    let mut keep = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+        if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step) {
+            keep.push(line.to_string());
+        }
+    }
+    let mut body = keep.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    align_model::weights::write_atomic(path, body.as_bytes()).with_context(|| path.display().to_string())?;
+    Ok(keep)
+}
+
+/// Backpropagate a micro-batch's loss and add its gradients to those accumulated so far.
+fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    loss: Tensor<B, 1>,
+    accumulated: Option<GradientsParams>,
+) -> GradientsParams {
+    let grads = GradientsParams::from_grads(loss.backward(), model);
+    match accumulated {
+        None => grads,
+        Some(acc) => add_grads::<B, _>(model, acc, grads),
+    }
+}
+
+/// Clip the global gradient norm to `max_grad_norm` (0: off) and take an AdamW step;
+/// returns the model and the norm before clipping.
+fn clipped_step<B: AutodiffBackend, M: AutodiffModule<B>>(
+    optimizer: &mut AdamW<B>,
+    model: M,
+    grads: GradientsParams,
+    lr: f64,
+    max_grad_norm: f64,
+) -> (M, f64) {
+    let norm = grad_norm::<B, _>(&model, &grads);
+    let scale = if max_grad_norm > 0.0 && norm > max_grad_norm { max_grad_norm / (norm + 1e-6) } else { 1.0 };
+    (optimizer.step(model, grads, lr, scale), norm)
+}
+
+/// Element-wise sum of two gradient sets (gradient accumulation).
+fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    model: &M,
+    a: GradientsParams,
+    mut b: GradientsParams,
+) -> GradientsParams {
+    struct Add<'a, B: AutodiffBackend> {
+        a: GradientsParams,
+        b: &'a mut GradientsParams,
+        _b: std::marker::PhantomData<B>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Add<'_, B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(gb) = self.b.remove::<B::InnerBackend, D>(param.id) {
+                let sum = match self.a.remove::<B::InnerBackend, D>(param.id) {
+                    Some(ga) => ga + gb,
+                    None => gb,
+                };
+                self.a.register::<B::InnerBackend, D>(param.id, sum);
+            }
+        }
+    }
+    let mut adder = Add::<B> { a, b: &mut b, _b: std::marker::PhantomData };
+    model.visit(&mut adder);
+    adder.a
+}
