@@ -15,14 +15,18 @@
 //! - [`kl`]: the k1/k2/k3 estimators.
 //! - [`grpo`]: group advantages and the clipped GRPO/DAPO/Dr. GRPO objectives, with the
 //!   CS336 ablation variants.
+//! - [`kto`]: KTO and unpaired APO-zero on labelled completions.
+//! - [`rloo`]: leave-one-out advantages and the sequence-level clipped surrogate.
 //! - [`ppo`]: RLHF rewards with a KL penalty, GAE, whitening, clipped policy and value
 //!   losses, the adaptive KL controller.
 
 pub mod grpo;
 pub mod kl;
+pub mod kto;
 pub mod logprobs;
 pub mod ppo;
 pub mod preference;
+pub mod rloo;
 
 pub use burn;
 pub use kl::{KlEstimator, kl_per_token};

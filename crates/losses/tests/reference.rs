@@ -13,6 +13,7 @@ use align_losses::grpo::{
     grpo_clip_metrics, grpo_per_token_loss,
 };
 use align_losses::kl::KlEstimator;
+use align_losses::kto::{KtoLossType, kto_loss, kto_reference_point};
 use align_losses::ppo::{
     INVALID_LOGPROB, apply_missing_eos_penalty, gae, mask_after, masked_whiten, ppo_policy_loss, ppo_token_rewards,
     ppo_value_loss, sequence_lengths, truncate_after_stop, valid_mask,
@@ -20,6 +21,7 @@ use align_losses::ppo::{
 use align_losses::preference::{
     DpoLossType, PreferenceMetrics, bradley_terry_loss, dpo_loss, orpo_loss, orpo_odds_ratio,
 };
+use align_losses::rloo::{rloo_advantages, rloo_loss};
 use align_losses::{sequence_logprobs, sft_loss, token_logprobs};
 use serde_json::Value;
 
@@ -576,6 +578,115 @@ fn ppo<B: Backend>(c: &mut Checker, s: &Value) {
     }
 }
 
+fn kto<B: Backend>(c: &mut Checker, s: &Value) {
+    let inp = &s["inputs"];
+    let labels: Vec<bool> = inp["labels"].as_array().unwrap().iter().map(|x| x.as_bool().unwrap()).collect();
+    let (logps, ref_logps) = (v1(&inp["policy_logps"]), v1(&inp["ref_logps"]));
+    let (kl_logps, ref_kl_logps) = (v1(&inp["policy_kl_logps"]), v1(&inp["ref_kl_logps"]));
+    for (i, case) in s["cases"].as_array().unwrap().iter().enumerate() {
+        let what = format!("kto.cases[{i}]");
+        let cfg = &case["config"];
+        config_keys(c, &what, cfg, &["loss_type", "beta", "desirable_weight", "undesirable_weight", "kl_shift"]);
+        let loss_type = match cfg["loss_type"].as_str() {
+            Some("kto") => KtoLossType::Kto,
+            Some("apo_zero_unpaired") => KtoLossType::ApoZeroUnpaired,
+            other => {
+                c.unknown(format!("{what}: loss_type {other:?}"));
+                continue;
+            }
+        };
+        let shift = cfg["kl_shift"].as_f64().unwrap_or(0.0);
+        let shifted: Vec<f64> = kl_logps.iter().map(|x| x + shift).collect();
+        let z = if loss_type.uses_reference_point() { kto_reference_point(&shifted, &ref_kl_logps) } else { 0.0 };
+        let t = kto_loss(
+            t1::<B>(&logps),
+            t1::<B>(&ref_logps),
+            &labels,
+            z,
+            f(&cfg["beta"]),
+            f(&cfg["desirable_weight"]),
+            f(&cfg["undesirable_weight"]),
+            loss_type,
+        );
+        let (losses, rewards) = (h1(t.losses), h1(t.rewards));
+        let pick = |v: &[f64], want: bool| -> Vec<f64> {
+            v.iter().zip(&labels).filter(|(_, l)| **l == want).map(|(x, _)| *x).collect()
+        };
+        outputs(c, &what, &case["outputs"], |c, k, v| {
+            let w = format!("{what}.{k}");
+            match k {
+                "loss" => c.num(&w, mean(&losses), f(v)),
+                "kl" => c.num(&w, z, f(v)),
+                "chosen_losses" => c.vec(&w, &pick(&losses, true), &v1(v)),
+                "rejected_losses" => c.vec(&w, &pick(&losses, false), &v1(v)),
+                "chosen_rewards" => c.vec(&w, &pick(&rewards, true), &v1(v)),
+                "rejected_rewards" => c.vec(&w, &pick(&rewards, false), &v1(v)),
+                _ => return false,
+            }
+            true
+        });
+    }
+}
+
+fn rloo_advantages_section(c: &mut Checker, s: &Value) {
+    let inp = &s["inputs"];
+    let rpf: Vec<Vec<Option<f64>>> = inp["rewards_per_func"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64()).collect())
+        .collect();
+    let weights = v1(&inp["reward_weights"]);
+    let kl = v1(&inp["sequence_kl"]);
+    let g = inp["num_generations"].as_u64().unwrap() as usize;
+    for (i, case) in s["cases"].as_array().unwrap().iter().enumerate() {
+        let what = format!("rloo_advantages.cases[{i}]");
+        let cfg = &case["config"];
+        config_keys(c, &what, cfg, &["beta", "normalize_advantages", "reward_clip_range"]);
+        let clip = cfg["reward_clip_range"].as_array().map(|r| (f(&r[0]), f(&r[1])));
+        let normalize = cfg["normalize_advantages"].as_bool().unwrap();
+        let got = rloo_advantages(&rpf, &weights, Some(&kl), f(&cfg["beta"]), g, normalize, clip).unwrap();
+        outputs(c, &what, &case["outputs"], |c, k, v| {
+            let w = format!("{what}.{k}");
+            match k {
+                "rewards" => c.vec(&w, &got.rewards, &v1(v)),
+                "advantages" => c.vec(&w, &got.advantages, &v1(v)),
+                _ => return false,
+            }
+            true
+        });
+    }
+}
+
+fn rloo_loss_section<B: Backend>(c: &mut Checker, s: &Value) {
+    let inp = &s["inputs"];
+    let logps =
+        h1(sequence_logprobs(t2::<B>(&v2(&inp["per_token_logps"])), t2::<B>(&v2(&inp["completion_mask"])), false));
+    let (old, adv) = (v1(&inp["old_logps"]), v1(&inp["advantages"]));
+    let ratio: Vec<Vec<f64>> = logps.iter().zip(&old).map(|(l, o)| vec![(l - o).exp()]).collect();
+    let ones = vec![vec![1.0]; adv.len()];
+    for (i, case) in s["cases"].as_array().unwrap().iter().enumerate() {
+        let what = format!("rloo_loss.cases[{i}]");
+        let cfg = &case["config"];
+        config_keys(c, &what, cfg, &["epsilon_low", "epsilon_high"]);
+        let (lo, hi) = (f(&cfg["epsilon_low"]), f(&cfg["epsilon_high"]));
+        let per_sequence = h1(rloo_loss(t1::<B>(&logps), t1::<B>(&old), t1::<B>(&adv), lo, hi));
+        let clip = grpo_clip_metrics(&ratio, &adv, &ones, lo, hi);
+        outputs(c, &what, &case["outputs"], |c, k, v| {
+            let w = format!("{what}.{k}");
+            match k {
+                "loss" => c.num(&w, mean(&per_sequence), f(v)),
+                "per_sequence_loss" => c.vec(&w, &per_sequence, &v1(v)),
+                "clip_ratio/low_mean" => c.num(&w, clip.low_mean, f(v)),
+                "clip_ratio/high_mean" => c.num(&w, clip.high_mean, f(v)),
+                "clip_ratio/region_mean" => c.num(&w, clip.region_mean, f(v)),
+                _ => return false,
+            }
+            true
+        });
+    }
+}
+
 fn reference_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference/losses");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -602,6 +713,9 @@ fn check_all<B: Backend>(tol: f64) -> Checker {
                 "grpo_loss" => grpo_loss::<B>(&mut c, s),
                 "grpo_advantages" => grpo_advantages_section(&mut c, s),
                 "ppo" => ppo::<B>(&mut c, s),
+                "kto" => kto::<B>(&mut c, s),
+                "rloo_advantages" => rloo_advantages_section(&mut c, s),
+                "rloo_loss" => rloo_loss_section::<B>(&mut c, s),
                 other => c.unknown(format!("section {other}")),
             }
         }
