@@ -24,12 +24,11 @@ use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokeni
 use align_reward::{Reward, RewardTerm, build_terms};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::config::StageConfig;
 use crate::rl::{
     CompletionLog, Generation, RlPrompt, Rollouts, completion_batch, completion_forward, completion_mask,
-    evaluate_prompts, host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
+    evaluate_prompts, host_rows, load_prompts, mean_std, prompts_per_generation, rows_tensor, sample_and_score,
 };
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model};
 use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
@@ -271,67 +270,28 @@ impl<B: AutodiffFusedOps> GrpoStage<'_, B> {
         step: usize,
     ) -> Result<(Batch, Vec<serde_json::Value>)> {
         let s = &self.s;
-        let r = rollout(policy, &self.tok, prompts, s.num_generations, &s.generation(s.temperature), seed);
-        let scored = score_rollouts(&self.rewards, prompts, &r)?;
+        let sampling = s.generation(s.temperature);
+        let g = sample_and_score(policy, &self.tok, prompts, s.num_generations, &sampling, seed, &self.rewards)?;
         let weights: Vec<f64> = self.rewards.iter().map(|(_, w)| *w).collect();
-        let adv = grpo_advantages(&scored.per_func, &weights, s.num_generations, &self.plan.advantages)
+        let adv = grpo_advantages(&g.scored.per_func, &weights, s.num_generations, &self.plan.advantages)
             .map_err(anyhow::Error::msg)?;
-        let mut m = BTreeMap::new();
+        let mut m = g.metrics.clone();
         let total: Vec<f64> = adv.rewards.iter().flatten().copied().collect();
         let (mean, std) = mean_std(&total);
         m.insert("reward".into(), mean);
         m.insert("reward_std".into(), std);
         m.insert("frac_reward_zero_std".into(), adv.frac_reward_zero_std);
-        for (k, (f, _)) in self.rewards.iter().enumerate() {
-            let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
-            let (mean, std) = mean_std(&v);
-            m.insert(format!("rewards/{}/mean", f.name()), mean);
-            m.insert(format!("rewards/{}/std", f.name()), std);
-        }
-        for (c, v) in &scored.components {
-            m.insert(format!("rewards/{c}"), mean_std(v).0);
-        }
-        m.extend(r.length_metrics());
-
-        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
+        let r = &g.rollouts;
         let refs: Vec<&[u32]> = r.completions.iter().map(Vec::as_slice).collect();
         let active: f64 = self.mask_of(&refs, &r.truncated, s.max_completion_length).iter().flatten().sum();
-        let ref_logps = match reference {
-            Some(reference) if s.beta != 0.0 => {
-                let mut out = Vec::with_capacity(r.len());
-                let bs = self.cfg.training.per_device_train_batch_size.max(1);
-                for (ps, cs) in prompt_ids.chunks(bs).zip(refs.chunks(bs)) {
-                    let pr: Vec<&[u32]> = ps.iter().map(Vec::as_slice).collect();
-                    let batch = completion_batch::<B::InnerBackend>(&pr, cs, self.pad, &self.device);
-                    let f = completion_forward(reference, &batch, s.temperature, false);
-                    out.extend(host_rows(f.logps));
-                }
-                Some(out)
-            }
-            _ => None,
-        };
-        let mut rows = vec![];
-        for i in 0..r.len() {
-            let mut row = json!({
-                "step": step,
-                "prompt": prompts[r.prompt[i]].text,
-                "completion": r.texts[i],
-                "reward": adv.rewards[i],
-                "advantage": adv.advantages[i],
-                "tokens": r.completions[i].len(),
-                "truncated": r.truncated[i],
-            });
-            for (k, (func, _)) in self.rewards.iter().enumerate() {
-                row[func.name()] = json!(scored.per_func[i][k]);
-            }
-            for (c, v) in &scored.components {
-                row[c] = json!(v[i]);
-            }
-            rows.push(row);
-        }
+        let bs = self.cfg.training.per_device_train_batch_size;
+        let ref_logps = reference
+            .filter(|_| s.beta != 0.0)
+            .map(|m| g.reference_logps(m, self.pad, s.temperature, bs, &self.device));
+        let rows = g.log_rows(step, prompts, &self.rewards, &adv.rewards, &adv.advantages);
         let batch = Batch {
-            prompts: prompt_ids,
-            rollouts: r,
+            prompts: g.prompts,
+            rollouts: g.rollouts,
             advantages: adv.advantages,
             ref_logps,
             active_tokens: active,
@@ -349,7 +309,7 @@ impl<B: AutodiffFusedOps> Stage<B> for GrpoStage<'_, B> {
         let t = &self.cfg.training;
         Shape {
             items: self.train_prompts.len(),
-            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / self.s.num_generations,
+            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / self.s.num_generations.max(1),
             draws_per_round: 1,
             steps_per_round: self.s.num_iterations,
             updates_per_step: 1,
@@ -506,17 +466,7 @@ impl StageMain for Grpo<'_> {
         let s = cfg.grpo.clone().context("the GRPO stage needs a [grpo] section with its reward functions")?;
         let plan = s.plan()?;
         let args = &cfg.training;
-        let generation_size = args.per_device_train_batch_size * args.gradient_accumulation_steps;
-        if generation_size == 0 {
-            bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
-        }
-        if !generation_size.is_multiple_of(s.num_generations) {
-            bail!(
-                "per_device_train_batch_size × gradient_accumulation_steps = {generation_size} completions per \
-                 generation batch is not a multiple of num_generations = {}",
-                s.num_generations
-            );
-        }
+        let prompts_per_generation = prompts_per_generation(args, s.num_generations)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
         let tok = start.tokenizer;
         let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
@@ -527,8 +477,8 @@ impl StageMain for Grpo<'_> {
         let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
         tracing::info!(
             prompts = train_prompts.len(),
-            prompts_per_generation = generation_size / s.num_generations,
-            completions_per_generation = generation_size,
+            prompts_per_generation,
+            completions_per_generation = prompts_per_generation * s.num_generations,
             "GRPO"
         );
         let model = start.model;

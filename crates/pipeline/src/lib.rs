@@ -11,12 +11,14 @@
 
 pub mod config;
 pub mod grpo;
+pub mod kto;
 pub mod logfmt;
 pub mod optim;
 pub mod ppo;
 pub mod preference;
 pub mod recipe;
 pub mod rl;
+pub mod rloo;
 pub mod score;
 pub mod sft;
 pub mod stage;

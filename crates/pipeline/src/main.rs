@@ -68,6 +68,10 @@ enum Command {
     Grpo(StageArgs),
     /// PPO (RLHF): policy, critic, reward model and reference, KL penalty ([ppo] section).
     Ppo(StageArgs),
+    /// KTO: unpaired desirable/undesirable completions against a reference ([kto] section).
+    Kto(StageArgs),
+    /// RLOO: k samples per prompt, leave-one-out baseline, reward functions ([rloo] section).
+    Rloo(StageArgs),
     /// Best-of-N: sample N completions per prompt, score them with a reward model, print
     /// each with its reward, mark the best, and write the selections as SFT rows.
     BestOfN {
@@ -649,6 +653,16 @@ fn run<B: FusedOps>(command: Command, device: &B::Device) -> Result<()> {
         Command::Ppo(a) => {
             let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
             let out = align_pipeline::ppo::run_ppo::<B>(&cfg, a.resume, device)?;
+            println!("{}", out.display());
+        }
+        Command::Kto(a) => {
+            let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
+            let out = align_pipeline::kto::run_kto::<B>(&cfg, a.resume, device)?;
+            println!("{}", out.display());
+        }
+        Command::Rloo(a) => {
+            let cfg = align_pipeline::config::StageConfig::from_file(&a.config)?;
+            let out = align_pipeline::rloo::run_rloo::<B>(&cfg, a.resume, device)?;
             println!("{}", out.display());
         }
         Command::BestOfN {

@@ -282,6 +282,118 @@ pub fn completion_forward<B: FusedOps>(
     }
 }
 
+/// Prompts per generation batch of a group-sampling stage (GRPO, RLOO): a batch holds
+/// `per_device_train_batch_size × gradient_accumulation_steps` completions, `group` per
+/// prompt.
+pub fn prompts_per_generation(args: &crate::config::TrainingArguments, group: usize) -> Result<usize> {
+    let completions = args.per_device_train_batch_size * args.gradient_accumulation_steps;
+    if completions == 0 || group == 0 {
+        anyhow::bail!(
+            "per_device_train_batch_size, gradient_accumulation_steps and num_generations must be at least 1"
+        );
+    }
+    if !completions.is_multiple_of(group) {
+        anyhow::bail!(
+            "per_device_train_batch_size × gradient_accumulation_steps = {completions} completions per generation \
+             batch is not a multiple of num_generations = {group}"
+        );
+    }
+    Ok(completions / group)
+}
+
+/// A generation batch sampled and scored: `group` completions of each prompt, each
+/// function's rewards, and the metrics TRL logs for them.
+pub struct ScoredGeneration {
+    /// Each completion's prompt ids.
+    pub prompts: Vec<Vec<u32>>,
+    pub rollouts: Rollouts,
+    pub scored: Scored,
+    /// Per function `rewards/<name>/{mean,std}`, components, lengths and sampling speed.
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// Sample `group` completions of each prompt from `policy` and score them.
+pub fn sample_and_score<B: FusedOps>(
+    policy: &Transformer<B>,
+    tok: &Tokenizer,
+    prompts: &[&RlPrompt],
+    group: usize,
+    sampling: &Generation,
+    seed: u64,
+    rewards: &[(Box<dyn Reward>, f64)],
+) -> Result<ScoredGeneration> {
+    let r = rollout(policy, tok, prompts, group, sampling, seed);
+    let scored = score_rollouts(rewards, prompts, &r)?;
+    let mut metrics = r.length_metrics();
+    for (k, (f, _)) in rewards.iter().enumerate() {
+        let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
+        let (mean, std) = mean_std(&v);
+        metrics.insert(format!("rewards/{}/mean", f.name()), mean);
+        metrics.insert(format!("rewards/{}/std", f.name()), std);
+    }
+    for (c, v) in &scored.components {
+        metrics.insert(format!("rewards/{c}"), mean_std(v).0);
+    }
+    let prompt_ids = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
+    Ok(ScoredGeneration { prompts: prompt_ids, rollouts: r, scored, metrics })
+}
+
+impl ScoredGeneration {
+    /// The `completions.jsonl` rows of the batch: prompt, completion, each function's reward
+    /// and component, and the stage's `reward` and `advantage` of each completion.
+    pub fn log_rows(
+        &self,
+        step: usize,
+        prompts: &[&RlPrompt],
+        rewards: &[(Box<dyn Reward>, f64)],
+        total: &[Option<f64>],
+        advantages: &[f64],
+    ) -> Vec<serde_json::Value> {
+        let r = &self.rollouts;
+        (0..r.len())
+            .map(|i| {
+                let mut row = json!({
+                    "step": step,
+                    "prompt": prompts[r.prompt[i]].text,
+                    "completion": r.texts[i],
+                    "reward": total[i],
+                    "advantage": advantages[i],
+                    "tokens": r.completions[i].len(),
+                    "truncated": r.truncated[i],
+                });
+                for (k, (func, _)) in rewards.iter().enumerate() {
+                    row[func.name()] = json!(self.scored.per_func[i][k]);
+                }
+                for (c, v) in &self.scored.components {
+                    row[c] = json!(v[i]);
+                }
+                row
+            })
+            .collect()
+    }
+
+    /// Per-token log-probs of every completion under `reference` (no gradient), at the
+    /// sampling temperature, `batch_size` sequences per forward.
+    pub fn reference_logps<B: FusedOps>(
+        &self,
+        reference: &Transformer<B>,
+        pad: u32,
+        temperature: f32,
+        batch_size: usize,
+        device: &B::Device,
+    ) -> Vec<Vec<f64>> {
+        let mut out = Vec::with_capacity(self.rollouts.len());
+        let bs = batch_size.max(1);
+        for (ps, cs) in self.prompts.chunks(bs).zip(self.rollouts.completions.chunks(bs)) {
+            let ps: Vec<&[u32]> = ps.iter().map(Vec::as_slice).collect();
+            let cs: Vec<&[u32]> = cs.iter().map(Vec::as_slice).collect();
+            let batch = completion_batch::<B>(&ps, &cs, pad, device);
+            out.extend(host_rows(completion_forward(reference, &batch, temperature, false).logps));
+        }
+        out
+    }
+}
+
 /// `completions.jsonl`: every sampled completion with its rewards, fresh or, on resume, cut
 /// back to the checkpoint's step.
 pub struct CompletionLog {

@@ -1,7 +1,7 @@
 //! The TOML config every training stage reads: what to train (`[model]`, `[lora]`), on
 //! what (`[data]`, `[eval_data]`, `[tokenize]`), how (`[training]`), and the stage's own
 //! section (`packing` for SFT; `[reward]`, `[dpo]`, `[orpo]`, `[simpo]` for the pairwise
-//! stages; `[grpo]`, `[ppo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
+//! stages; `[kto]`; `[grpo]`, `[rloo]`, `[ppo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
 //! One struct rather than one per stage: serde's `flatten` cannot be combined with
 //! `deny_unknown_fields`, which every config keeps.
 
@@ -17,8 +17,10 @@ mod training;
 pub use training::TrainingArguments;
 
 use crate::grpo::GrpoSettings;
+use crate::kto::KtoSettings;
 use crate::ppo::PpoSettings;
 use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
+use crate::rloo::RlooSettings;
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,6 +72,12 @@ pub struct StageConfig {
     /// `align ppo` settings (reward functions, critic, KL control). Default none.
     #[serde(default)]
     pub ppo: Option<PpoSettings>,
+    /// `align kto` settings. Default none.
+    #[serde(default)]
+    pub kto: Option<KtoSettings>,
+    /// `align rloo` settings (with its reward functions). Default none.
+    #[serde(default)]
+    pub rloo: Option<RlooSettings>,
 }
 
 impl StageConfig {
@@ -87,6 +95,8 @@ impl StageConfig {
             ("simpo", self.simpo.is_some()),
             ("grpo", self.grpo.is_some()),
             ("ppo", self.ppo.is_some()),
+            ("kto", self.kto.is_some()),
+            ("rloo", self.rloo.is_some()),
         ];
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");

@@ -46,8 +46,10 @@ pub enum StageKind {
     Dpo,
     Orpo,
     Simpo,
+    Kto,
     Ppo,
     Grpo,
+    Rloo,
     BestOfN,
     /// No training: the evals of a model (a baseline row of the report).
     Eval,
@@ -56,7 +58,10 @@ pub enum StageKind {
 impl StageKind {
     /// Whether the stage trains a policy (its model output is `final/`, merged under LoRA).
     pub fn trains_policy(self) -> bool {
-        matches!(self, Self::Sft | Self::Dpo | Self::Orpo | Self::Simpo | Self::Ppo | Self::Grpo)
+        matches!(
+            self,
+            Self::Sft | Self::Dpo | Self::Orpo | Self::Simpo | Self::Kto | Self::Ppo | Self::Grpo | Self::Rloo
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -66,8 +71,10 @@ impl StageKind {
             Self::Dpo => "dpo",
             Self::Orpo => "orpo",
             Self::Simpo => "simpo",
+            Self::Kto => "kto",
             Self::Ppo => "ppo",
             Self::Grpo => "grpo",
+            Self::Rloo => "rloo",
             Self::BestOfN => "best_of_n",
             Self::Eval => "eval",
         }

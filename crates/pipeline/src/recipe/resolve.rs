@@ -332,14 +332,13 @@ fn smoke_stage(t: &mut toml::Table, kind: StageKind) {
         }
         _ => {
             // Small batches too: a smoke run checks the wiring, not the learning.
-            let group = match t.get("grpo") {
-                Some(toml::Value::Table(g)) => {
-                    g.get("num_generations").and_then(|v| v.as_integer()).unwrap_or(8).min(4)
+            // Group-sampling stages keep whole groups (at most 4 completions each).
+            let mut group = 0;
+            for (section, default) in [("grpo", 8), ("rloo", 2)] {
+                if let Some(toml::Value::Table(g)) = t.get_mut(section) {
+                    group = g.get("num_generations").and_then(|v| v.as_integer()).unwrap_or(default).min(4);
+                    g.insert("num_generations".into(), toml::Value::Integer(group));
                 }
-                _ => 0,
-            };
-            if let Some(toml::Value::Table(g)) = t.get_mut("grpo") {
-                g.insert("num_generations".into(), toml::Value::Integer(group));
             }
             let tr = table(t, "training");
             tr.insert("max_steps".into(), toml::Value::Integer(2));
@@ -356,7 +355,7 @@ fn smoke_stage(t: &mut toml::Table, kind: StageKind) {
                     cap(d, "limit", if key == "data" { 32 } else { 4 });
                 }
             }
-            for section in ["grpo", "ppo"] {
+            for section in ["grpo", "rloo", "ppo"] {
                 if let Some(toml::Value::Table(s)) = t.get_mut(section) {
                     cap(s, "max_completion_length", 16);
                 }

@@ -226,8 +226,14 @@ fn run_stage<B: FusedOps>(p: &Pipeline, stage: &StagePlan, resume: bool, device:
         StageKind::Dpo => pairwise(PairwiseStage::Dpo)?,
         StageKind::Orpo => pairwise(PairwiseStage::Orpo)?,
         StageKind::Simpo => pairwise(PairwiseStage::Simpo)?,
+        StageKind::Kto => {
+            crate::kto::run_kto::<B>(&parse(p, stage)?, resume, device)?;
+        }
         StageKind::Grpo => {
             crate::grpo::run_grpo::<B>(&parse(p, stage)?, resume, device)?;
+        }
+        StageKind::Rloo => {
+            crate::rloo::run_rloo::<B>(&parse(p, stage)?, resume, device)?;
         }
         StageKind::Ppo => {
             crate::ppo::run_ppo::<B>(&parse(p, stage)?, resume, device)?;

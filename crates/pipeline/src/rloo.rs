@@ -1,0 +1,355 @@
+//! RLOO (`align rloo`): REINFORCE with a leave-one-out baseline (Ahmadian et al. 2024,
+//! arXiv:2402.14740), as TRL's `RLOOTrainer` runs it. Each prompt gets `num_generations`
+//! completions; a completion's reward carries its summed KL to the reference as a penalty,
+//! its advantage is its reward less the mean of its siblings', and the update is a clipped
+//! surrogate on whole-sequence log-probs (the math is `align_losses::rloo`).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use align_losses::grpo::grpo_clip_metrics;
+use align_losses::rloo::{rloo_advantages, rloo_loss};
+use align_losses::{masked_mean, sequence_logprobs};
+use align_model::burn::module::AutodiffModule;
+use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
+use align_model::{AutodiffFusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer};
+use align_reward::{Reward, RewardTerm, build_terms};
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::config::StageConfig;
+use crate::rl::{
+    CompletionLog, Generation, RlPrompt, Rollouts, completion_batch, completion_forward, completion_mask,
+    evaluate_prompts, load_prompts, mean_std, prompts_per_generation, rows_tensor, sample_and_score,
+};
+use crate::stage::{StageMain, frozen_copy, starting_model};
+use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
+
+/// `[rloo]`: TRL `RLOOConfig` names and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RlooSettings {
+    /// The reward functions and their weights (see align-reward's `RewardSpec`). Required.
+    pub rewards: Vec<RewardTerm>,
+    /// Completions per prompt, k (at least 2: the baseline needs a sibling). Default 2.
+    pub num_generations: usize,
+    /// Tokens per completion at most. Default 256.
+    pub max_completion_length: usize,
+    /// Default 1.0.
+    pub temperature: f32,
+    /// Default 1.0 (off).
+    pub top_p: f32,
+    /// Default 0 (off).
+    pub top_k: usize,
+    /// Default 0.
+    pub min_new_tokens: usize,
+    /// Strings that end a completion. Default none.
+    pub stop_strings: Vec<String>,
+    /// Keep the stop string in the completion. Default true.
+    pub include_stop_str_in_output: bool,
+    /// KL coefficient β: the reward is less β·Σ_t(log π_old − log π_ref) (k1, summed over
+    /// the completion); 0 loads no reference. Default 0.05.
+    pub beta: f64,
+    /// ε of the clipped surrogate. Default 0.2.
+    pub epsilon: f64,
+    /// Upper ε. Default: `epsilon`.
+    pub epsilon_high: Option<f64>,
+    /// Optimizer steps per generation batch (μ). Default 1.
+    pub num_iterations: usize,
+    /// Rescale the batch's advantages to mean 0, std 1. Default false.
+    pub normalize_advantages: bool,
+    /// Clamp rewards to `[min, max]` before the KL penalty. Default none.
+    pub reward_clip_range: Option<[f64; 2]>,
+    /// Completions that hit `max_completion_length` contribute no log-probs. Default false.
+    pub mask_truncated_completions: bool,
+    /// Temperature of the held-out evaluation (0 = greedy). Default 0.0.
+    pub eval_temperature: f32,
+    /// Write every completion with its rewards to `completions.jsonl`. Default true.
+    pub log_completions: bool,
+}
+
+impl Default for RlooSettings {
+    fn default() -> Self {
+        RlooSettings {
+            rewards: vec![],
+            num_generations: 2,
+            max_completion_length: 256,
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_new_tokens: 0,
+            stop_strings: vec![],
+            include_stop_str_in_output: true,
+            beta: 0.05,
+            epsilon: 0.2,
+            epsilon_high: None,
+            num_iterations: 1,
+            normalize_advantages: false,
+            reward_clip_range: None,
+            mask_truncated_completions: false,
+            eval_temperature: 0.0,
+            log_completions: true,
+        }
+    }
+}
+
+impl RlooSettings {
+    fn generation(&self, temperature: f32) -> Generation {
+        Generation {
+            temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            max_new_tokens: self.max_completion_length,
+            min_new_tokens: self.min_new_tokens,
+            stop_strings: self.stop_strings.clone(),
+            include_stop_str_in_output: self.include_stop_str_in_output,
+        }
+    }
+}
+
+/// One generation batch with its advantages.
+struct Batch {
+    prompts: Vec<Vec<u32>>,
+    rollouts: Rollouts,
+    advantages: Vec<f64>,
+    metrics: BTreeMap<String, f64>,
+}
+
+struct RlooStage<'a, B: AutodiffFusedOps> {
+    cfg: &'a StageConfig,
+    s: RlooSettings,
+    tok: Tokenizer,
+    pad: u32,
+    rewards: Vec<(Box<dyn Reward>, f64)>,
+    train_prompts: Vec<RlPrompt>,
+    eval_prompts: Vec<RlPrompt>,
+    frozen: Option<Transformer<B::InnerBackend>>,
+    config: ModelConfig,
+    log: Option<CompletionLog>,
+    device: B::Device,
+}
+
+impl<B: AutodiffFusedOps> RlooStage<'_, B> {
+    /// The loss mask of completions `idx`: their tokens, none for masked truncated ones.
+    fn mask(&self, r: &Rollouts, idx: &[usize], width: usize) -> Vec<Vec<f64>> {
+        let comps: Vec<&[u32]> = idx.iter().map(|&i| r.completions[i].as_slice()).collect();
+        let exclude: Vec<bool> = idx.iter().map(|&i| r.truncated[i] && self.s.mask_truncated_completions).collect();
+        completion_mask(&comps, width, &exclude)
+    }
+
+    /// Σ_t of the sampler's log-probs of each completion under the loss mask.
+    fn sampled_logps(&self, r: &Rollouts, idx: &[usize]) -> Vec<f64> {
+        let mask = self.mask(r, idx, self.s.max_completion_length.max(1));
+        idx.iter().zip(&mask).map(|(&i, m)| r.logps[i].iter().zip(m).map(|(&l, w)| l as f64 * w).sum()).collect()
+    }
+}
+
+impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
+    type Model = Transformer<B>;
+    type Batch = Batch;
+
+    fn shape(&self) -> Shape {
+        let t = &self.cfg.training;
+        Shape {
+            items: self.train_prompts.len(),
+            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / self.s.num_generations.max(1),
+            draws_per_round: 1,
+            steps_per_round: self.s.num_iterations,
+            updates_per_step: 1,
+        }
+    }
+
+    fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
+        let (s, policy) = (&self.s, model.valid());
+        let prompts: Vec<&RlPrompt> = draws.concat().into_iter().map(|i| &self.train_prompts[i]).collect();
+        let sampling = s.generation(s.temperature);
+        let seed = round.generation_seed();
+        let g = sample_and_score(&policy, &self.tok, &prompts, s.num_generations, &sampling, seed, &self.rewards)?;
+        let all: Vec<usize> = (0..g.rollouts.len()).collect();
+        let kl = (s.beta != 0.0).then(|| {
+            let reference = self.frozen.clone().unwrap_or_else(|| {
+                let mut m = policy.clone();
+                m.set_adapters_enabled(false);
+                m
+            });
+            let bs = self.cfg.training.per_device_train_batch_size;
+            let ref_logps = g.reference_logps(&reference, self.pad, s.temperature, bs, &self.device);
+            let mask = self.mask(&g.rollouts, &all, self.s.max_completion_length.max(1));
+            let sampled = self.sampled_logps(&g.rollouts, &all);
+            let ref_sums = ref_logps.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, w)| x * w).sum::<f64>());
+            sampled.iter().zip(ref_sums).map(|(p, r)| p - r).collect::<Vec<f64>>()
+        });
+        let weights: Vec<f64> = self.rewards.iter().map(|(_, w)| *w).collect();
+        let clip = s.reward_clip_range.map(|[lo, hi]| (lo, hi));
+        let adv = rloo_advantages(
+            &g.scored.per_func,
+            &weights,
+            kl.as_deref(),
+            s.beta,
+            s.num_generations,
+            s.normalize_advantages,
+            clip,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let mut metrics = g.metrics.clone();
+        let (mean, std) = mean_std(&adv.rewards.iter().copied().filter(|r| !r.is_nan()).collect::<Vec<_>>());
+        metrics.insert("reward".into(), mean);
+        metrics.insert("reward_std".into(), std);
+        if let Some(kl) = &kl {
+            metrics.insert("kl".into(), mean_std(kl).0);
+        }
+        let total: Vec<Option<f64>> = adv.rewards.iter().map(|r| (!r.is_nan()).then_some(*r)).collect();
+        let rows = g.log_rows(round.step + 1, &prompts, &self.rewards, &total, &adv.advantages);
+        if let Some(log) = self.log.as_mut() {
+            log.write(&rows)?;
+        }
+        Ok(Batch { prompts: g.prompts, rollouts: g.rollouts, advantages: adv.advantages, metrics })
+    }
+
+    fn micro_batches(&self, batch: &Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        let all: Vec<usize> = (0..batch.rollouts.len()).collect();
+        all.chunks(self.cfg.training.per_device_train_batch_size.max(1)).map(<[usize]>::to_vec).collect()
+    }
+
+    fn loss(
+        &self,
+        model: &Transformer<B>,
+        batch: &Batch,
+        pass: usize,
+        idx: &[usize],
+        micro_batches: usize,
+    ) -> Result<MicroLoss<B>> {
+        let (s, r) = (&self.s, &batch.rollouts);
+        let prompts: Vec<&[u32]> = idx.iter().map(|&i| batch.prompts[i].as_slice()).collect();
+        let comps: Vec<&[u32]> = idx.iter().map(|&i| r.completions[i].as_slice()).collect();
+        let cb = completion_batch::<B>(&prompts, &comps, self.pad, &self.device);
+        let mask = rows_tensor::<B>(&self.mask(r, idx, cb.completion_width), cb.completion_width, &self.device);
+        let f = completion_forward(model, &cb, s.temperature, true);
+        let logps = sequence_logprobs(f.logps, mask.clone(), false);
+        let column = |v: Vec<f64>| {
+            Tensor::<B, 1>::from_data(TensorData::new(v, [idx.len()]).convert::<B::FloatElem>(), &self.device)
+        };
+        // The first pass is on-policy (old = the policy itself); later ones weigh by the ratio
+        // to the sampler's log-probs.
+        let old = if pass == 0 { logps.clone().detach() } else { column(self.sampled_logps(r, idx)) };
+        let ratio: Vec<Vec<f64>> = (logps.clone().detach() - old.clone())
+            .exp()
+            .into_data()
+            .convert::<f64>()
+            .to_vec::<f64>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .into_iter()
+            .map(|x| vec![x])
+            .collect();
+        let adv: Vec<f64> = idx.iter().map(|&i| batch.advantages[i]).collect();
+        let (lo, hi) = (s.epsilon, s.epsilon_high.unwrap_or(s.epsilon));
+        let loss = rloo_loss(logps, old, column(adv.clone()), lo, hi).mean() / micro_batches as f64;
+        let c = grpo_clip_metrics(&ratio, &adv, &vec![vec![1.0]; idx.len()], lo, hi);
+        let mut metrics = vec![
+            ("clip_ratio/low_mean", c.low_mean),
+            ("clip_ratio/high_mean", c.high_mean),
+            ("clip_ratio/region_mean", c.region_mean),
+        ];
+        if let Some(e) = f.entropy {
+            metrics.push(("entropy", masked_mean(e, mask).mean().into_scalar().elem::<f64>()));
+        }
+        let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
+        Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
+    }
+
+    fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {
+        batch.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
+        self.log = if self.s.log_completions { Some(CompletionLog::open(output_dir, resumed_at)?) } else { None };
+        Ok(())
+    }
+
+    fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
+        if self.eval_prompts.is_empty() {
+            return Ok(None);
+        }
+        let (t, sampling) = (&self.cfg.training, self.s.generation(self.s.eval_temperature));
+        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
+        let policy = model.valid();
+        let metrics = evaluate_prompts(
+            &policy,
+            &self.tok,
+            &self.rewards,
+            &self.eval_prompts,
+            &sampling,
+            t.per_device_train_batch_size,
+            t.seed,
+            &samples,
+        )?;
+        Ok(Some(Evaluation { loss: None, metrics }))
+    }
+
+    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+        save_trainable(model, self.cfg.lora.as_ref(), HfHead::CausalLm, dir)
+    }
+
+    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+        load_trainable(model, self.cfg.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
+    }
+
+    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+        export_policy(model, self.cfg.lora.as_ref(), &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)
+    }
+
+    fn headline(&self) -> &'static [&'static str] {
+        &["reward", "kl", "eval_reward"]
+    }
+}
+
+/// Run (or resume) the RLOO stage on backend `B`; returns `final/`.
+pub fn run_rloo<B: align_model::FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
+    crate::stage::on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Rloo { cfg, resume }, device)
+}
+
+struct Rloo<'a> {
+    cfg: &'a StageConfig,
+    resume: bool,
+}
+
+impl StageMain for Rloo<'_> {
+    fn run<A: AutodiffFusedOps>(self, device: &A::Device) -> Result<PathBuf> {
+        let cfg = self.cfg;
+        cfg.check_sections("rloo", Some("rloo"))?;
+        let s = cfg.rloo.clone().context("the RLOO stage needs an [rloo] section with its reward functions")?;
+        if s.rewards.is_empty() {
+            bail!("[rloo] needs at least one reward function: [[rloo.rewards]] kind = \"r1_zero\", …");
+        }
+        if s.num_generations < 2 || s.num_iterations == 0 {
+            bail!("RLOO needs num_generations >= 2 (the leave-one-out baseline) and num_iterations >= 1");
+        }
+        let per_generation = prompts_per_generation(&cfg.training, s.num_generations)?;
+        let start = starting_model::<A>(cfg, Heads::LM, device)?;
+        let tok = start.tokenizer;
+        let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval_prompts = match &cfg.eval_data {
+            Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
+        };
+        tracing::info!(prompts = train_prompts.len(), prompts_per_generation = per_generation, "RLOO");
+        let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
+        let model = start.model;
+        let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, cfg.training.bf16));
+        let mut stage = RlooStage::<A> {
+            cfg,
+            s,
+            tok,
+            pad: start.pad_id,
+            rewards,
+            train_prompts,
+            eval_prompts,
+            frozen,
+            config: model.config.clone(),
+            log: None,
+            device: device.clone(),
+        };
+        train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
+        Ok(cfg.output_dir.join("final"))
+    }
+}
