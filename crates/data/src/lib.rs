@@ -15,6 +15,7 @@ pub mod error;
 pub mod loader;
 pub mod schema;
 pub mod source;
+pub mod stage_rows;
 pub mod synthetic;
 pub mod tokenize;
 
@@ -27,6 +28,10 @@ pub use error::{DataError, Location, Result};
 pub use loader::{Loader, LoaderState};
 pub use schema::{ColumnMap, Content, Example, SchemaKind};
 pub use source::{Record, RecordReader};
+pub use stage_rows::{
+    GenerationPrompt, LabelledCompletion, PreferencePair, generation_prompts, labelled_completions, preference_pairs,
+    sft_sequences,
+};
 pub use tokenize::{
     ChatFormat, ExampleTokenizer, Formatter, TokenizeConfig, Tokenized, TokenizedSequence, Truncation, TruncationStats,
 };

@@ -146,6 +146,16 @@ pub struct TokenizedSequence {
 }
 
 impl TokenizedSequence {
+    /// A prompt followed by a completion, the completion in the loss.
+    pub fn completion(prompt: &[u32], completion: &[u32]) -> Self {
+        TokenizedSequence {
+            input_ids: prompt.iter().chain(completion).copied().collect(),
+            loss_mask: std::iter::repeat_n(false, prompt.len())
+                .chain(std::iter::repeat_n(true, completion.len()))
+                .collect(),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.input_ids.len()
     }
@@ -390,14 +400,7 @@ impl<'a> ExampleTokenizer<'a> {
 
     /// Tokenise one example.
     pub fn tokenize(&mut self, ex: &Example) -> Result<Tokenized> {
-        let sequence = |p: TokenizedPrompted| {
-            let n = p.prompt_ids.len();
-            let m = p.completion_ids.len();
-            TokenizedSequence {
-                input_ids: p.prompt_ids.into_iter().chain(p.completion_ids).collect(),
-                loss_mask: std::iter::repeat_n(false, n).chain(std::iter::repeat_n(true, m)).collect(),
-            }
-        };
+        let sequence = |p: TokenizedPrompted| TokenizedSequence::completion(&p.prompt_ids, &p.completion_ids);
         let out = match ex {
             Example::Text { text } => {
                 let mut ids = self.tokenizer.encode(text, false)?;

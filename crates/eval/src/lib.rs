@@ -9,10 +9,12 @@
 //! - [`win_rate`]: model A against model B on prompts, judged by a reward model.
 //! - [`report`]: Markdown tables, PNG curves and JSON of metrics across runs and stages.
 
+pub mod generation;
 pub mod math;
 pub mod multiple_choice;
 pub mod perplexity;
 pub mod report;
 pub mod win_rate;
 
+pub use generation::{best_of_n, evaluate_prompts};
 pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};

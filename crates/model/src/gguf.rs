@@ -574,66 +574,9 @@ impl GgufSource {
     }
 }
 
-/// llama.cpp name -> HF name (Llama-family layout; GPT-2 GGUF names map to GPT-2's).
+/// llama.cpp name -> HF name, from the architecture's name table.
 fn hf_name(gguf: &str, arch: Architecture) -> Option<String> {
-    if arch == Architecture::Gpt2 {
-        let simple = match gguf {
-            "token_embd.weight" => Some("transformer.wte.weight"),
-            "position_embd.weight" => Some("transformer.wpe.weight"),
-            "output_norm.weight" => Some("transformer.ln_f.weight"),
-            "output_norm.bias" => Some("transformer.ln_f.bias"),
-            "output.weight" => Some("lm_head.weight"),
-            _ => None,
-        };
-        if let Some(s) = simple {
-            return Some(s.to_string());
-        }
-        let rest = gguf.strip_prefix("blk.")?;
-        let (layer, tail) = rest.split_once('.')?;
-        let part = match tail {
-            "attn_norm.weight" => "ln_1.weight",
-            "attn_norm.bias" => "ln_1.bias",
-            "attn_qkv.weight" => "attn.c_attn.weight",
-            "attn_qkv.bias" => "attn.c_attn.bias",
-            "attn_output.weight" => "attn.c_proj.weight",
-            "attn_output.bias" => "attn.c_proj.bias",
-            "ffn_norm.weight" => "ln_2.weight",
-            "ffn_norm.bias" => "ln_2.bias",
-            "ffn_up.weight" => "mlp.c_fc.weight",
-            "ffn_up.bias" => "mlp.c_fc.bias",
-            "ffn_down.weight" => "mlp.c_proj.weight",
-            "ffn_down.bias" => "mlp.c_proj.bias",
-            _ => return None,
-        };
-        return Some(format!("transformer.h.{layer}.{part}"));
-    }
-    let simple = match gguf {
-        "token_embd.weight" => Some("model.embed_tokens.weight"),
-        "output_norm.weight" => Some("model.norm.weight"),
-        "output.weight" => Some("lm_head.weight"),
-        _ => None,
-    };
-    if let Some(s) = simple {
-        return Some(s.to_string());
-    }
-    let rest = gguf.strip_prefix("blk.")?;
-    let (layer, tail) = rest.split_once('.')?;
-    let (module, kind) = tail.rsplit_once('.')?;
-    let part = match module {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{part}.{kind}"))
+    crate::names::NameTable::of(arch).hf_from_gguf(gguf)
 }
 
 /// Undo llama.cpp's `permute(w, n_head)`: it stores, within each head, the rows of the

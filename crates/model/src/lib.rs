@@ -19,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod gguf;
 pub mod load;
+pub mod names;
 pub mod rng;
 pub mod tokenizer;
 pub mod transformer;

@@ -13,6 +13,7 @@ use burn::tensor::{Tensor, TensorData};
 
 use crate::config::{Architecture, HfHead, ModelConfig};
 use crate::error::{ModelError, Result};
+use crate::names::{BlockPart, NameTable};
 use crate::transformer::{Attention, Block, Mlp, Norm, Proj, Transformer, rope_inv_freq};
 use crate::weights::{HostTensor, TensorMap, WeightSource};
 
@@ -29,14 +30,6 @@ pub struct Heads {
 
 impl Heads {
     pub const LM: Heads = Heads { lm: true, score: false, value: false };
-}
-
-/// Where the trunk's tensors live in HF names.
-fn prefix(arch: Architecture) -> &'static str {
-    match arch {
-        Architecture::Gpt2 => "transformer",
-        _ => "model",
-    }
 }
 
 struct Loader<'a, B: Backend> {
@@ -106,27 +99,27 @@ pub fn build<B: Backend>(
     device: &B::Device,
 ) -> Result<Transformer<B>> {
     let c = config;
-    let arch = c.architecture;
-    let p = prefix(arch);
-    let gpt2 = arch == Architecture::Gpt2;
+    let names = NameTable::of(c.architecture);
+    let gpt2 = c.architecture == Architecture::Gpt2;
     let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
     let mut l = Loader::<B> { src, device };
 
-    let embed_name = if gpt2 { format!("{p}.wte.weight") } else { format!("{p}.embed_tokens.weight") };
+    let embed_name = format!("{}.weight", names.trunk(names.embed.0));
     let embed_tokens = Loader::<B>::param2(l.host(&embed_name, &[c.vocab_size, h])?, device);
-    let position_embeddings = if gpt2 {
-        let t = l.host(&format!("{p}.wpe.weight"), &[c.max_position_embeddings, h])?;
-        Some(Loader::<B>::param2(t, device))
-    } else {
-        None
+    let position_embeddings = match names.position_embed {
+        Some((wpe, _)) => {
+            let t = l.host(&format!("{}.weight", names.trunk(wpe)), &[c.max_position_embeddings, h])?;
+            Some(Loader::<B>::param2(t, device))
+        }
+        None => None,
     };
 
     let mut layers = Vec::with_capacity(c.num_hidden_layers);
     for i in 0..c.num_hidden_layers {
+        let at = |part| names.block(i, part);
         let block = if gpt2 {
-            let n = format!("{p}.h.{i}");
-            let c_attn = l.host(&format!("{n}.attn.c_attn.weight"), &[h, 3 * h])?;
-            let c_attn_b = l.host(&format!("{n}.attn.c_attn.bias"), &[3 * h])?;
+            let c_attn = l.host(&format!("{}.weight", at(BlockPart::Qkv)), &[h, 3 * h])?;
+            let c_attn_b = l.host(&format!("{}.bias", at(BlockPart::Qkv)), &[3 * h])?;
             // Conv1D [in, 3*out]: q, k, v are column blocks; the bias is three row blocks.
             let cols = |j: usize| {
                 let mut w = Vec::with_capacity(h * h);
@@ -139,69 +132,53 @@ pub fn build<B: Backend>(
                 })
             };
             Block {
-                input_layernorm: l.norm(&format!("{n}.ln_1"), h, c.norm_eps, true)?,
+                input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, true)?,
                 self_attn: Attention {
                     q_proj: cols(0),
                     k_proj: cols(1),
                     v_proj: cols(2),
-                    o_proj: Proj::new(l.conv1d(&format!("{n}.attn.c_proj"), h, h)?),
+                    o_proj: Proj::new(l.conv1d(&at(BlockPart::O), h, h)?),
                     q_norm: None,
                     k_norm: None,
                     n_heads: c.num_attention_heads,
                     n_kv_heads: c.num_attention_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: l.norm(&format!("{n}.ln_2"), h, c.norm_eps, true)?,
+                post_attention_layernorm: l.norm(&at(BlockPart::PostAttentionNorm), h, c.norm_eps, true)?,
                 mlp: Mlp {
                     gate_proj: None,
-                    up_proj: Proj::new(l.conv1d(&format!("{n}.mlp.c_fc"), h, c.intermediate_size)?),
-                    down_proj: Proj::new(l.conv1d(&format!("{n}.mlp.c_proj"), c.intermediate_size, h)?),
+                    up_proj: Proj::new(l.conv1d(&at(BlockPart::Up), h, c.intermediate_size)?),
+                    down_proj: Proj::new(l.conv1d(&at(BlockPart::Down), c.intermediate_size, h)?),
                 },
             }
         } else {
-            let n = format!("{p}.layers.{i}");
-            let a = format!("{n}.self_attn");
-            let m = format!("{n}.mlp");
-            let qk_norm = |l: &mut Loader<B>, which: &str| -> Result<Option<Norm<B>>> {
-                if c.qk_norm {
-                    l.norm(&format!("{a}.{which}"), c.head_dim, c.norm_eps, false).map(Some)
-                } else {
-                    Ok(None)
-                }
+            let qk_norm = |l: &mut Loader<B>, part| -> Result<Option<Norm<B>>> {
+                if c.qk_norm { l.norm(&at(part), c.head_dim, c.norm_eps, false).map(Some) } else { Ok(None) }
             };
             Block {
-                input_layernorm: l.norm(&format!("{n}.input_layernorm"), h, c.norm_eps, false)?,
+                input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, false)?,
                 self_attn: Attention {
-                    q_proj: Proj::new(l.linear(&format!("{a}.q_proj"), h, q_out, c.attention_bias)?),
-                    k_proj: Proj::new(l.linear(&format!("{a}.k_proj"), h, kv_out, c.attention_bias)?),
-                    v_proj: Proj::new(l.linear(&format!("{a}.v_proj"), h, kv_out, c.attention_bias)?),
-                    o_proj: Proj::new(l.linear(&format!("{a}.o_proj"), q_out, h, c.attention_out_bias)?),
-                    q_norm: qk_norm(&mut l, "q_norm")?,
-                    k_norm: qk_norm(&mut l, "k_norm")?,
+                    q_proj: Proj::new(l.linear(&at(BlockPart::Q), h, q_out, c.attention_bias)?),
+                    k_proj: Proj::new(l.linear(&at(BlockPart::K), h, kv_out, c.attention_bias)?),
+                    v_proj: Proj::new(l.linear(&at(BlockPart::V), h, kv_out, c.attention_bias)?),
+                    o_proj: Proj::new(l.linear(&at(BlockPart::O), q_out, h, c.attention_out_bias)?),
+                    q_norm: qk_norm(&mut l, BlockPart::QNorm)?,
+                    k_norm: qk_norm(&mut l, BlockPart::KNorm)?,
                     n_heads: c.num_attention_heads,
                     n_kv_heads: c.num_key_value_heads,
                     head_dim: c.head_dim,
                 },
-                post_attention_layernorm: l.norm(&format!("{n}.post_attention_layernorm"), h, c.norm_eps, false)?,
+                post_attention_layernorm: l.norm(&at(BlockPart::PostAttentionNorm), h, c.norm_eps, false)?,
                 mlp: Mlp {
-                    gate_proj: Some(Proj::new(l.linear(
-                        &format!("{m}.gate_proj"),
-                        h,
-                        c.intermediate_size,
-                        c.mlp_bias,
-                    )?)),
-                    up_proj: Proj::new(l.linear(&format!("{m}.up_proj"), h, c.intermediate_size, c.mlp_bias)?),
-                    down_proj: Proj::new(l.linear(&format!("{m}.down_proj"), c.intermediate_size, h, c.mlp_bias)?),
+                    gate_proj: Some(Proj::new(l.linear(&at(BlockPart::Gate), h, c.intermediate_size, c.mlp_bias)?)),
+                    up_proj: Proj::new(l.linear(&at(BlockPart::Up), h, c.intermediate_size, c.mlp_bias)?),
+                    down_proj: Proj::new(l.linear(&at(BlockPart::Down), c.intermediate_size, h, c.mlp_bias)?),
                 },
             }
         };
         layers.push(block);
     }
-    let norm = if gpt2 {
-        l.norm(&format!("{p}.ln_f"), h, c.norm_eps, true)?
-    } else {
-        l.norm(&format!("{p}.norm"), h, c.norm_eps, false)?
-    };
+    let norm = l.norm(&names.trunk(names.final_norm.0), h, c.norm_eps, gpt2)?;
 
     let lm_head =
         if heads.lm && !c.tie_word_embeddings { Some(l.linear("lm_head", h, c.vocab_size, false)?) } else { None };
@@ -251,7 +228,7 @@ fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor> {
 /// Tied checkpoints omit `lm_head.weight`, as transformers does.
 pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<TensorMap> {
     let c = &model.config;
-    let p = prefix(c.architecture);
+    let names = NameTable::of(c.architecture);
     let gpt2 = c.architecture == Architecture::Gpt2;
     let mut out = TensorMap::default();
     let mut put = |name: String, t: HostTensor| {
@@ -273,19 +250,16 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
         Ok(())
     };
 
-    if gpt2 {
-        put(format!("{p}.wte.weight"), to_host(model.embed_tokens.val())?);
-        if let Some(wpe) = &model.position_embeddings {
-            put(format!("{p}.wpe.weight"), to_host(wpe.val())?);
-        }
-    } else {
-        put(format!("{p}.embed_tokens.weight"), to_host(model.embed_tokens.val())?);
+    put(format!("{}.weight", names.trunk(names.embed.0)), to_host(model.embed_tokens.val())?);
+    if let (Some(wpe), Some((name, _))) = (&model.position_embeddings, names.position_embed) {
+        put(format!("{}.weight", names.trunk(name)), to_host(wpe.val())?);
     }
     for (i, layer) in model.layers.iter().enumerate() {
         let a = &layer.self_attn;
+        let at = |part| names.block(i, part);
+        norm(&mut put, &at(BlockPart::InputNorm), &layer.input_layernorm)?;
+        norm(&mut put, &at(BlockPart::PostAttentionNorm), &layer.post_attention_layernorm)?;
         if gpt2 {
-            let n = format!("{p}.h.{i}");
-            norm(&mut put, &format!("{n}.ln_1"), &layer.input_layernorm)?;
             // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
             let (q, k, v) = (
                 to_host(a.q_proj.linear.weight.val())?,
@@ -299,39 +273,33 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
                     w.extend_from_slice(&part.data[r * cols..(r + 1) * cols]);
                 }
             }
-            put(format!("{n}.attn.c_attn.weight"), HostTensor::new(vec![rows, 3 * cols], w));
+            let qkv = at(BlockPart::Qkv);
+            put(format!("{qkv}.weight"), HostTensor::new(vec![rows, 3 * cols], w));
             let biases = [&a.q_proj.linear, &a.k_proj.linear, &a.v_proj.linear]
                 .iter()
                 .map(|l| l.bias.as_ref().map(|b| to_host(b.val())).transpose())
                 .collect::<Result<Option<Vec<_>>>>()?
-                .ok_or_else(|| ModelError::tensor(format!("{n}.attn.c_attn.bias"), "GPT-2 attention needs biases"))?;
-            put(format!("{n}.attn.c_attn.bias"), HostTensor::concat_rows(&biases));
-            linear(&mut put, &format!("{n}.attn.c_proj"), &a.o_proj.linear, false)?;
-            norm(&mut put, &format!("{n}.ln_2"), &layer.post_attention_layernorm)?;
-            linear(&mut put, &format!("{n}.mlp.c_fc"), &layer.mlp.up_proj.linear, false)?;
-            linear(&mut put, &format!("{n}.mlp.c_proj"), &layer.mlp.down_proj.linear, false)?;
+                .ok_or_else(|| ModelError::tensor(format!("{qkv}.bias"), "GPT-2 attention needs biases"))?;
+            put(format!("{qkv}.bias"), HostTensor::concat_rows(&biases));
         } else {
-            let n = format!("{p}.layers.{i}");
-            norm(&mut put, &format!("{n}.input_layernorm"), &layer.input_layernorm)?;
-            linear(&mut put, &format!("{n}.self_attn.q_proj"), &a.q_proj.linear, true)?;
-            linear(&mut put, &format!("{n}.self_attn.k_proj"), &a.k_proj.linear, true)?;
-            linear(&mut put, &format!("{n}.self_attn.v_proj"), &a.v_proj.linear, true)?;
-            linear(&mut put, &format!("{n}.self_attn.o_proj"), &a.o_proj.linear, true)?;
-            if let Some(qn) = &a.q_norm {
-                norm(&mut put, &format!("{n}.self_attn.q_norm"), qn)?;
+            linear(&mut put, &at(BlockPart::Q), &a.q_proj.linear, true)?;
+            linear(&mut put, &at(BlockPart::K), &a.k_proj.linear, true)?;
+            linear(&mut put, &at(BlockPart::V), &a.v_proj.linear, true)?;
+            for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
+                if let Some(n) = n {
+                    norm(&mut put, &at(part), n)?;
+                }
             }
-            if let Some(kn) = &a.k_norm {
-                norm(&mut put, &format!("{n}.self_attn.k_norm"), kn)?;
-            }
-            norm(&mut put, &format!("{n}.post_attention_layernorm"), &layer.post_attention_layernorm)?;
             if let Some(g) = &layer.mlp.gate_proj {
-                linear(&mut put, &format!("{n}.mlp.gate_proj"), &g.linear, true)?;
+                linear(&mut put, &at(BlockPart::Gate), &g.linear, true)?;
             }
-            linear(&mut put, &format!("{n}.mlp.up_proj"), &layer.mlp.up_proj.linear, true)?;
-            linear(&mut put, &format!("{n}.mlp.down_proj"), &layer.mlp.down_proj.linear, true)?;
         }
+        // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
+        linear(&mut put, &at(BlockPart::O), &a.o_proj.linear, !gpt2)?;
+        linear(&mut put, &at(BlockPart::Up), &layer.mlp.up_proj.linear, !gpt2)?;
+        linear(&mut put, &at(BlockPart::Down), &layer.mlp.down_proj.linear, !gpt2)?;
     }
-    norm(&mut put, &format!("{p}.{}", if gpt2 { "ln_f" } else { "norm" }), &model.norm)?;
+    norm(&mut put, &names.trunk(names.final_norm.0), &model.norm)?;
     match head {
         HfHead::CausalLm => {
             if let Some(lm) = &model.lm_head {

@@ -356,26 +356,24 @@ impl<B: Backend> Transformer<B> {
     /// GPT-2: `transformer.h.3.attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` — its fused `c_attn`
     /// is split here, so q/k/v are not addressable by an HF name).
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
-        let gpt2 = self.config.architecture == crate::config::Architecture::Gpt2;
+        use crate::names::{BlockPart, NameTable};
+        let names = NameTable::of(self.config.architecture);
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
-            if gpt2 {
-                let n = format!("transformer.h.{i}");
-                out.push((format!("{n}.attn.c_proj"), &mut a.o_proj));
-                out.push((format!("{n}.mlp.c_fc"), &mut m.up_proj));
-                out.push((format!("{n}.mlp.c_proj"), &mut m.down_proj));
-            } else {
-                let n = format!("model.layers.{i}");
-                out.push((format!("{n}.self_attn.q_proj"), &mut a.q_proj));
-                out.push((format!("{n}.self_attn.k_proj"), &mut a.k_proj));
-                out.push((format!("{n}.self_attn.v_proj"), &mut a.v_proj));
-                out.push((format!("{n}.self_attn.o_proj"), &mut a.o_proj));
-                if let Some(g) = m.gate_proj.as_mut() {
-                    out.push((format!("{n}.mlp.gate_proj"), g));
+            let parts = [
+                (BlockPart::Q, Some(&mut a.q_proj)),
+                (BlockPart::K, Some(&mut a.k_proj)),
+                (BlockPart::V, Some(&mut a.v_proj)),
+                (BlockPart::O, Some(&mut a.o_proj)),
+                (BlockPart::Gate, m.gate_proj.as_mut()),
+                (BlockPart::Up, Some(&mut m.up_proj)),
+                (BlockPart::Down, Some(&mut m.down_proj)),
+            ];
+            for (part, proj) in parts {
+                if let Some(p) = proj.filter(|_| names.lora_targets.contains(&part)) {
+                    out.push((names.block(i, part), p));
                 }
-                out.push((format!("{n}.mlp.up_proj"), &mut m.up_proj));
-                out.push((format!("{n}.mlp.down_proj"), &mut m.down_proj));
             }
         }
         out

@@ -7,82 +7,26 @@
 
 use std::path::{Path, PathBuf};
 
-use align_data::{DatasetConfig, ExampleTokenizer, TokenizeConfig, Tokenized, TokenizedSequence, pad_right};
-use align_losses::kto::{KtoLossType, kto_loss, kto_mismatched, kto_reference_point};
+use align_data::{LabelledCompletion, labelled_completions};
+use align_data::{TokenizedSequence, pad_right};
+use align_losses::kto::{kto_loss, kto_mismatched, kto_reference_point};
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
 use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer};
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
+pub use crate::config::kto::KtoSettings;
 use crate::preference::pair_forward;
 use crate::stage::{StageMain, frozen_copy, starting_model};
 use crate::train::{
     Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
 };
 
-/// `[kto]`: TRL `KTOConfig` names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct KtoSettings {
-    /// Deviation from the reference. Default 0.1.
-    pub beta: f64,
-    /// Weight of desirable examples' losses (λ_D). Default 1.0.
-    pub desirable_weight: f64,
-    /// Weight of undesirable examples' losses (λ_U); the paper keeps λ_D·n_D / λ_U·n_U in
-    /// [1, 4/3]. Default 1.0.
-    pub undesirable_weight: f64,
-    /// kto | apo_zero_unpaired. Default kto.
-    pub loss_type: KtoLossType,
-}
-
-impl Default for KtoSettings {
-    fn default() -> Self {
-        KtoSettings { beta: 0.1, desirable_weight: 1.0, undesirable_weight: 1.0, loss_type: KtoLossType::Kto }
-    }
-}
-
-/// A completion with its label.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Labelled {
-    pub prompt: Vec<u32>,
-    pub completion: Vec<u32>,
-    pub desirable: bool,
-}
-
-/// Tokenise labelled rows (pairs give one desirable and one undesirable completion).
-pub fn load_labelled(tok: &Tokenizer, data: &DatasetConfig, cfg: &TokenizeConfig, what: &str) -> Result<Vec<Labelled>> {
-    let (examples, _) = align_data::load_examples(data)?;
-    let mut t = ExampleTokenizer::new(tok, cfg.clone());
-    let out = t.tokenize_all(&examples, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
-    t.log_stats(what);
-    let mut rows = vec![];
-    for (i, x) in out.into_iter().enumerate() {
-        let at = || format!("{}: row {}", data.path.display(), data.skip + i + 1);
-        match x {
-            Tokenized::Labelled { prompted, label } => rows.push(Labelled {
-                prompt: prompted.prompt_ids,
-                completion: prompted.completion_ids,
-                desirable: label,
-            }),
-            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } => {
-                rows.push(Labelled { prompt: prompt_ids.clone(), completion: chosen_ids, desirable: true });
-                rows.push(Labelled { prompt: prompt_ids, completion: rejected_ids, desirable: false });
-            }
-            _ => bail!("{}: not a labelled completion (needs prompt, completion and label)", at()),
-        }
-        if rows.last().is_some_and(|r| r.completion.is_empty()) {
-            bail!("{}: the completion is empty after truncation", at());
-        }
-    }
-    Ok(rows)
-}
-
 struct KtoStage<B: AutodiffFusedOps> {
     s: KtoSettings,
-    train: Vec<Labelled>,
-    eval: Vec<Labelled>,
+    train: Vec<LabelledCompletion>,
+    eval: Vec<LabelledCompletion>,
     /// The frozen reference (none under LoRA: the policy with its adapters disabled).
     frozen: Option<Transformer<B::InnerBackend>>,
     cfg: StageConfig,
@@ -96,7 +40,7 @@ struct KtoStage<B: AutodiffFusedOps> {
 /// prompt or, `mismatched`, after the prompt of the next row (the KL pairs).
 fn completion_logps<M: FusedOps>(
     model: &Transformer<M>,
-    rows: &[&Labelled],
+    rows: &[&LabelledCompletion],
     mismatched: bool,
     pad: u32,
     device: &M::Device,
@@ -105,10 +49,7 @@ fn completion_logps<M: FusedOps>(
     let seqs: Vec<TokenizedSequence> = (0..rows.len())
         .map(|i| {
             let (p, c) = (&rows[i].prompt, &rows[if mismatched { other[i] } else { i }].completion);
-            TokenizedSequence {
-                input_ids: p.iter().chain(c).copied().collect(),
-                loss_mask: std::iter::repeat_n(false, p.len()).chain(std::iter::repeat_n(true, c.len())).collect(),
-            }
+            TokenizedSequence::completion(p, c)
         })
         .collect();
     pair_forward(model, &pad_right(&seqs.iter().collect::<Vec<_>>(), pad), false, false, device).logps
@@ -125,7 +66,7 @@ impl<B: AutodiffFusedOps> KtoStage<B> {
         &self,
         policy: &Transformer<M>,
         inner: &Transformer<B::InnerBackend>,
-        rows: &[&Labelled],
+        rows: &[&LabelledCompletion],
         device: &M::Device,
     ) -> (Tensor<M, 1>, Vec<(&'static str, f64)>) {
         let reference = self.frozen.clone().unwrap_or_else(|| {
@@ -175,13 +116,7 @@ impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
 
     fn shape(&self) -> Shape {
         let t = &self.cfg.training;
-        Shape {
-            items: self.train.len(),
-            draw_size: t.per_device_train_batch_size,
-            draws_per_round: t.gradient_accumulation_steps,
-            steps_per_round: 1,
-            updates_per_step: 1,
-        }
+        Shape::rows(self.train.len(), t.per_device_train_batch_size, t.gradient_accumulation_steps)
     }
 
     fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
@@ -200,7 +135,7 @@ impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
         micro: &[usize],
         micro_batches: usize,
     ) -> Result<MicroLoss<B>> {
-        let rows: Vec<&Labelled> = micro.iter().map(|&i| &self.train[i]).collect();
+        let rows: Vec<&LabelledCompletion> = micro.iter().map(|&i| &self.train[i]).collect();
         let (loss, metrics) = self.objective(model, &model.valid(), &rows, &self.device);
         // TRL: the mean over the micro-batch; the Trainer divides by the accumulation steps.
         let fed_tokens = rows.iter().map(|r| 2 * (r.prompt.len() + r.completion.len())).sum();
@@ -214,9 +149,10 @@ impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
         let m = model.valid();
         let (mut loss, mut sums, mut counts) =
             (0.0, std::collections::BTreeMap::<String, f64>::new(), std::collections::BTreeMap::<String, f64>::new());
-        let chunks: Vec<&[Labelled]> = self.eval.chunks(self.cfg.training.per_device_train_batch_size.max(2)).collect();
+        let chunks: Vec<&[LabelledCompletion]> =
+            self.eval.chunks(self.cfg.training.per_device_train_batch_size.max(2)).collect();
         for chunk in &chunks {
-            let rows: Vec<&Labelled> = chunk.iter().collect();
+            let rows: Vec<&LabelledCompletion> = chunk.iter().collect();
             let (l, metrics) = self.objective(&m, &m, &rows, &self.device);
             loss += l.into_scalar().elem::<f64>() / chunks.len() as f64;
             for (k, v) in metrics {
@@ -263,9 +199,9 @@ impl StageMain for Kto<'_> {
         }
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
         let tok = start.tokenizer;
-        let train_rows = load_labelled(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let train_rows = labelled_completions(&tok, &cfg.data, &cfg.tokenize, "train")?;
         let eval_rows = match &cfg.eval_data {
-            Some(d) => load_labelled(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => labelled_completions(&tok, d, &cfg.tokenize, "eval")?,
             None => vec![],
         };
         let desirable = train_rows.iter().filter(|r| r.desirable).count();

@@ -684,8 +684,8 @@ fn run<B: FusedOps>(command: Command, device: &B::Device) -> Result<()> {
             let rm = align_reward::RewardModelScorer::<B>::load(&reward_model, batch_size, device)?;
             let mut data = align_data::DatasetConfig::new(prompts);
             data.limit = limit;
-            let rows = align_pipeline::rl::load_prompts(&m.tokenizer, &data, &Default::default(), "prompts")?;
-            let sampling = align_pipeline::rl::Generation {
+            let rows = align_data::generation_prompts(&m.tokenizer, &data, &Default::default(), "prompts")?;
+            let sampling = align_rollout::Generation {
                 temperature,
                 top_k,
                 top_p,
@@ -694,7 +694,7 @@ fn run<B: FusedOps>(command: Command, device: &B::Device) -> Result<()> {
                 stop_strings: vec![],
                 include_stop_str_in_output: true,
             };
-            let selections = align_pipeline::rl::best_of_n(&m.model, &m.tokenizer, &rm, &rows, n, &sampling, seed)?;
+            let selections = align_eval::best_of_n(&m.model, &m.tokenizer, &rm, &rows, n, &sampling, seed)?;
             let mut w = std::io::stdout().lock();
             for (i, sel) in selections.iter().enumerate() {
                 writeln!(w, "=== prompt {} ===\n{}", i + 1, rows[i].text)?;

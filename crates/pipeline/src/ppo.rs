@@ -14,9 +14,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use align_data::GenerationPrompt;
 use align_data::Loader;
 use align_lora::LoraConfig;
-use align_losses::KlEstimator;
 use align_losses::ppo::{
     AdaptiveKl, INVALID_LOGPROB, apply_missing_eos_penalty, gae, mask_after, masked_whiten, ppo_policy_loss,
     ppo_token_rewards, ppo_value_loss, sequence_lengths, truncate_after_stop, valid_mask,
@@ -26,134 +26,21 @@ use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
 use align_model::weights::{SafetensorsSource, TensorMap, save_safetensors};
 use align_model::{
-    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, WeightSource, export,
-    load_pretrained, save_pretrained,
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Transformer, WeightSource, export, load_pretrained,
+    save_pretrained,
 };
-use align_reward::{Reward, RewardSpec, RewardTerm, build_terms};
+use align_reward::RewardSpec;
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::config::StageConfig;
-use crate::rl::{
-    CompletionBatch, CompletionLog, Generation, RlPrompt, completion_batch, completion_forward, evaluate_prompts,
-    host_rows, load_prompts, mean_std, rollout, rows_tensor, score_rollouts,
-};
+pub use crate::config::ppo::{Critic, PpoSettings};
+use align_reward::score_rollouts;
+use align_rollout::{Generation, rollout};
+
+use crate::rl::{CompletionBatch, OnlineData, completion_batch, completion_forward, host_rows, mean_std, rows_tensor};
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model, train_in_full};
 use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
-
-/// Where the values come from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Critic {
-    /// Its own network (TRL's value model), initialised from `value_model_path`.
-    #[default]
-    Separate,
-    /// A scalar value head on the policy's trunk (TRL's older `ValueHead`): one forward
-    /// for both, the trunk shared by both losses.
-    Shared,
-}
-
-/// `[ppo]`: TRL `PPOConfig` names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct PpoSettings {
-    /// What scores a completion (usually `{ kind = "model", path = "<reward stage>/final" }`;
-    /// any reward functions, weighted). Required.
-    pub rewards: Vec<RewardTerm>,
-    /// separate | shared. Default separate.
-    pub critic: Critic,
-    /// The separate critic's starting checkpoint. Default: the first `model` reward's
-    /// path (TRL's recipe starts the value model from the reward model), else the policy's.
-    pub value_model_path: Option<PathBuf>,
-    /// Tokens per completion at most (TRL `response_length`). Default 53.
-    pub max_completion_length: usize,
-    /// Default 0.7.
-    pub temperature: f32,
-    /// Default 1.0 (off).
-    pub top_p: f32,
-    /// Default 0 (off).
-    pub top_k: usize,
-    /// Default 0.
-    pub min_new_tokens: usize,
-    /// Passes over each rollout batch. Default 4.
-    pub num_ppo_epochs: usize,
-    /// Minibatches per pass (an optimizer step each). Default 1.
-    pub num_mini_batches: usize,
-    /// KL coefficient (the initial one when adaptive). Default 0.05.
-    pub kl_coef: f64,
-    /// k1 | k3 (TRL `kl_estimator`). Default k1.
-    pub kl_estimator: KlEstimator,
-    /// Adapt kl_coef toward `kl_target` (Ziegler et al. 2019). Default false.
-    pub adaptive_kl: bool,
-    /// The KL (summed over a completion, averaged over the batch) to hold. Default 6.0.
-    pub kl_target: f64,
-    /// Completions over which the coefficient may move by ≈ 20%. Default 10000.
-    pub kl_horizon: f64,
-    /// Default 0.2.
-    pub cliprange: f64,
-    /// Default 0.2.
-    pub cliprange_value: f64,
-    /// Default 0.1.
-    pub vf_coef: f64,
-    /// Default 1.0.
-    pub gamma: f64,
-    /// Default 0.95.
-    pub lam: f64,
-    /// Whiten the per-token rewards before GAE. Default false.
-    pub whiten_rewards: bool,
-    /// Subtracted from the score of a completion without EOS. Default none.
-    pub missing_eos_penalty: Option<f64>,
-    /// Temperature of the held-out evaluation (0 = greedy). Default 0.0.
-    pub eval_temperature: f32,
-    /// Write every completion with its score and KL to `completions.jsonl`. Default true.
-    pub log_completions: bool,
-}
-
-impl Default for PpoSettings {
-    fn default() -> Self {
-        PpoSettings {
-            rewards: vec![],
-            critic: Critic::Separate,
-            value_model_path: None,
-            max_completion_length: 53,
-            temperature: 0.7,
-            top_p: 1.0,
-            top_k: 0,
-            min_new_tokens: 0,
-            num_ppo_epochs: 4,
-            num_mini_batches: 1,
-            kl_coef: 0.05,
-            kl_estimator: KlEstimator::K1,
-            adaptive_kl: false,
-            kl_target: 6.0,
-            kl_horizon: 10000.0,
-            cliprange: 0.2,
-            cliprange_value: 0.2,
-            vf_coef: 0.1,
-            gamma: 1.0,
-            lam: 0.95,
-            whiten_rewards: false,
-            missing_eos_penalty: None,
-            eval_temperature: 0.0,
-            log_completions: true,
-        }
-    }
-}
-
-impl PpoSettings {
-    fn generation(&self, temperature: f32) -> Generation {
-        Generation {
-            temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            max_new_tokens: self.max_completion_length,
-            min_new_tokens: self.min_new_tokens,
-            stop_strings: vec![],
-            include_stop_str_in_output: true,
-        }
-    }
-}
 
 /// The trained networks: the policy and, unless the value head sits on its trunk, the
 /// critic.
@@ -249,6 +136,11 @@ impl Networks {
     }
 }
 
+/// Sampling at `temperature` with the stage's settings (PPO completions end at EOS only).
+fn sampling(s: &PpoSettings, temperature: f32) -> Generation {
+    Generation::new(temperature, s.top_k, s.top_p, s.max_completion_length, s.min_new_tokens, &[], true)
+}
+
 /// Run (or resume) the PPO stage on backend `B`; returns `final/`.
 pub fn run_ppo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
     on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Ppo { cfg, resume }, device)
@@ -280,24 +172,18 @@ struct Batch {
 /// PPO as a [`Stage`]: a round samples one completion per prompt and trains on it for
 /// `num_ppo_epochs × num_mini_batches` updates, logged as one step.
 struct PpoStage<'a, B: AutodiffFusedOps> {
-    cfg: &'a StageConfig,
+    data: OnlineData<'a>,
     s: PpoSettings,
-    tok: Tokenizer,
-    pad: u32,
-    rewards: Vec<(Box<dyn Reward>, f64)>,
-    train_prompts: Vec<RlPrompt>,
-    eval_prompts: Vec<RlPrompt>,
     /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
     frozen: Option<Transformer<B::InnerBackend>>,
     nets: Networks,
     kl: AdaptiveKl,
-    log: Option<CompletionLog>,
     device: B::Device,
 }
 
 impl<B: AutodiffFusedOps> PpoStage<'_, B> {
     fn mini_batch(&self) -> usize {
-        self.cfg.training.per_device_train_batch_size * self.cfg.training.gradient_accumulation_steps
+        self.data.cfg.training.per_device_train_batch_size * self.data.cfg.training.gradient_accumulation_steps
     }
 
     /// Score a rollout and turn it into per-token advantages and returns (TRL's
@@ -305,20 +191,21 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
     fn post_process(
         &self,
         model: &ActorCritic<B::InnerBackend>,
-        prompts: &[&RlPrompt],
+        prompts: &[&GenerationPrompt],
         round: Round,
     ) -> Result<(Batch, Vec<serde_json::Value>)> {
         let s = &self.s;
-        let r = rollout(&model.policy, &self.tok, prompts, 1, &s.generation(s.temperature), round.generation_seed());
+        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+        let r = rollout(&model.policy, &self.data.tok, &ids, 1, &sampling(s, s.temperature), round.generation_seed());
         let n = r.len();
-        let scored = score_rollouts(&self.rewards, prompts, &r)?;
+        let scored = score_rollouts(&self.data.rewards, prompts, &r)?;
         let raw_scores: Vec<f64> = scored
             .per_func
             .iter()
-            .map(|fs| fs.iter().zip(&self.rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
+            .map(|fs| fs.iter().zip(&self.data.rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
             .collect();
         let width = r.completions.iter().map(Vec::len).max().unwrap_or(1).max(1);
-        let eos = self.tok.eos_token_id.map(i64::from);
+        let eos = self.data.tok.eos_token_id.map(i64::from);
         let rows: Vec<Vec<i64>> = r
             .completions
             .iter()
@@ -350,12 +237,12 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
             }
         };
         let (mut ref_logps, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
-        let per_device = self.cfg.training.per_device_train_batch_size.max(1);
+        let per_device = self.data.cfg.training.per_device_train_batch_size.max(1);
         for start in (0..n).step_by(per_device) {
             let end = (start + per_device).min(n);
             let ps: Vec<&[u32]> = prompt_ids[start..end].iter().map(Vec::as_slice).collect();
             let cs: Vec<&[u32]> = completions[start..end].iter().map(Vec::as_slice).collect();
-            let cb = completion_batch::<B::InnerBackend>(&ps, &cs, self.pad, &self.device);
+            let cb = completion_batch::<B::InnerBackend>(&ps, &cs, self.data.pad, &self.device);
             ref_logps.extend(host_rows(completion_forward(&reference, &cb, s.temperature, false).logps));
             values.extend(host_rows(model.values(&cb, None)));
         }
@@ -401,7 +288,7 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
         );
         m.insert("objective/scores".into(), mean_std(&scores).0);
         m.insert("kl_coef".into(), self.kl.value);
-        for (k, (f, _)) in self.rewards.iter().enumerate() {
+        for (k, (f, _)) in self.data.rewards.iter().enumerate() {
             let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
             m.insert(format!("rewards/{}/mean", f.name()), mean_std(&v).0);
         }
@@ -419,7 +306,7 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
                 "kl": kl_sums[i],
                 "tokens": completions[i].len(),
             });
-            for (k, (f, _)) in self.rewards.iter().enumerate() {
+            for (k, (f, _)) in self.data.rewards.iter().enumerate() {
                 row[f.name()] = json!(scored.per_func[i][k]);
             }
             log_rows.push(row);
@@ -454,7 +341,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
 
     fn shape(&self) -> Shape {
         Shape {
-            items: self.train_prompts.len(),
+            items: self.data.train.len(),
             draw_size: self.mini_batch() * self.s.num_mini_batches,
             draws_per_round: 1,
             steps_per_round: 1,
@@ -463,16 +350,13 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
     }
 
     fn next_batch(&mut self, model: &ActorCritic<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
-        let prompts: Vec<&RlPrompt> = draws.concat().into_iter().map(|i| &self.train_prompts[i]).collect();
-        let (batch, rows) = self.post_process(&model.valid(), &prompts, round)?;
-        if let Some(log) = self.log.as_mut() {
-            log.write(&rows)?;
-        }
+        let (batch, rows) = self.post_process(&model.valid(), &self.data.prompts(&draws), round)?;
+        self.data.log(&rows)?;
         Ok(batch)
     }
 
     fn micro_batches(&self, batch: &Batch, _pass: usize, update: usize) -> Vec<Vec<usize>> {
-        let per_device = self.cfg.training.per_device_train_batch_size.max(1);
+        let per_device = self.data.cfg.training.per_device_train_batch_size.max(1);
         batch.minibatches[update].chunks(per_device).map(<[usize]>::to_vec).collect()
     }
 
@@ -484,7 +368,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
         idx: &[usize],
         micro_batches: usize,
     ) -> Result<MicroLoss<B>> {
-        let (loss, metrics) = micro_loss(model, batch, idx, &self.s, self.pad, &self.device);
+        let (loss, metrics) = micro_loss(model, batch, idx, &self.s, self.data.pad, &self.device);
         let fed_tokens = idx.iter().map(|&i| batch.prompts[i].len() + batch.completions[i].len()).sum();
         Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, units: 1.0, fed_tokens })
     }
@@ -511,28 +395,11 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
     }
 
     fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
-        if self.s.log_completions {
-            self.log = Some(CompletionLog::open(output_dir, resumed_at)?);
-        }
-        Ok(())
+        self.data.open_log(self.s.log_completions, output_dir, resumed_at)
     }
 
     fn evaluate(&mut self, model: &ActorCritic<B>, step: usize) -> Result<Option<Evaluation>> {
-        if self.eval_prompts.is_empty() {
-            return Ok(None);
-        }
-        let t = &self.cfg.training;
-        let metrics = evaluate_prompts(
-            &model.policy.valid(),
-            &self.tok,
-            &self.rewards,
-            &self.eval_prompts,
-            &self.s.generation(self.s.eval_temperature),
-            t.per_device_train_batch_size,
-            t.seed,
-            &self.cfg.output_dir.join(format!("eval/step-{step}.jsonl")),
-        )?;
-        Ok(Some(Evaluation { loss: None, metrics }))
+        self.data.evaluate(&model.policy.valid(), &sampling(&self.s, self.s.eval_temperature), step)
     }
 
     fn save_weights(&self, model: &ActorCritic<B>, dir: &Path) -> Result<()> {
@@ -545,13 +412,18 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
 
     fn export(&self, model: &ActorCritic<B>, final_dir: &Path) -> Result<()> {
         let lora = self.nets.lora.as_ref();
-        export_policy(&model.policy, lora, &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)?;
+        export_policy(&model.policy, lora, &self.data.cfg.model.path, &self.data.tok, HfHead::CausalLm, final_dir)?;
         if model.policy.value_head.is_some() {
             save_value_head(&model.policy, final_dir)?;
         }
         if let Some(c) = &model.critic {
             let merged = if lora.is_some() { align_lora::merge_and_unload(c.valid()) } else { c.valid() };
-            save_pretrained(&merged, Some(&self.tok), HfHead::SequenceClassification, &final_dir.join("value_model"))?;
+            save_pretrained(
+                &merged,
+                Some(&self.data.tok),
+                HfHead::SequenceClassification,
+                &final_dir.join("value_model"),
+            )?;
         }
         Ok(())
     }
@@ -589,13 +461,7 @@ impl StageMain for Ppo<'_> {
         let args = &cfg.training;
         let shared = s.critic == Critic::Shared;
         let start = starting_model::<A>(cfg, Heads { lm: true, score: false, value: shared }, device)?;
-        let tok = start.tokenizer;
-        let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
-        let eval_prompts = match &cfg.eval_data {
-            Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
-            None => vec![],
-        };
-        let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
+        let data = OnlineData::load::<A::InnerBackend>(cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
         let mut policy = start.model;
         let mut critic = None;
         if !shared {
@@ -631,22 +497,9 @@ impl StageMain for Ppo<'_> {
             critic_config: critic.as_ref().map(|c| c.config.clone()),
         };
         let frozen = cfg.lora.is_none().then(|| frozen_copy(&policy, args.bf16));
-        tracing::info!(prompts = train_prompts.len(), critic = ?s.critic, "PPO");
+        tracing::info!(prompts = data.train.len(), critic = ?s.critic, "PPO");
         let kl = AdaptiveKl { value: s.kl_coef, target: s.kl_target, horizon: s.kl_horizon };
-        let mut stage = PpoStage::<A> {
-            cfg,
-            s,
-            tok,
-            pad: start.pad_id,
-            rewards,
-            train_prompts,
-            eval_prompts,
-            frozen,
-            nets,
-            kl,
-            log: None,
-            device: device.clone(),
-        };
+        let mut stage = PpoStage::<A> { data, s, frozen, nets, kl, device: device.clone() };
         train(&mut stage, ActorCritic { policy, critic }, args, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }

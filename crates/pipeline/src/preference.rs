@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use align_data::preference_pairs;
 use align_data::{DatasetConfig, ExampleTokenizer, HostBatch, TokenizeConfig, Tokenized, TokenizedSequence, pad_right};
 use align_lora::LoraConfig;
 use align_losses::preference::{
@@ -21,175 +22,16 @@ use align_model::{
     AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer, save_pretrained, spread_rows,
 };
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
 
-use crate::config::StageConfig;
+pub use crate::config::preference::{
+    DpoSettings, Objective, OrpoSettings, PairwiseStage, PreferenceConfig, RewardSettings, SimpoSettings,
+};
 use crate::stage::{StageMain, on_autodiff, starting_model, train_in_full};
 use crate::train::{
     Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
 };
 
-/// `[reward]`: the Bradley–Terry reward model.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-pub struct RewardSettings {
-    /// Adds `c·(r_c + r_r)²` to keep rewards centred (TRL `center_rewards_coefficient`).
-    /// Default none.
-    pub center_rewards_coefficient: Option<f64>,
-    /// Subtract the rows' `margin` column inside the sigmoid when the data has one.
-    /// Default true.
-    #[serde(default = "yes")]
-    pub use_margin: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `[dpo]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct DpoSettings {
-    /// Deviation from the reference. Default 0.1.
-    pub beta: f64,
-    /// sigmoid | cdpo | robust | hinge | ipo. Default sigmoid.
-    pub loss_type: DpoLossType,
-    /// ε of `cdpo` and `robust` (ignored by `sigmoid`, as in TRL ≥ 0.29). Default 0.0.
-    pub label_smoothing: f64,
-    /// Compute the reference log-probs of every pair once before training and hold no
-    /// reference model afterwards. Default false.
-    pub precompute_ref_log_probs: bool,
-}
-
-impl Default for DpoSettings {
-    fn default() -> Self {
-        DpoSettings {
-            beta: 0.1,
-            loss_type: DpoLossType::Sigmoid,
-            label_smoothing: 0.0,
-            precompute_ref_log_probs: false,
-        }
-    }
-}
-
-/// `[orpo]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct OrpoSettings {
-    /// λ, the odds-ratio weight (TRL's `beta`). Default 0.1.
-    pub beta: f64,
-    /// NLL over the chosen completion only (the paper) instead of prompt + chosen (TRL).
-    /// Default false.
-    pub completion_only_nll: bool,
-}
-
-impl Default for OrpoSettings {
-    fn default() -> Self {
-        OrpoSettings { beta: 0.1, completion_only_nll: false }
-    }
-}
-
-/// `[simpo]`
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SimpoSettings {
-    /// Reward scale β. Default 2.0 (the paper's range is 2.0–2.5).
-    pub beta: f64,
-    /// Target reward margin γ. Default 0.5 (TRL `simpo_gamma`).
-    pub gamma: f64,
-    /// Conservative smoothing ε. Default 0.0.
-    pub label_smoothing: f64,
-    /// Weight of an added chosen NLL term (TRL `cpo_alpha`; 0 for pure SimPO). Default 0.0.
-    pub sft_weight: f64,
-}
-
-impl Default for SimpoSettings {
-    fn default() -> Self {
-        SimpoSettings { beta: 2.0, gamma: 0.5, label_smoothing: 0.0, sft_weight: 0.0 }
-    }
-}
-
-/// Which pairwise objective a stage trains.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Objective {
-    Reward(RewardSettings),
-    Dpo(DpoSettings),
-    Orpo(OrpoSettings),
-    Simpo(SimpoSettings),
-}
-
-/// A pairwise stage's config: the stage config shared by every stage.
-pub type PreferenceConfig = StageConfig;
-
-/// The stage names of `align` for [`PreferenceConfig::objective`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PairwiseStage {
-    Reward,
-    Dpo,
-    Orpo,
-    Simpo,
-}
-
-impl StageConfig {
-    /// The objective of `stage`, from its section (defaults when absent); a section of
-    /// another stage is an error, so a DPO config is never silently run as ORPO.
-    pub fn objective(&self, stage: PairwiseStage) -> Result<Objective> {
-        let own = match stage {
-            PairwiseStage::Reward => "reward",
-            PairwiseStage::Dpo => "dpo",
-            PairwiseStage::Orpo => "orpo",
-            PairwiseStage::Simpo => "simpo",
-        };
-        self.check_sections(own, Some(own))?;
-        if self.packing {
-            bail!("packing applies to the sft stage only, not to {own}");
-        }
-        Ok(match stage {
-            PairwiseStage::Reward => Objective::Reward(self.reward.clone().unwrap_or_default()),
-            PairwiseStage::Dpo => Objective::Dpo(self.dpo.clone().unwrap_or_default()),
-            PairwiseStage::Orpo => Objective::Orpo(self.orpo.clone().unwrap_or_default()),
-            PairwiseStage::Simpo => Objective::Simpo(self.simpo.clone().unwrap_or_default()),
-        })
-    }
-}
-
-/// One tokenised preference pair: both rows share the prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Pair {
-    pub chosen: TokenizedSequence,
-    pub rejected: TokenizedSequence,
-    pub margin: Option<f64>,
-}
-
-fn row(prompt: &[u32], completion: &[u32]) -> TokenizedSequence {
-    TokenizedSequence {
-        input_ids: prompt.iter().chain(completion).copied().collect(),
-        loss_mask: std::iter::repeat_n(false, prompt.len())
-            .chain(std::iter::repeat_n(true, completion.len()))
-            .collect(),
-    }
-}
-
-/// Tokenise a preference dataset into pairs (errors name the row that is not a pair).
-pub fn load_pairs(tok: &Tokenizer, data: &DatasetConfig, cfg: &TokenizeConfig, what: &str) -> Result<Vec<Pair>> {
-    let (examples, _) = align_data::load_examples(data)?;
-    let mut t = ExampleTokenizer::new(tok, cfg.clone());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out = t.tokenize_all(&examples, threads)?;
-    t.log_stats(what);
-    out.into_iter()
-        .enumerate()
-        .map(|(i, x)| match x {
-            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, margin } => {
-                if chosen_ids.is_empty() || rejected_ids.is_empty() {
-                    bail!("{}: example {i} has an empty completion after truncation", data.path.display());
-                }
-                Ok(Pair { chosen: row(&prompt_ids, &chosen_ids), rejected: row(&prompt_ids, &rejected_ids), margin })
-            }
-            _ => bail!("{}: example {i} is not a preference pair (needs chosen and rejected)", data.path.display()),
-        })
-        .collect()
-}
+pub use align_data::PreferencePair as Pair;
 
 /// `2b` right-padded rows: the chosen completions, then the rejected ones.
 pub fn pair_batch(pairs: &[&Pair], pad_id: u32) -> HostBatch {
@@ -425,13 +267,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PreferenceStage<B> {
     type Batch = RowBatch;
 
     fn shape(&self) -> Shape {
-        Shape {
-            items: self.train.len(),
-            draw_size: self.batch_size,
-            draws_per_round: self.accumulation,
-            steps_per_round: 1,
-            updates_per_step: 1,
-        }
+        Shape::rows(self.train.len(), self.batch_size, self.accumulation)
     }
 
     fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
@@ -556,9 +392,9 @@ impl StageMain for Preference<'_> {
         let heads = if reward { Heads { lm: false, score: true, value: false } } else { Heads::LM };
         let start = starting_model::<A>(cfg, heads, device)?;
         let tok = start.tokenizer;
-        let train_pairs = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let train_pairs = preference_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
         let eval_pairs = match &cfg.eval_data {
-            Some(d) => load_pairs(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => preference_pairs(&tok, d, &cfg.tokenize, "eval")?,
             None => vec![],
         };
         let mut model = start.model;
@@ -656,11 +492,11 @@ pub fn score_dataset<B: FusedOps>(
         match x {
             Tokenized::Sequence(s) => seqs.push((i, None, s)),
             Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } => {
-                seqs.push((i, Some(true), row(&prompt_ids, &chosen_ids)));
-                seqs.push((i, Some(false), row(&prompt_ids, &rejected_ids)));
+                seqs.push((i, Some(true), TokenizedSequence::completion(&prompt_ids, &chosen_ids)));
+                seqs.push((i, Some(false), TokenizedSequence::completion(&prompt_ids, &rejected_ids)));
             }
             Tokenized::Labelled { prompted, .. } => {
-                seqs.push((i, None, row(&prompted.prompt_ids, &prompted.completion_ids)))
+                seqs.push((i, None, TokenizedSequence::completion(&prompted.prompt_ids, &prompted.completion_ids)))
             }
             Tokenized::Prompt { .. } => bail!("{}: row {i} has no completion to score", data.path.display()),
         }

@@ -9,149 +9,23 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-use std::time::Instant;
 
-use align_data::{DatasetConfig, ExampleTokenizer, LossPositions, TokenizeConfig, TokenizedSequence, pad_right};
+use align_data::{GenerationPrompt, generation_prompts};
+use align_data::{LossPositions, TokenizedSequence, pad_right};
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer, spread_rows};
-use align_reward::{Reward, Sample};
-use align_rollout::{SamplingConfig, generate_text_groups};
+use align_reward::Reward;
+use align_reward::{RewardTerm, build_terms};
 use anyhow::{Context, Result};
 use serde_json::json;
 
-/// A prompt to generate from, with the row it came from (rewards read ground truths and
-/// external scores from it).
-#[derive(Debug, Clone)]
-pub struct RlPrompt {
-    pub ids: Vec<u32>,
-    /// The prompt as the policy sees it (decoded ids, special tokens kept).
-    pub text: String,
-    /// `align_data::Example` as JSON.
-    pub example: serde_json::Value,
-}
+use align_eval::evaluate_prompts;
+use align_reward::{Scored, score_rollouts};
+use align_rollout::{Generation, Rollouts, rollout};
 
-/// Every row's generation prompt (`prompt` column, or a conversation before its last
-/// assistant turn); a row without one is an error naming the file and row.
-pub fn load_prompts(
-    tok: &Tokenizer,
-    data: &DatasetConfig,
-    tokenize: &TokenizeConfig,
-    what: &str,
-) -> Result<Vec<RlPrompt>> {
-    let (examples, _) = align_data::load_examples(data)?;
-    let mut t = ExampleTokenizer::new(tok, tokenize.clone());
-    let mut out = Vec::with_capacity(examples.len());
-    for (i, ex) in examples.iter().enumerate() {
-        let at = || format!("{}: row {}", data.path.display(), data.skip + i + 1);
-        let ids = t
-            .generation_prompt(ex)
-            .with_context(at)?
-            .with_context(|| format!("{}: plain text has no prompt to generate from", at()))?;
-        let text = tok.decode(&ids, false).with_context(at)?;
-        out.push(RlPrompt { ids, text, example: serde_json::to_value(ex)? });
-    }
-    t.log_stats(what);
-    if out.is_empty() {
-        anyhow::bail!("{}: no prompts", data.path.display());
-    }
-    Ok(out)
-}
-
-/// Sampling settings of a generation batch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generation {
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub max_new_tokens: usize,
-    pub min_new_tokens: usize,
-    pub stop_strings: Vec<String>,
-    pub include_stop_str_in_output: bool,
-}
-
-/// The completions of a generation batch, prompt-major (`group` per prompt).
-#[derive(Debug, Clone, Default)]
-pub struct Rollouts {
-    /// Index into the generation's prompts of each completion.
-    pub prompt: Vec<usize>,
-    pub completions: Vec<Vec<u32>>,
-    /// Log-probs under the sampling temperature, one per completion token.
-    pub logps: Vec<Vec<f32>>,
-    pub texts: Vec<String>,
-    /// Ended by `max_new_tokens` rather than EOS or a stop string.
-    pub truncated: Vec<bool>,
-    pub seconds: f64,
-}
-
-impl Rollouts {
-    /// Length and speed metrics of the batch, by TRL's names.
-    pub fn length_metrics(&self) -> BTreeMap<String, f64> {
-        let lens: Vec<f64> = self.completions.iter().map(|c| c.len() as f64).collect();
-        let mut m = BTreeMap::new();
-        m.insert("completions/mean_length".into(), mean_std(&lens).0);
-        m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
-        m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
-        let truncated = self.truncated.iter().filter(|&&t| t).count();
-        m.insert("completions/clipped_ratio".into(), truncated as f64 / self.len().max(1) as f64);
-        m.insert("rollout_tokens_per_second".into(), self.tokens() as f64 / self.seconds.max(1e-9));
-        m.insert("rollout_seconds".into(), self.seconds);
-        m
-    }
-
-    pub fn len(&self) -> usize {
-        self.completions.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.completions.is_empty()
-    }
-    pub fn tokens(&self) -> usize {
-        self.completions.iter().map(Vec::len).sum()
-    }
-}
-
-/// Sample `group` completions of each prompt from `model`, seeded by `seed`.
-pub fn rollout<B: FusedOps>(
-    model: &Transformer<B>,
-    tok: &Tokenizer,
-    prompts: &[&RlPrompt],
-    group: usize,
-    sampling: &Generation,
-    seed: u64,
-) -> Rollouts {
-    let t0 = Instant::now();
-    let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
-    let cfg = SamplingConfig {
-        temperature: sampling.temperature,
-        top_k: sampling.top_k,
-        top_p: sampling.top_p,
-        max_new_tokens: sampling.max_new_tokens,
-        min_new_tokens: sampling.min_new_tokens,
-        stop_token_ids: tok.eos_token_id.into_iter().collect(),
-        seed,
-    };
-    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.ids.clone()).collect();
-    let outs = generate_text_groups(
-        model,
-        tok,
-        &ids,
-        group,
-        pad,
-        &cfg,
-        &sampling.stop_strings,
-        sampling.include_stop_str_in_output,
-    );
-    let mut r = Rollouts::default();
-    for (i, o) in outs.into_iter().enumerate() {
-        r.prompt.push(i / group.max(1));
-        r.truncated.push(!o.completion.stopped);
-        r.completions.push(o.completion.tokens);
-        r.logps.push(o.completion.logprobs);
-        r.texts.push(o.text);
-    }
-    r.seconds = t0.elapsed().as_secs_f64();
-    r
-}
+use crate::config::StageConfig;
+use crate::train::{Evaluation, Shape};
 
 /// `[b, width]` float tensor from host rows (zero-padded).
 pub fn rows_tensor<B: Backend>(rows: &[Vec<f64>], width: usize, device: &B::Device) -> Tensor<B, 2> {
@@ -316,13 +190,14 @@ pub struct ScoredGeneration {
 pub fn sample_and_score<B: FusedOps>(
     policy: &Transformer<B>,
     tok: &Tokenizer,
-    prompts: &[&RlPrompt],
+    prompts: &[&GenerationPrompt],
     group: usize,
     sampling: &Generation,
     seed: u64,
     rewards: &[(Box<dyn Reward>, f64)],
 ) -> Result<ScoredGeneration> {
-    let r = rollout(policy, tok, prompts, group, sampling, seed);
+    let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
+    let r = rollout(policy, tok, &ids, group, sampling, seed);
     let scored = score_rollouts(rewards, prompts, &r)?;
     let mut metrics = r.length_metrics();
     for (k, (f, _)) in rewards.iter().enumerate() {
@@ -344,7 +219,7 @@ impl ScoredGeneration {
     pub fn log_rows(
         &self,
         step: usize,
-        prompts: &[&RlPrompt],
+        prompts: &[&GenerationPrompt],
         rewards: &[(Box<dyn Reward>, f64)],
         total: &[Option<f64>],
         advantages: &[f64],
@@ -394,6 +269,93 @@ impl ScoredGeneration {
     }
 }
 
+/// What every online stage (GRPO, RLOO, PPO) holds besides its model: the tokenizer, the
+/// reward functions, the train and held-out prompts, and `completions.jsonl`.
+pub struct OnlineData<'a> {
+    pub cfg: &'a StageConfig,
+    pub tok: Tokenizer,
+    /// The id padding rows.
+    pub pad: u32,
+    pub rewards: Vec<(Box<dyn Reward>, f64)>,
+    pub train: Vec<GenerationPrompt>,
+    pub eval: Vec<GenerationPrompt>,
+    log: Option<CompletionLog>,
+}
+
+impl<'a> OnlineData<'a> {
+    /// The prompts of `cfg`'s `[data]` and `[eval_data]`, and its reward functions.
+    pub fn load<B: FusedOps>(
+        cfg: &'a StageConfig,
+        tok: Tokenizer,
+        pad: u32,
+        rewards: &[RewardTerm],
+        device: &B::Device,
+    ) -> Result<Self> {
+        let train = generation_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let eval = match &cfg.eval_data {
+            Some(d) => generation_prompts(&tok, d, &cfg.tokenize, "eval")?,
+            None => vec![],
+        };
+        let rewards = build_terms::<B>(rewards, device)?;
+        Ok(OnlineData { cfg, tok, pad, rewards, train, eval, log: None })
+    }
+
+    /// The prompts of a round's draws.
+    pub fn prompts(&self, draws: &[Vec<usize>]) -> Vec<&GenerationPrompt> {
+        draws.iter().flatten().map(|&i| &self.train[i]).collect()
+    }
+
+    /// A round of `group` completions per prompt trained on for `iterations` steps.
+    pub fn group_shape(&self, group: usize, iterations: usize) -> Shape {
+        let t = &self.cfg.training;
+        Shape {
+            items: self.train.len(),
+            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / group.max(1),
+            draws_per_round: 1,
+            steps_per_round: iterations,
+            updates_per_step: 1,
+        }
+    }
+
+    /// Completions `0..n` in micro-batches of `per_device_train_batch_size`.
+    pub fn micro_batches(&self, n: usize) -> Vec<Vec<usize>> {
+        let all: Vec<usize> = (0..n).collect();
+        all.chunks(self.cfg.training.per_device_train_batch_size.max(1)).map(<[usize]>::to_vec).collect()
+    }
+
+    /// Open `completions.jsonl` when `enabled` (cut back to `resumed_at` on resume).
+    pub fn open_log(&mut self, enabled: bool, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
+        self.log = if enabled { Some(CompletionLog::open(output_dir, resumed_at)?) } else { None };
+        Ok(())
+    }
+
+    /// Append rows to `completions.jsonl` (when open).
+    pub fn log(&mut self, rows: &[serde_json::Value]) -> Result<()> {
+        match self.log.as_mut() {
+            Some(log) => log.write(rows),
+            None => Ok(()),
+        }
+    }
+
+    /// The held-out reward of `policy`, sampling with `sampling`; its samples go to
+    /// `eval/step-{step}.jsonl`. None without held-out prompts.
+    pub fn evaluate<B: FusedOps>(
+        &self,
+        policy: &Transformer<B>,
+        sampling: &Generation,
+        step: usize,
+    ) -> Result<Option<Evaluation>> {
+        if self.eval.is_empty() {
+            return Ok(None);
+        }
+        let t = &self.cfg.training;
+        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
+        let (bs, seed) = (t.per_device_train_batch_size, t.seed);
+        let metrics = evaluate_prompts(policy, &self.tok, &self.rewards, &self.eval, sampling, bs, seed, &samples)?;
+        Ok(Some(Evaluation { loss: None, metrics }))
+    }
+}
+
 /// `completions.jsonl`: every sampled completion with its rewards, fresh or, on resume, cut
 /// back to the checkpoint's step.
 pub struct CompletionLog {
@@ -435,143 +397,4 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
     }
     let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64;
     (m, var.sqrt())
-}
-
-/// Best-of-N (rejection sampling): `n` samples of each prompt (one prefill per prompt,
-/// several prompts per batch), scored by `reward`, the best kept. A selection's `prompt`
-/// is the row's own `prompt` (text or messages), so the file trains the SFT stage as is.
-pub fn best_of_n<B: FusedOps>(
-    model: &Transformer<B>,
-    tok: &Tokenizer,
-    reward: &dyn align_reward::Reward,
-    prompts: &[RlPrompt],
-    n: usize,
-    sampling: &Generation,
-    seed: u64,
-) -> Result<Vec<align_reward::BestOfN>> {
-    if n == 0 {
-        anyhow::bail!("best-of-n needs n >= 1");
-    }
-    // About 64 sequences per decoding batch.
-    let per_batch = (64 / n).max(1);
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "best-of-n {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
-    let mut out = Vec::with_capacity(prompts.len());
-    for (b, chunk) in prompts.chunks(per_batch).enumerate() {
-        let ps: Vec<&RlPrompt> = chunk.iter().collect();
-        let r = rollout(model, tok, &ps, n, sampling, seed.wrapping_add(b as u64));
-        let samples: Vec<align_reward::Sample> = (0..r.len())
-            .map(|i| align_reward::Sample {
-                prompt: &ps[r.prompt[i]].text,
-                completion: &r.texts[i],
-                completion_ids: &r.completions[i],
-                example: &ps[r.prompt[i]].example,
-            })
-            .collect();
-        let scores = reward.score_batch(&samples)?;
-        for (p, prompt) in ps.iter().enumerate() {
-            let candidates = (p * n..(p + 1) * n)
-                .map(|i| align_reward::Candidate { completion: r.texts[i].clone(), reward: scores[i].score })
-                .collect();
-            let row_prompt = prompt.example.get("prompt").cloned().unwrap_or_else(|| prompt.text.clone().into());
-            let sel = align_reward::BestOfN::select(row_prompt, candidates)
-                .with_context(|| format!("prompt {}: every candidate's reward is NaN", out.len() + 1))?;
-            out.push(sel);
-        }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    Ok(out)
-}
-
-/// Scores of a generation batch: per function, and the components of each.
-pub struct Scored {
-    /// `[completion][function]`
-    pub per_func: Vec<Vec<Option<f64>>>,
-    /// `(function name, component) → value per completion`
-    pub components: BTreeMap<String, Vec<f64>>,
-}
-
-/// Score completions with every reward function.
-pub fn score_rollouts(rewards: &[(Box<dyn Reward>, f64)], prompts: &[&RlPrompt], r: &Rollouts) -> Result<Scored> {
-    let samples: Vec<Sample> = (0..r.len())
-        .map(|i| Sample {
-            prompt: &prompts[r.prompt[i]].text,
-            completion: &r.texts[i],
-            completion_ids: &r.completions[i],
-            example: &prompts[r.prompt[i]].example,
-        })
-        .collect();
-    let mut per_func = vec![vec![None; rewards.len()]; r.len()];
-    let mut components = BTreeMap::<String, Vec<f64>>::new();
-    for (k, (f, _)) in rewards.iter().enumerate() {
-        let outs = f.score_batch(&samples)?;
-        for (i, o) in outs.into_iter().enumerate() {
-            per_func[i][k] = (!o.score.is_nan()).then_some(o.score);
-            for (c, v) in o.components {
-                components.entry(format!("{}/{c}", f.name())).or_insert_with(|| vec![0.0; r.len()])[i] = v;
-            }
-        }
-    }
-    Ok(Scored { per_func, components })
-}
-
-/// Mean reward (and per function and component) of one greedy (or `eval_temperature`)
-/// completion per held-out prompt; each sample, with its rewards, is a line of `samples`.
-#[allow(clippy::too_many_arguments)]
-pub fn evaluate_prompts<B: FusedOps>(
-    policy: &Transformer<B>,
-    tok: &Tokenizer,
-    rewards: &[(Box<dyn Reward>, f64)],
-    prompts: &[RlPrompt],
-    sampling: &Generation,
-    batch_size: usize,
-    seed: u64,
-    samples: &Path,
-) -> Result<BTreeMap<String, f64>> {
-    let bs = batch_size.max(1);
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
-    );
-    if let Some(dir) = samples.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = std::fs::File::create(samples).with_context(|| samples.display().to_string())?;
-    let (mut totals, mut sums, mut n) = (vec![], BTreeMap::<String, f64>::new(), 0usize);
-    let mut lengths = vec![];
-    for (b, chunk) in prompts.chunks(bs).enumerate() {
-        let ps: Vec<&RlPrompt> = chunk.iter().collect();
-        let r = rollout(policy, tok, &ps, 1, sampling, seed.wrapping_add(b as u64));
-        let scored = score_rollouts(rewards, &ps, &r)?;
-        for i in 0..r.len() {
-            let mut total = 0.0;
-            let mut row = json!({"prompt": ps[i].text, "completion": r.texts[i], "tokens": r.completions[i].len()});
-            for (k, (func, w)) in rewards.iter().enumerate() {
-                let v = scored.per_func[i][k].unwrap_or(0.0);
-                total += w * v;
-                *sums.entry(format!("rewards/{}", func.name())).or_default() += v;
-                row[func.name()] = json!(v);
-            }
-            for (c, v) in &scored.components {
-                *sums.entry(format!("rewards/{c}")).or_default() += v[i];
-                row[c] = json!(v[i]);
-            }
-            row["reward"] = json!(total);
-            writeln!(f, "{row}")?;
-            totals.push(total);
-            lengths.push(r.completions[i].len() as f64);
-            n += 1;
-        }
-        bar.inc(chunk.len() as u64);
-    }
-    bar.finish_and_clear();
-    let mut m: BTreeMap<String, f64> = sums.into_iter().map(|(k, v)| (k, v / n.max(1) as f64)).collect();
-    m.insert("reward".into(), mean_std(&totals).0);
-    m.insert("completions/mean_length".into(), mean_std(&lengths).0);
-    Ok(m)
 }

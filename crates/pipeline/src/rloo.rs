@@ -12,100 +12,19 @@ use align_losses::rloo::{rloo_advantages, rloo_loss};
 use align_losses::{masked_mean, sequence_logprobs};
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
-use align_model::{AutodiffFusedOps, Heads, HfHead, ModelConfig, Tokenizer, Transformer};
-use align_reward::{Reward, RewardTerm, build_terms};
+use align_model::{AutodiffFusedOps, Heads, HfHead, ModelConfig, Transformer};
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
 
 use crate::config::StageConfig;
+pub use crate::config::rloo::RlooSettings;
+use align_rollout::{Generation, Rollouts};
+
 use crate::rl::{
-    CompletionLog, Generation, RlPrompt, Rollouts, completion_batch, completion_forward, completion_mask,
-    evaluate_prompts, load_prompts, mean_std, prompts_per_generation, rows_tensor, sample_and_score,
+    OnlineData, completion_batch, completion_forward, completion_mask, mean_std, prompts_per_generation, rows_tensor,
+    sample_and_score,
 };
 use crate::stage::{StageMain, frozen_copy, starting_model};
 use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
-
-/// `[rloo]`: TRL `RLOOConfig` names and defaults.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RlooSettings {
-    /// The reward functions and their weights (see align-reward's `RewardSpec`). Required.
-    pub rewards: Vec<RewardTerm>,
-    /// Completions per prompt, k (at least 2: the baseline needs a sibling). Default 2.
-    pub num_generations: usize,
-    /// Tokens per completion at most. Default 256.
-    pub max_completion_length: usize,
-    /// Default 1.0.
-    pub temperature: f32,
-    /// Default 1.0 (off).
-    pub top_p: f32,
-    /// Default 0 (off).
-    pub top_k: usize,
-    /// Default 0.
-    pub min_new_tokens: usize,
-    /// Strings that end a completion. Default none.
-    pub stop_strings: Vec<String>,
-    /// Keep the stop string in the completion. Default true.
-    pub include_stop_str_in_output: bool,
-    /// KL coefficient β: the reward is less β·Σ_t(log π_old − log π_ref) (k1, summed over
-    /// the completion); 0 loads no reference. Default 0.05.
-    pub beta: f64,
-    /// ε of the clipped surrogate. Default 0.2.
-    pub epsilon: f64,
-    /// Upper ε. Default: `epsilon`.
-    pub epsilon_high: Option<f64>,
-    /// Optimizer steps per generation batch (μ). Default 1.
-    pub num_iterations: usize,
-    /// Rescale the batch's advantages to mean 0, std 1. Default false.
-    pub normalize_advantages: bool,
-    /// Clamp rewards to `[min, max]` before the KL penalty. Default none.
-    pub reward_clip_range: Option<[f64; 2]>,
-    /// Completions that hit `max_completion_length` contribute no log-probs. Default false.
-    pub mask_truncated_completions: bool,
-    /// Temperature of the held-out evaluation (0 = greedy). Default 0.0.
-    pub eval_temperature: f32,
-    /// Write every completion with its rewards to `completions.jsonl`. Default true.
-    pub log_completions: bool,
-}
-
-impl Default for RlooSettings {
-    fn default() -> Self {
-        RlooSettings {
-            rewards: vec![],
-            num_generations: 2,
-            max_completion_length: 256,
-            temperature: 1.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_new_tokens: 0,
-            stop_strings: vec![],
-            include_stop_str_in_output: true,
-            beta: 0.05,
-            epsilon: 0.2,
-            epsilon_high: None,
-            num_iterations: 1,
-            normalize_advantages: false,
-            reward_clip_range: None,
-            mask_truncated_completions: false,
-            eval_temperature: 0.0,
-            log_completions: true,
-        }
-    }
-}
-
-impl RlooSettings {
-    fn generation(&self, temperature: f32) -> Generation {
-        Generation {
-            temperature,
-            top_k: self.top_k,
-            top_p: self.top_p,
-            max_new_tokens: self.max_completion_length,
-            min_new_tokens: self.min_new_tokens,
-            stop_strings: self.stop_strings.clone(),
-            include_stop_str_in_output: self.include_stop_str_in_output,
-        }
-    }
-}
 
 /// One generation batch with its advantages.
 struct Batch {
@@ -116,16 +35,11 @@ struct Batch {
 }
 
 struct RlooStage<'a, B: AutodiffFusedOps> {
-    cfg: &'a StageConfig,
+    data: OnlineData<'a>,
     s: RlooSettings,
-    tok: Tokenizer,
-    pad: u32,
-    rewards: Vec<(Box<dyn Reward>, f64)>,
-    train_prompts: Vec<RlPrompt>,
-    eval_prompts: Vec<RlPrompt>,
+    /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
     frozen: Option<Transformer<B::InnerBackend>>,
     config: ModelConfig,
-    log: Option<CompletionLog>,
     device: B::Device,
 }
 
@@ -149,22 +63,23 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
     type Batch = Batch;
 
     fn shape(&self) -> Shape {
-        let t = &self.cfg.training;
-        Shape {
-            items: self.train_prompts.len(),
-            draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / self.s.num_generations.max(1),
-            draws_per_round: 1,
-            steps_per_round: self.s.num_iterations,
-            updates_per_step: 1,
-        }
+        self.data.group_shape(self.s.num_generations, self.s.num_iterations)
     }
 
     fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
         let (s, policy) = (&self.s, model.valid());
-        let prompts: Vec<&RlPrompt> = draws.concat().into_iter().map(|i| &self.train_prompts[i]).collect();
-        let sampling = s.generation(s.temperature);
+        let prompts = self.data.prompts(&draws);
+        let sampling = sampling(s, s.temperature);
         let seed = round.generation_seed();
-        let g = sample_and_score(&policy, &self.tok, &prompts, s.num_generations, &sampling, seed, &self.rewards)?;
+        let g = sample_and_score(
+            &policy,
+            &self.data.tok,
+            &prompts,
+            s.num_generations,
+            &sampling,
+            seed,
+            &self.data.rewards,
+        )?;
         let all: Vec<usize> = (0..g.rollouts.len()).collect();
         let kl = (s.beta != 0.0).then(|| {
             let reference = self.frozen.clone().unwrap_or_else(|| {
@@ -172,14 +87,14 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
                 m.set_adapters_enabled(false);
                 m
             });
-            let bs = self.cfg.training.per_device_train_batch_size;
-            let ref_logps = g.reference_logps(&reference, self.pad, s.temperature, bs, &self.device);
+            let bs = self.data.cfg.training.per_device_train_batch_size;
+            let ref_logps = g.reference_logps(&reference, self.data.pad, s.temperature, bs, &self.device);
             let mask = self.mask(&g.rollouts, &all, self.s.max_completion_length.max(1));
             let sampled = self.sampled_logps(&g.rollouts, &all);
             let ref_sums = ref_logps.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, w)| x * w).sum::<f64>());
             sampled.iter().zip(ref_sums).map(|(p, r)| p - r).collect::<Vec<f64>>()
         });
-        let weights: Vec<f64> = self.rewards.iter().map(|(_, w)| *w).collect();
+        let weights: Vec<f64> = self.data.rewards.iter().map(|(_, w)| *w).collect();
         let clip = s.reward_clip_range.map(|[lo, hi]| (lo, hi));
         let adv = rloo_advantages(
             &g.scored.per_func,
@@ -199,16 +114,14 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
             metrics.insert("kl".into(), mean_std(kl).0);
         }
         let total: Vec<Option<f64>> = adv.rewards.iter().map(|r| (!r.is_nan()).then_some(*r)).collect();
-        let rows = g.log_rows(round.step + 1, &prompts, &self.rewards, &total, &adv.advantages);
-        if let Some(log) = self.log.as_mut() {
-            log.write(&rows)?;
-        }
+        let rows = g.log_rows(round.step + 1, &prompts, &self.data.rewards, &total, &adv.advantages);
+        drop(prompts);
+        self.data.log(&rows)?;
         Ok(Batch { prompts: g.prompts, rollouts: g.rollouts, advantages: adv.advantages, metrics })
     }
 
     fn micro_batches(&self, batch: &Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        let all: Vec<usize> = (0..batch.rollouts.len()).collect();
-        all.chunks(self.cfg.training.per_device_train_batch_size.max(1)).map(<[usize]>::to_vec).collect()
+        self.data.micro_batches(batch.rollouts.len())
     }
 
     fn loss(
@@ -222,7 +135,7 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
         let (s, r) = (&self.s, &batch.rollouts);
         let prompts: Vec<&[u32]> = idx.iter().map(|&i| batch.prompts[i].as_slice()).collect();
         let comps: Vec<&[u32]> = idx.iter().map(|&i| r.completions[i].as_slice()).collect();
-        let cb = completion_batch::<B>(&prompts, &comps, self.pad, &self.device);
+        let cb = completion_batch::<B>(&prompts, &comps, self.data.pad, &self.device);
         let mask = rows_tensor::<B>(&self.mask(r, idx, cb.completion_width), cb.completion_width, &self.device);
         let f = completion_forward(model, &cb, s.temperature, true);
         let logps = sequence_logprobs(f.logps, mask.clone(), false);
@@ -262,45 +175,41 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
     }
 
     fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
-        self.log = if self.s.log_completions { Some(CompletionLog::open(output_dir, resumed_at)?) } else { None };
-        Ok(())
+        self.data.open_log(self.s.log_completions, output_dir, resumed_at)
     }
 
     fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
-        if self.eval_prompts.is_empty() {
-            return Ok(None);
-        }
-        let (t, sampling) = (&self.cfg.training, self.s.generation(self.s.eval_temperature));
-        let samples = self.cfg.output_dir.join(format!("eval/step-{step}.jsonl"));
-        let policy = model.valid();
-        let metrics = evaluate_prompts(
-            &policy,
-            &self.tok,
-            &self.rewards,
-            &self.eval_prompts,
-            &sampling,
-            t.per_device_train_batch_size,
-            t.seed,
-            &samples,
-        )?;
-        Ok(Some(Evaluation { loss: None, metrics }))
+        self.data.evaluate(&model.valid(), &sampling(&self.s, self.s.eval_temperature), step)
     }
 
     fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
-        save_trainable(model, self.cfg.lora.as_ref(), HfHead::CausalLm, dir)
+        save_trainable(model, self.data.cfg.lora.as_ref(), HfHead::CausalLm, dir)
     }
 
     fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
-        load_trainable(model, self.cfg.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
+        load_trainable(model, self.data.cfg.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
     }
 
     fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
-        export_policy(model, self.cfg.lora.as_ref(), &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)
+        export_policy(
+            model,
+            self.data.cfg.lora.as_ref(),
+            &self.data.cfg.model.path,
+            &self.data.tok,
+            HfHead::CausalLm,
+            final_dir,
+        )
     }
 
     fn headline(&self) -> &'static [&'static str] {
         &["reward", "kl", "eval_reward"]
     }
+}
+
+/// Sampling at `temperature` with the stage's settings.
+fn sampling(s: &RlooSettings, temperature: f32) -> Generation {
+    let (k, p, stop) = (s.top_k, s.top_p, &s.stop_strings);
+    Generation::new(temperature, k, p, s.max_completion_length, s.min_new_tokens, stop, s.include_stop_str_in_output)
 }
 
 /// Run (or resume) the RLOO stage on backend `B`; returns `final/`.
@@ -326,29 +235,11 @@ impl StageMain for Rloo<'_> {
         }
         let per_generation = prompts_per_generation(&cfg.training, s.num_generations)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
-        let tok = start.tokenizer;
-        let train_prompts = load_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
-        let eval_prompts = match &cfg.eval_data {
-            Some(d) => load_prompts(&tok, d, &cfg.tokenize, "eval")?,
-            None => vec![],
-        };
-        tracing::info!(prompts = train_prompts.len(), prompts_per_generation = per_generation, "RLOO");
-        let rewards = build_terms::<A::InnerBackend>(&s.rewards, device)?;
+        let data = OnlineData::load::<A::InnerBackend>(cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
+        tracing::info!(prompts = data.train.len(), prompts_per_generation = per_generation, "RLOO");
         let model = start.model;
         let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, cfg.training.bf16));
-        let mut stage = RlooStage::<A> {
-            cfg,
-            s,
-            tok,
-            pad: start.pad_id,
-            rewards,
-            train_prompts,
-            eval_prompts,
-            frozen,
-            config: model.config.clone(),
-            log: None,
-            device: device.clone(),
-        };
+        let mut stage = RlooStage::<A> { data, s, frozen, config: model.config.clone(), device: device.clone() };
         train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }

@@ -5,10 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use align_data::{
-    DatasetConfig, ExampleTokenizer, HostBatch, TokenizeConfig, Tokenized, TokenizedSequence, load_examples, pack,
-    pad_right,
-};
+use align_data::sft_sequences;
+use align_data::{HostBatch, TokenizedSequence, pack, pad_right};
 use align_lora::LoraConfig;
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::{ElementConversion, Tensor};
@@ -23,33 +21,6 @@ use crate::train::{
 
 /// The SFT stage's config: the stage config shared by every stage.
 pub type SftConfig = StageConfig;
-
-/// Tokenise a dataset into training sequences.
-fn sequences(
-    tok: &Tokenizer,
-    data: &DatasetConfig,
-    cfg: &TokenizeConfig,
-    what: &str,
-) -> Result<Vec<TokenizedSequence>> {
-    let (examples, _) = load_examples(data)?;
-    let mut t = ExampleTokenizer::new(tok, cfg.clone());
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let out = t.tokenize_all(&examples, threads)?;
-    t.log_stats(what);
-    out.into_iter()
-        .enumerate()
-        .map(|(i, x)| match x {
-            Tokenized::Sequence(s) if s.loss_tokens() > 0 => Ok(s),
-            Tokenized::Sequence(_) => {
-                bail!("{}: example {i} has no tokens to train on after truncation", data.path.display())
-            }
-            _ => bail!(
-                "{}: example {i} is not SFT data (preference or prompt-only rows need another stage)",
-                data.path.display()
-            ),
-        })
-        .collect()
-}
 
 /// SFT as a [`Stage`]: a round is `gradient_accumulation_steps` micro-batches of examples.
 pub struct SftStage<B: AutodiffFusedOps> {
@@ -96,13 +67,7 @@ impl<B: AutodiffFusedOps> Stage<B> for SftStage<B> {
     type Batch = RowBatch;
 
     fn shape(&self) -> Shape {
-        Shape {
-            items: self.train.len(),
-            draw_size: self.batch_size,
-            draws_per_round: self.accumulation,
-            steps_per_round: 1,
-            updates_per_step: 1,
-        }
+        Shape::rows(self.train.len(), self.batch_size, self.accumulation)
     }
 
     fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
@@ -179,9 +144,9 @@ impl StageMain for Sft<'_> {
         cfg.check_sections("sft", None)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
         let tok = start.tokenizer;
-        let train_seqs = sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let train_seqs = sft_sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
         let eval_seqs = match &cfg.eval_data {
-            Some(d) => sequences(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => sft_sequences(&tok, d, &cfg.tokenize, "eval")?,
             None => vec![],
         };
         let packing = if cfg.packing {

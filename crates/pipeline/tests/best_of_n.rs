@@ -4,10 +4,12 @@
 mod common;
 use common::{root, tmp};
 
+use align_data::generation_prompts;
+use align_eval::best_of_n;
 use align_model::backend::Cpu;
 use align_model::{Heads, load_pretrained};
-use align_pipeline::rl::{Generation, best_of_n, load_prompts};
 use align_reward::{Reward, RewardModelScorer, Sample};
+use align_rollout::Generation;
 
 #[test]
 fn best_of_n_selects_the_highest_scored_candidate() {
@@ -18,7 +20,7 @@ fn best_of_n_selects_the_highest_scored_candidate() {
     let policy = load_pretrained::<Cpu>(&tiny, Heads::LM, &Default::default()).unwrap();
     let rm = RewardModelScorer::<Cpu>::load(&tiny, 4, &Default::default()).unwrap();
     let prompts =
-        load_prompts(&policy.tokenizer, &align_data::DatasetConfig::new(&f), &Default::default(), "p").unwrap();
+        generation_prompts(&policy.tokenizer, &align_data::DatasetConfig::new(&f), &Default::default(), "p").unwrap();
     let sampling = Generation {
         temperature: 1.0,
         top_k: 0,

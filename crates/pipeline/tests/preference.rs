@@ -8,7 +8,7 @@ use std::path::Path;
 
 use align_model::backend::Cpu;
 use align_model::{Heads, load_pretrained};
-use align_pipeline::preference::{PairwiseStage, PreferenceConfig, load_pairs, run_preference, score_dataset};
+use align_pipeline::preference::{PairwiseStage, PreferenceConfig, run_preference, score_dataset};
 
 /// 16 PIQA train pairs, 8 held out; `extra` appends sections.
 fn config(out: &Path, training: &str, extra: &str) -> PreferenceConfig {
@@ -144,7 +144,7 @@ fn a_config_is_never_run_as_another_stage() {
     let mut cfg = config(&d.join("y"), "max_steps = 1", "");
     cfg.data = align_data::DatasetConfig::new(root().join("fixtures/data/schemas.jsonl"));
     let tok = load_pretrained::<Cpu>(&cfg.model.path, Heads::LM, &Default::default()).unwrap().tokenizer;
-    let err = load_pairs(&tok, &cfg.data, &cfg.tokenize, "train").unwrap_err();
+    let err = align_data::preference_pairs(&tok, &cfg.data, &cfg.tokenize, "train").unwrap_err();
     assert!(err.to_string().contains("schemas.jsonl: example 0 is not a preference pair"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }

@@ -11,6 +11,7 @@ pub mod best_of_n;
 pub mod combine;
 pub mod math;
 pub mod model;
+pub mod rollouts;
 pub mod rules;
 pub mod spec;
 
@@ -20,6 +21,7 @@ pub use best_of_n::{BestOfN, Candidate, best_index};
 pub use combine::{Adlf, WeightedSum};
 pub use math::{R1ZeroScore, answers_equal, gsm8k_lm_eval_matches, normalize_answer, r1_zero_reward};
 pub use model::{RewardModelScorer, last_token_scores, score_positions, score_sequences};
+pub use rollouts::{Scored, score_rollouts};
 pub use rules::{Coherence, Gsm8kMatch, Gsm8kMatchMode, R1Zero, R1ZeroFormat, SoftOverlong};
 pub use spec::{RewardSpec, RewardTerm, build_reward, build_terms};
 

@@ -9,8 +9,10 @@
 //! sampling temperature, before top-k / top-p truncation: the quantity a policy-gradient
 //! trainer recomputes.
 
+mod batch;
 mod sampling;
 
+pub use batch::{Generation, Rollouts, rollout};
 pub use sampling::{Rng, SamplingConfig, sample_token};
 
 use align_model::FusedOps;

@@ -2,6 +2,8 @@
 //! what (`[data]`, `[eval_data]`, `[tokenize]`), how (`[training]`), and the stage's own
 //! section (`packing` for SFT; `[reward]`, `[dpo]`, `[orpo]`, `[simpo]` for the pairwise
 //! stages; `[kto]`; `[grpo]`, `[rloo]`, `[ppo]`). A section of another stage is refused, so a DPO config never runs as ORPO.
+//! Every section's settings live in this module (one file per stage family); the stages
+//! import them, and nothing here imports a stage.
 //! One struct rather than one per stage: serde's `flatten` cannot be combined with
 //! `deny_unknown_fields`, which every config keeps.
 
@@ -12,15 +14,19 @@ use align_lora::LoraConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub mod grpo;
+pub mod kto;
+pub mod ppo;
+pub mod preference;
+pub mod rloo;
 mod training;
 
+pub use grpo::GrpoSettings;
+pub use kto::KtoSettings;
+pub use ppo::PpoSettings;
+pub use preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
+pub use rloo::RlooSettings;
 pub use training::TrainingArguments;
-
-use crate::grpo::GrpoSettings;
-use crate::kto::KtoSettings;
-use crate::ppo::PpoSettings;
-use crate::preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
-use crate::rloo::RlooSettings;
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

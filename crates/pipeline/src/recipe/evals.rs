@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+use align_data::generation_prompts;
 use align_data::{DatasetConfig, TokenizeConfig};
 use align_model::FusedOps;
 use align_model::{Heads, load_pretrained};
@@ -14,7 +15,8 @@ use align_reward::RewardTerm;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::rl::{Generation, evaluate_prompts, load_prompts};
+use align_eval::evaluate_prompts;
+use align_rollout::Generation;
 
 /// One eval. `name` (default: the kind, or the task for `multiple_choice`) prefixes its
 /// metrics in the report: `arith/accuracy`.
@@ -136,7 +138,7 @@ pub fn run_eval<B: FusedOps>(
         EvalSpec::Rewards { data, rewards, max_new_tokens, temperature, stop_strings, batch_size, seed, .. } => {
             let pre = load_pretrained::<B>(model, Heads::LM, device)?;
             let funcs = align_reward::build_terms::<B>(rewards, device)?;
-            let prompts = load_prompts(&pre.tokenizer, data, &TokenizeConfig::default(), &name)?;
+            let prompts = generation_prompts(&pre.tokenizer, data, &TokenizeConfig::default(), &name)?;
             let sampling = Generation {
                 temperature: *temperature,
                 top_k: 0,

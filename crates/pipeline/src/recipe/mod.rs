@@ -28,6 +28,7 @@ pub mod evals;
 pub mod report;
 pub mod resolve;
 pub mod run;
+pub mod tables;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -101,7 +102,13 @@ pub struct PipelineFile {
     /// Datasets generated in-process, named for `@<name>/<file>` references. Default none.
     #[serde(default)]
     pub data: BTreeMap<String, DataSource>,
-    /// Run in this order; a stage may reference only stages above it.
+    /// Keys every stage starts from (its own keys win; sub-tables merge key by key), such as
+    /// the eval list every stage runs. Default none.
+    #[serde(default)]
+    pub defaults: toml::Table,
+    /// Run in this order; a stage may reference only stages above it. A stage with
+    /// `extends = "<earlier stage>"` starts from that stage's table and is written as its
+    /// difference (an ablation).
     pub stages: Vec<toml::Table>,
 }
 

@@ -10,8 +10,8 @@ use align_eval::report::{Curve, Series, file_stem, fmt, plot};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::resolve::Pipeline;
-use super::run::stage_evals;
+use super::StageKind;
+use super::resolve::{Pipeline, StagePlan};
 
 /// Training metrics shown per stage (the last logged value) and plotted against step.
 const TRAINING_METRICS: [&str; 9] = [
@@ -177,4 +177,37 @@ pub fn build(p: &Pipeline) -> Result<PipelineReport> {
         rows,
         curves,
     })
+}
+
+/// An eval's saved result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvalRecord {
+    pub fingerprint: String,
+    pub metrics: BTreeMap<String, f64>,
+}
+
+/// The eval results of a stage, as `<eval>/<metric>`.
+pub fn stage_evals(stage: &StagePlan) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    for spec in &stage.evals {
+        let name = spec.name();
+        let path = stage.dir.join("eval").join(format!("{name}.json"));
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let r: EvalRecord = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+        for (k, v) in r.metrics {
+            out.insert(format!("{name}/{k}"), v);
+        }
+    }
+    if stage.kind == StageKind::BestOfN {
+        let path = stage.dir.join("best_of_n.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+            for k in ["best_reward", "mean_reward"] {
+                if let Some(x) = v[k].as_f64() {
+                    out.insert(format!("best_of_n/{k}"), x);
+                }
+            }
+        }
+    }
+    Ok(out)
 }

@@ -129,14 +129,15 @@ fn resolve(path: &Path, file: PipelineFile, opts: &Options) -> Result<Pipeline> 
             }
             DataSource::SyntheticArithmetic { .. } => String::new(),
         };
-        let fp = hash_strs(&["data", super::run::DATA_VERSION, &toml::to_string(src)?, &input]);
+        let fp = hash_strs(&["data", super::tables::DATA_VERSION, &toml::to_string(src)?, &input]);
         let dir = root.join("data").join(name);
         known.insert(name.clone(), Ref { dir: dir.clone(), output: dir, fingerprint: fp.clone() });
         data.insert(name.clone(), (src.clone(), fp));
     }
 
     let mut stages: Vec<StagePlan> = Vec::new();
-    for (i, raw) in file.stages.iter().enumerate() {
+    for (i, raw) in expand_stages(&file.defaults, &file.stages).map_err(|e| anyhow::anyhow!(at(e)))?.iter().enumerate()
+    {
         let mut table = raw.clone();
         let name = match table.remove("name") {
             Some(toml::Value::String(s)) => s,
@@ -235,10 +236,10 @@ fn validate(kind: StageKind, config: &toml::Table) -> Result<()> {
     let value = toml::Value::Table(config.clone());
     match kind {
         StageKind::BestOfN => {
-            let _: super::run::BestOfNStage = value.try_into()?;
+            let _: super::tables::BestOfNStage = value.try_into()?;
         }
         StageKind::Eval => {
-            let _: super::run::EvalStage = value.try_into()?;
+            let _: super::tables::EvalStage = value.try_into()?;
         }
         _ => {
             let cfg: crate::config::StageConfig = value.try_into()?;
@@ -250,6 +251,39 @@ fn validate(kind: StageKind, config: &toml::Table) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The stages as written, each merged over `[defaults]` and, with `extends = "<stage>"`,
+/// over that earlier stage (itself already expanded).
+fn expand_stages(defaults: &toml::Table, stages: &[toml::Table]) -> std::result::Result<Vec<toml::Table>, String> {
+    let mut out: Vec<toml::Table> = Vec::with_capacity(stages.len());
+    for (i, raw) in stages.iter().enumerate() {
+        let mut own = raw.clone();
+        let mut table = match own.remove("extends") {
+            None => defaults.clone(),
+            Some(toml::Value::String(parent)) => out
+                .iter()
+                .find(|t| t.get("name").and_then(toml::Value::as_str) == Some(parent.as_str()))
+                .cloned()
+                .ok_or_else(|| format!("stages[{i}]: extends = {parent:?}, but no earlier stage has that name"))?,
+            Some(_) => return Err(format!("stages[{i}]: `extends` must be the name of an earlier stage")),
+        };
+        merge_tables(&mut table, own);
+        out.push(table);
+    }
+    Ok(out)
+}
+
+/// `over`'s keys onto `base`: tables merged key by key, anything else replaced.
+fn merge_tables(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge_tables(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 fn check_name(name: &str) -> Result<()> {
@@ -502,5 +536,52 @@ mod tests {
         assert_eq!(doc["name"].as_str(), Some("other"));
         assert!(apply_set(&mut doc, "stages.nope.training.max_steps=1").is_err());
         assert!(apply_set(&mut doc, "no_equals_sign").is_err());
+    }
+
+    #[test]
+    fn stages_extend_defaults_and_earlier_stages() {
+        let doc: toml::Table = toml::from_str(
+            r#"
+[defaults]
+evals = [{ name = "e" }]
+[defaults.training]
+seed = 3
+[[stages]]
+name = "a"
+kind = "grpo"
+[stages.training]
+learning_rate = 0.1
+max_steps = 5
+[stages.grpo]
+beta = 0.0
+[[stages]]
+name = "b"
+extends = "a"
+evals = []
+[stages.training]
+max_steps = 7
+[stages.grpo]
+loss_type = "dr_grpo"
+"#,
+        )
+        .unwrap();
+        let stages: Vec<toml::Table> =
+            doc["stages"].as_array().unwrap().iter().map(|t| t.as_table().unwrap().clone()).collect();
+        let out = expand_stages(doc["defaults"].as_table().unwrap(), &stages).unwrap();
+        let (a, b) = (&out[0], &out[1]);
+        assert_eq!(a["training"]["seed"].as_integer(), Some(3), "defaults under a stage");
+        assert_eq!(a["evals"].as_array().unwrap().len(), 1);
+        assert_eq!(b["name"].as_str(), Some("b"));
+        assert_eq!(b["kind"].as_str(), Some("grpo"), "inherited");
+        assert_eq!(b["training"]["learning_rate"].as_float(), Some(0.1), "inherited key of a merged table");
+        assert_eq!(b["training"]["max_steps"].as_integer(), Some(7), "own key wins");
+        assert_eq!(b["training"]["seed"].as_integer(), Some(3));
+        assert_eq!(b["grpo"]["beta"].as_float(), Some(0.0));
+        assert_eq!(b["grpo"]["loss_type"].as_str(), Some("dr_grpo"));
+        assert!(b["evals"].as_array().unwrap().is_empty(), "arrays are replaced, not merged");
+        assert!(!b.contains_key("extends"));
+        let bad: Vec<toml::Table> = vec![toml::from_str("name = \"x\"\nextends = \"later\"").unwrap()];
+        let e = expand_stages(&toml::Table::new(), &bad).unwrap_err();
+        assert!(e.contains("no earlier stage") && e.contains("later"), "{e}");
     }
 }

@@ -3,26 +3,22 @@
 //! same fingerprint → skipped; interrupted with the same fingerprint → resumed from its
 //! last checkpoint; anything else → its directory is cleared and it runs again.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use align_model::FusedOps;
 use align_model::burn::tensor::backend::Backend;
 use align_model::{Heads, HfHead, ModelConfig, Tokenizer, init_random, load_pretrained, save_pretrained};
-use align_reward::RewardTerm;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use super::evals::run_eval;
-use super::report::PipelineReport;
+use super::report::{EvalRecord, PipelineReport};
 use super::resolve::{Pipeline, StagePlan, hash_path};
+use super::tables::{BestOfNStage, EvalStage};
 use super::{DataSource, StageKind};
-use crate::config::{ModelSpec, StageConfig};
+use crate::config::StageConfig;
 use crate::preference::{PairwiseStage, run_preference};
-
-/// Bump when a generated dataset's contents change for the same settings.
-pub const DATA_VERSION: &str = "1";
 
 /// `runs/<pipeline>/<stage>/stage.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -94,59 +90,6 @@ pub fn state(stage: &StagePlan) -> Result<StageState> {
 /// Every stage with its kind and state.
 pub fn list(p: &Pipeline) -> Result<Vec<(String, StageKind, StageState)>> {
     p.stages.iter().map(|s| Ok((s.name.clone(), s.kind, state(s)?))).collect()
-}
-
-/// `best_of_n` stage settings (the stage's table).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BestOfNStage {
-    /// The policy that samples.
-    pub model: ModelSpec,
-    /// Rows with a `prompt`.
-    pub data: align_data::DatasetConfig,
-    /// What picks the best (usually `[{ kind = "model", path = "@reward" }]`).
-    pub rewards: Vec<RewardTerm>,
-    /// Candidates per prompt. Default 4.
-    #[serde(default = "default_n")]
-    pub n: usize,
-    /// Default 0.8.
-    #[serde(default = "default_bon_temperature")]
-    pub temperature: f32,
-    /// Default 1.0.
-    #[serde(default = "default_top_p")]
-    pub top_p: f32,
-    /// Default 0 (off).
-    #[serde(default)]
-    pub top_k: usize,
-    /// Default 64.
-    #[serde(default = "default_bon_tokens")]
-    pub max_new_tokens: usize,
-    /// Default none.
-    #[serde(default)]
-    pub stop_strings: Vec<String>,
-    /// Default 0.
-    #[serde(default)]
-    pub seed: u64,
-}
-
-fn default_n() -> usize {
-    4
-}
-fn default_bon_temperature() -> f32 {
-    0.8
-}
-fn default_top_p() -> f32 {
-    1.0
-}
-fn default_bon_tokens() -> usize {
-    64
-}
-
-/// `eval` stage settings: only the model (the evals are the stage's `evals`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EvalStage {
-    pub model: ModelSpec,
 }
 
 fn parse<T: serde::de::DeserializeOwned>(p: &Pipeline, stage: &StagePlan) -> Result<T> {
@@ -287,8 +230,8 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
     } else {
         Box::new(align_reward::WeightedSum { name: "reward".into(), terms })
     };
-    let prompts = crate::rl::load_prompts(&pre.tokenizer, &s.data, &Default::default(), "prompts")?;
-    let sampling = crate::rl::Generation {
+    let prompts = align_data::generation_prompts(&pre.tokenizer, &s.data, &Default::default(), "prompts")?;
+    let sampling = align_rollout::Generation {
         temperature: s.temperature,
         top_k: s.top_k,
         top_p: s.top_p,
@@ -297,7 +240,7 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
         stop_strings: s.stop_strings.clone(),
         include_stop_str_in_output: true,
     };
-    let sel = crate::rl::best_of_n(&pre.model, &pre.tokenizer, reward.as_ref(), &prompts, s.n, &sampling, s.seed)?;
+    let sel = align_eval::best_of_n(&pre.model, &pre.tokenizer, reward.as_ref(), &prompts, s.n, &sampling, s.seed)?;
     // Printed as the seed recipe shows it: every candidate with its reward, the best marked.
     let mut text = String::new();
     for (i, x) in sel.iter().enumerate() {
@@ -330,13 +273,6 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
     )?;
     Ok(())
-}
-
-/// An eval's saved result.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct EvalRecord {
-    pub fingerprint: String,
-    pub metrics: BTreeMap<String, f64>,
 }
 
 /// The model a stage's evals look at.
@@ -378,32 +314,6 @@ fn run_evals<B: FusedOps>(p: &Pipeline, stage: &StagePlan, device: &B::Device) -
         align_model::weights::write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }
     Ok(())
-}
-
-/// The eval results of a stage, as `<eval>/<metric>`.
-pub fn stage_evals(stage: &StagePlan) -> Result<BTreeMap<String, f64>> {
-    let mut out = BTreeMap::new();
-    for spec in &stage.evals {
-        let name = spec.name();
-        let path = stage.dir.join("eval").join(format!("{name}.json"));
-        let Ok(text) = std::fs::read_to_string(&path) else { continue };
-        let r: EvalRecord = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-        for (k, v) in r.metrics {
-            out.insert(format!("{name}/{k}"), v);
-        }
-    }
-    if stage.kind == StageKind::BestOfN {
-        let path = stage.dir.join("best_of_n.json");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            let v: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-            for k in ["best_reward", "mean_reward"] {
-                if let Some(x) = v[k].as_f64() {
-                    out.insert(format!("best_of_n/{k}"), x);
-                }
-            }
-        }
-    }
-    Ok(out)
 }
 
 /// `root/base/`: the random model of `[base.init]` with its word-level tokenizer.

@@ -52,6 +52,14 @@ pub struct Shape {
     pub updates_per_step: usize,
 }
 
+impl Shape {
+    /// A stage on dataset rows: a round is `accumulation` micro-batches of `batch_size`
+    /// rows, trained on for one step of one update.
+    pub fn rows(items: usize, batch_size: usize, accumulation: usize) -> Shape {
+        Shape { items, draw_size: batch_size, draws_per_round: accumulation, steps_per_round: 1, updates_per_step: 1 }
+    }
+}
+
 /// Where the loop is when it asks for a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Round {

@@ -1,0 +1,153 @@
+//! What each training stage reads from a dataset, tokenised: SFT sequences, preference
+//! pairs, labelled completions (KTO) and generation prompts (online RL). A row of the wrong
+//! kind, or one that truncation left empty, is an error naming the file and the example.
+
+use align_model::Tokenizer;
+
+use crate::{DataError, DatasetConfig, ExampleTokenizer, Result, TokenizeConfig, Tokenized, TokenizedSequence};
+
+/// Every row of `data` tokenised (on all cores); `what` names the set in the log.
+pub fn tokenized_rows(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<Tokenized>> {
+    let (examples, _) = crate::load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, cfg.clone());
+    let out = t.tokenize_all(&examples, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+    t.log_stats(what);
+    Ok(out)
+}
+
+fn refuse(data: &DatasetConfig, i: usize, message: &str) -> DataError {
+    DataError::file(&data.path, format!("example {i} {message}"))
+}
+
+/// SFT: each row's sequence and loss mask (completion, assistant turns or all text).
+pub fn sft_sequences(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<TokenizedSequence>> {
+    let rows = tokenized_rows(tok, data, cfg, what)?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Tokenized::Sequence(s) if s.loss_tokens() > 0 => Ok(s),
+            Tokenized::Sequence(_) => Err(refuse(data, i, "has no tokens to train on after truncation")),
+            _ => Err(refuse(data, i, "is not SFT data (preference or prompt-only rows need another stage)")),
+        })
+        .collect()
+}
+
+/// A preference pair: both rows share the prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreferencePair {
+    pub chosen: TokenizedSequence,
+    pub rejected: TokenizedSequence,
+    pub margin: Option<f64>,
+}
+
+/// Pairwise stages: each row's pair.
+pub fn preference_pairs(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<PreferencePair>> {
+    let rows = tokenized_rows(tok, data, cfg, what)?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, x)| match x {
+            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, margin } => {
+                if chosen_ids.is_empty() || rejected_ids.is_empty() {
+                    return Err(refuse(data, i, "has an empty completion after truncation"));
+                }
+                let chosen = TokenizedSequence::completion(&prompt_ids, &chosen_ids);
+                Ok(PreferencePair {
+                    chosen,
+                    rejected: TokenizedSequence::completion(&prompt_ids, &rejected_ids),
+                    margin,
+                })
+            }
+            _ => Err(refuse(data, i, "is not a preference pair (needs chosen and rejected)")),
+        })
+        .collect()
+}
+
+/// A completion labelled desirable or undesirable.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelledCompletion {
+    pub prompt: Vec<u32>,
+    pub completion: Vec<u32>,
+    pub desirable: bool,
+}
+
+/// KTO: `prompt`/`completion`/`label` rows; a preference pair gives one desirable and one
+/// undesirable completion (TRL's `unpair_preference_dataset`).
+pub fn labelled_completions(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<LabelledCompletion>> {
+    let mut out = vec![];
+    for (i, x) in tokenized_rows(tok, data, cfg, what)?.into_iter().enumerate() {
+        let labelled =
+            |prompt: Vec<u32>, completion: Vec<u32>, desirable| LabelledCompletion { prompt, completion, desirable };
+        match x {
+            Tokenized::Labelled { prompted, label } => {
+                out.push(labelled(prompted.prompt_ids, prompted.completion_ids, label))
+            }
+            Tokenized::Pair { prompt_ids, chosen_ids, rejected_ids, .. } => {
+                out.push(labelled(prompt_ids.clone(), chosen_ids, true));
+                out.push(labelled(prompt_ids, rejected_ids, false));
+            }
+            _ => return Err(refuse(data, i, "is not a labelled completion (needs prompt, completion and label)")),
+        }
+        if out.last().is_some_and(|r| r.completion.is_empty()) {
+            return Err(refuse(data, i, "has an empty completion after truncation"));
+        }
+    }
+    Ok(out)
+}
+
+/// A prompt to generate from, with the row it came from (rewards read ground truths and
+/// external scores from it).
+#[derive(Debug, Clone)]
+pub struct GenerationPrompt {
+    pub ids: Vec<u32>,
+    /// The prompt as the policy sees it (decoded ids, special tokens kept).
+    pub text: String,
+    /// The row (`align_data::Example`) as JSON.
+    pub example: serde_json::Value,
+}
+
+/// Online RL: every row's generation prompt (`prompt` column, or a conversation before its
+/// last assistant turn).
+pub fn generation_prompts(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+) -> Result<Vec<GenerationPrompt>> {
+    let (examples, _) = crate::load_examples(data)?;
+    let mut t = ExampleTokenizer::new(tok, cfg.clone());
+    let mut out = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.iter().enumerate() {
+        let ids = t
+            .generation_prompt(ex)?
+            .ok_or_else(|| refuse(data, i, "is plain text: it has no prompt to generate from"))?;
+        let text = tok.decode(&ids, false)?;
+        let example =
+            serde_json::to_value(ex).map_err(|e| refuse(data, i, &format!("cannot be written as JSON: {e}")))?;
+        out.push(GenerationPrompt { ids, text, example });
+    }
+    t.log_stats(what);
+    if out.is_empty() {
+        return Err(DataError::file(&data.path, "no prompts"));
+    }
+    Ok(out)
+}
