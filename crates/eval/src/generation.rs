@@ -123,3 +123,22 @@ pub fn best_of_n<B: FusedOps>(
     bar.finish_and_clear();
     Ok(out)
 }
+
+/// Best-of-N selections as the seed recipe prints them: each prompt, then every candidate
+/// with its reward, the best marked.
+pub fn best_of_n_listing(prompts: &[GenerationPrompt], selections: &[BestOfN]) -> String {
+    let mut text = String::new();
+    for (i, (p, sel)) in prompts.iter().zip(selections).enumerate() {
+        text.push_str(&format!("=== prompt {} ===\n{}\n", i + 1, p.text));
+        for (k, c) in sel.candidates.iter().enumerate() {
+            let mark = if k == sel.best { "  <== best" } else { "" };
+            text.push_str(&format!(
+                "--- candidate {} (reward {:.4}){mark}\n{}\n",
+                k + 1,
+                c.reward,
+                c.completion.trim_end()
+            ));
+        }
+    }
+    text
+}

@@ -14,7 +14,9 @@ pub mod math;
 pub mod multiple_choice;
 pub mod perplexity;
 pub mod report;
+pub mod runs;
 pub mod win_rate;
 
-pub use generation::{best_of_n, evaluate_prompts};
+pub use generation::{best_of_n, best_of_n_listing, evaluate_prompts};
 pub use multiple_choice::{McItem, McResult, McSummary, McTask, WithStderr, load_items, score_items, summarize};
+pub use runs::{progress, run_gsm8k, run_multiple_choice, run_r1_zero, write_jsonl};

@@ -189,6 +189,22 @@ pub fn from_runs(title: &str, runs: &[(String, PathBuf)]) -> Result<Report> {
     })
 }
 
+/// Merge JSON summaries into a report: each `(name, file)` adds the file's numeric fields
+/// (see [`flatten_numbers`]) to the row of that name, or a new row.
+pub fn merge_summaries(report: &mut Report, summaries: &[(String, PathBuf)]) -> Result<()> {
+    for (name, path) in summaries {
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
+        let mut m = BTreeMap::new();
+        flatten_numbers(&v, "", &mut m);
+        match report.rows.iter_mut().find(|r| &r.name == name) {
+            Some(row) => row.metrics.extend(m),
+            None => report.rows.push(ReportRow { name: name.clone(), metrics: m }),
+        }
+    }
+    Ok(())
+}
+
 /// Numeric fields of a summary JSON (nested objects flattened with dots: `acc.value`).
 pub fn flatten_numbers(v: &serde_json::Value, prefix: &str, out: &mut BTreeMap<String, f64>) {
     match v {

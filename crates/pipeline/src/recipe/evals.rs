@@ -4,11 +4,11 @@
 //! unchanged model is not run again).
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::Path;
 
 use align_data::generation_prompts;
 use align_data::{DatasetConfig, TokenizeConfig};
+use align_eval::write_jsonl;
 use align_model::FusedOps;
 use align_model::{Heads, load_pretrained};
 use align_reward::RewardTerm;
@@ -184,17 +184,7 @@ pub fn run_eval<B: FusedOps>(
                 seed: *seed,
                 batch_size: *batch_size,
             };
-            let mut f = std::fs::File::create(&samples_path).with_context(|| samples_path.display().to_string())?;
-            let bar = progress(items.len(), &name);
-            let samples = align_eval::math::eval_r1_zero(&pre.model, &pre.tokenizer, &items, &cfg, vec![], |batch| {
-                for s in batch {
-                    writeln!(f, "{}", serde_json::to_string(s)?)?;
-                }
-                bar.inc(batch.len() as u64);
-                Ok(())
-            })?;
-            bar.finish_and_clear();
-            let s = align_eval::math::summarize_math(&samples, 0.0);
+            let s = align_eval::run_r1_zero(&pre.model, &pre.tokenizer, &items, &cfg, &samples_path, false)?;
             m.insert("accuracy".into(), s.accuracy);
             m.insert("format_rate".into(), s.format_rate);
             m.insert("avg_reward".into(), s.avg_reward);
@@ -203,14 +193,9 @@ pub fn run_eval<B: FusedOps>(
             let pre = load_pretrained::<B>(model, Heads::LM, device)?;
             let task = align_eval::McTask::resolve(task)?;
             let items = align_eval::load_items(&task, data)?;
-            let bar = progress(items.iter().map(|i| i.choices.len()).sum(), &name);
-            let results =
-                align_eval::score_items(&pre.model, &pre.tokenizer, &task, &items, *batch_size, false, device, |n| {
-                    bar.inc(n as u64)
-                })?;
-            bar.finish_and_clear();
+            let (s, results) =
+                align_eval::run_multiple_choice(&pre.model, &pre.tokenizer, &task, &items, *batch_size, false, device)?;
             write_jsonl(&samples_path, &results)?;
-            let s = align_eval::summarize(&task, &results, 0.0);
             for (k, v) in [("acc", s.acc), ("acc_norm", s.acc_norm), ("acc_bytes", s.acc_bytes)] {
                 m.insert(k.into(), v.value);
                 m.insert(format!("{k}_stderr"), v.stderr);
@@ -246,25 +231,4 @@ pub fn run_eval<B: FusedOps>(
         }
     }
     Ok(m)
-}
-
-/// A progress bar: `what`, the bar, done/total, elapsed and ETA.
-pub fn progress(len: usize, what: &str) -> indicatif::ProgressBar {
-    let b = indicatif::ProgressBar::new(len as u64).with_style(
-        indicatif::ProgressStyle::with_template("{msg} {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
-    );
-    b.set_message(what.to_string());
-    b
-}
-
-/// Rows as JSON lines, written atomically.
-pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
-    let mut text = String::new();
-    for r in rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    align_model::weights::write_atomic(path, text.as_bytes())?;
-    Ok(())
 }

@@ -242,19 +242,7 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
     };
     let sel = align_eval::best_of_n(&pre.model, &pre.tokenizer, reward.as_ref(), &prompts, s.n, &sampling, s.seed)?;
     // Printed as the seed recipe shows it: every candidate with its reward, the best marked.
-    let mut text = String::new();
-    for (i, x) in sel.iter().enumerate() {
-        text.push_str(&format!("=== prompt {} ===\n{}\n", i + 1, prompts[i].text));
-        for (k, c) in x.candidates.iter().enumerate() {
-            let mark = if k == x.best { "  <== best" } else { "" };
-            text.push_str(&format!(
-                "--- candidate {} (reward {:.4}){mark}\n{}\n",
-                k + 1,
-                c.reward,
-                c.completion.trim_end()
-            ));
-        }
-    }
+    let text = align_eval::best_of_n_listing(&prompts, &sel);
     print!("{text}");
     align_model::weights::write_atomic(&dir.join("best_of_n.txt"), text.as_bytes())?;
     let mut lines = String::new();

@@ -319,8 +319,8 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
             }
             let t_train = Instant::now();
             let (mut step_loss, mut fed, mut lr, mut norm) = (0.0f64, 0usize, 0.0f64, 0.0f64);
-            for update in 0..updates {
-                let at = step * updates + update;
+            for u in 0..updates {
+                let at = step * updates + u;
                 lr = learning_rate(
                     args.learning_rate,
                     args.lr_scheduler_type,
@@ -331,30 +331,33 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                 );
                 // Dropout draws from the backend RNG: seeded per update, a resumed run draws the same.
                 B::seed(&device, args.seed.wrapping_add(at as u64));
-                let micro = stage.micro_batches(&batch, pass, update);
+                let micro = stage.micro_batches(&batch, pass, u);
                 if micro.is_empty() {
                     continue;
                 }
-                let (mut grads, mut update_loss) = (None, 0.0f64);
-                for mb in &micro {
-                    let m = stage.loss(&model, &batch, pass, mb, micro.len())?;
-                    for (k, v) in m.metrics {
-                        window.add(k, v, m.units);
-                    }
-                    update_loss += m.loss.clone().into_scalar().elem::<f64>();
-                    fed += m.fed_tokens;
-                    grads = Some(accumulate(&model, m.loss, grads));
-                }
-                if !update_loss.is_finite() {
-                    bail!(
-                        "step {}: loss is {update_loss}; stopping. The last good checkpoint is intact under {}",
+                let stop = |loss: f64| {
+                    let kept = output_dir.join("checkpoints");
+                    anyhow::anyhow!(
+                        "step {}: loss is {loss}; stopping. The last good checkpoint is intact under {}",
                         step + 1,
-                        output_dir.join("checkpoints").display()
-                    );
-                }
-                let grads = grads.context("an update with no micro-batches")?;
-                (model, norm) = clipped_step(&mut optimizer, model, grads, lr, args.max_grad_norm);
-                step_loss += update_loss;
+                        kept.display()
+                    )
+                };
+                let done = update(
+                    stage,
+                    model,
+                    &mut optimizer,
+                    &batch,
+                    pass,
+                    &micro,
+                    lr,
+                    args.max_grad_norm,
+                    &mut window,
+                    &stop,
+                )?;
+                (model, norm) = (done.model, done.grad_norm);
+                step_loss += done.loss;
+                fed += done.fed_tokens;
             }
             step += 1;
             stage.after_step(&batch);
@@ -391,25 +394,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     eval_loss: eval.as_ref().and_then(|e| e.loss),
                     extra,
                 };
-                let headline: BTreeMap<String, f64> = match stage.headline() {
-                    [] => row.extra.clone(),
-                    keys => row
-                        .extra
-                        .iter()
-                        .filter(|(k, _)| keys.contains(&k.as_str()))
-                        .map(|(k, v)| (k.clone(), *v))
-                        .collect(),
-                };
-                tracing::info!(
-                    step,
-                    loss = %opt(row.loss),
-                    lr = %Sig(lr),
-                    grad_norm = %Sig(norm),
-                    tokens_per_s = row.tokens_per_second as u64,
-                    eval_loss = %opt(row.eval_loss),
-                    metrics = %crate::logfmt::map(&headline),
-                    "train"
-                );
+                log_line(&row, stage.headline());
                 log.push(row)?;
             }
             let round_done = pass + 1 == shape.steps_per_round.max(1);
@@ -445,6 +430,67 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     stage.export(&model, &final_dir)?;
     tracing::info!(final_dir = %final_dir.display(), steps = step, "stage done");
     Ok(TrainOutcome { model, steps: step, metrics: log.rows })
+}
+
+/// What an optimizer update leaves.
+struct Updated<M> {
+    model: M,
+    /// The update's loss: the sum of its micro-batches' shares.
+    loss: f64,
+    grad_norm: f64,
+    fed_tokens: usize,
+}
+
+/// One optimizer update on `micro`: each micro-batch's loss backpropagated and its
+/// gradients accumulated, the NaN stop (`stop` names the step), clipping and the AdamW step.
+#[allow(clippy::too_many_arguments)]
+fn update<B: AutodiffBackend, S: Stage<B>>(
+    stage: &S,
+    model: S::Model,
+    optimizer: &mut AdamW<B>,
+    batch: &S::Batch,
+    pass: usize,
+    micro: &[Vec<usize>],
+    lr: f64,
+    max_grad_norm: f64,
+    window: &mut Window,
+    stop: &dyn Fn(f64) -> anyhow::Error,
+) -> Result<Updated<S::Model>> {
+    let (mut grads, mut loss, mut fed_tokens) = (None, 0.0f64, 0usize);
+    for mb in micro {
+        let m = stage.loss(&model, batch, pass, mb, micro.len())?;
+        for (k, v) in m.metrics {
+            window.add(k, v, m.units);
+        }
+        loss += m.loss.clone().into_scalar().elem::<f64>();
+        fed_tokens += m.fed_tokens;
+        grads = Some(accumulate(&model, m.loss, grads));
+    }
+    if !loss.is_finite() {
+        return Err(stop(loss));
+    }
+    let grads = grads.context("an update with no micro-batches")?;
+    let (model, grad_norm) = clipped_step(optimizer, model, grads, lr, max_grad_norm);
+    Ok(Updated { model, loss, grad_norm, fed_tokens })
+}
+
+/// The log line of a row: loss, learning rate, norm, speed and the stage's headline metrics
+/// (all when it names none).
+fn log_line(row: &StepMetrics, headline: &[&str]) {
+    let shown: BTreeMap<String, f64> = match headline {
+        [] => row.extra.clone(),
+        keys => row.extra.iter().filter(|(k, _)| keys.contains(&k.as_str())).map(|(k, v)| (k.clone(), *v)).collect(),
+    };
+    tracing::info!(
+        step = row.step,
+        loss = %opt(row.loss),
+        lr = %Sig(row.learning_rate),
+        grad_norm = %Sig(row.grad_norm),
+        tokens_per_s = row.tokens_per_second as u64,
+        eval_loss = %opt(row.eval_loss),
+        metrics = %crate::logfmt::map(&shown),
+        "train"
+    );
 }
 
 /// Metrics and losses of the steps since the last log row.
