@@ -35,8 +35,8 @@ use serde_json::json;
 
 use crate::config::StageConfig;
 pub use crate::config::ppo::{Critic, PpoSettings};
-use align_reward::score_rollouts;
-use align_rollout::{Generation, rollout};
+use align_reward::{Scored, score_rollouts};
+use align_rollout::{Generation, Rollouts, rollout};
 
 use crate::rl::{CompletionBatch, OnlineData, completion_batch, completion_forward, host_rows, mean_std, rows_tensor};
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model, train_in_full};
@@ -197,9 +197,73 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
         let s = &self.s;
         let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
         let r = rollout(&model.policy, &self.data.tok, &ids, 1, &sampling(s, s.temperature), round.generation_seed());
-        let n = r.len();
-        let scored = score_rollouts(&self.data.rewards, prompts, &r)?;
-        let raw_scores: Vec<f64> = scored
+        let scored = self.score(prompts, &r)?;
+        let (width, seq_lengths) = (scored.width, &scored.seq_lengths);
+        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
+        let (ref_logps, values) = self.reference_and_values(model, &prompt_ids, &scored.completions);
+        let pad_rows = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
+            rows.into_iter()
+                .map(|mut v| {
+                    v.resize(width, 0.0);
+                    v
+                })
+                .collect()
+        };
+        let logps: Vec<Vec<f64>> = pad_rows(r.logps.iter().map(|l| l.iter().map(|&x| x as f64).collect()).collect());
+        let logps = mask_after(&logps, seq_lengths, 0, INVALID_LOGPROB);
+        let ref_logps = mask_after(&pad_rows(ref_logps), seq_lengths, 0, INVALID_LOGPROB);
+        let values = mask_after(&pad_rows(values), seq_lengths, 1, 0.0);
+        let token_rewards =
+            ppo_token_rewards(&logps, &ref_logps, &scored.scores, seq_lengths, self.kl.value, s.kl_estimator);
+        let mut per_token = token_rewards.rewards.clone();
+        if s.whiten_rewards {
+            per_token =
+                masked_whiten(&per_token, &valid_mask(width, seq_lengths, 1), false).map_err(anyhow::Error::msg)?;
+            per_token = mask_after(&per_token, seq_lengths, 1, 0.0);
+        }
+        let (advantages, returns) = gae(&per_token, &values, s.gamma, s.lam);
+        let advantages = masked_whiten(&advantages, &valid_mask(width, seq_lengths, 0), true)
+            .map_err(anyhow::Error::msg)
+            .context("a rollout batch needs at least two completion tokens to whiten advantages")?;
+        let advantages = mask_after(&advantages, seq_lengths, 0, 0.0);
+        let kl_sums: Vec<f64> = token_rewards.kl.iter().map(|k| k.iter().sum()).collect();
+        let metrics = self.metrics(&r, &scored, &kl_sums, &token_rewards.non_score_reward);
+        let log_rows = (0..r.len())
+            .map(|i| {
+                let mut row = json!({
+                    "step": round.step + 1,
+                    "prompt": prompts[r.prompt[i]].text,
+                    "completion": r.texts[i],
+                    "score": scored.scores[i],
+                    "kl": kl_sums[i],
+                    "tokens": scored.completions[i].len(),
+                });
+                for (k, (f, _)) in self.data.rewards.iter().enumerate() {
+                    row[f.name()] = json!(scored.per_func.per_func[i][k]);
+                }
+                row
+            })
+            .collect();
+        let batch = Batch {
+            prompts: prompt_ids,
+            minibatches: self.minibatches(r.len(), round),
+            completions: scored.completions,
+            seq_lengths: scored.seq_lengths,
+            logprobs: logps,
+            values,
+            advantages,
+            returns,
+            mean_kl: mean_std(&kl_sums).0,
+            metrics,
+        };
+        Ok((batch, log_rows))
+    }
+
+    /// The score of each completion (weighted reward functions, less `missing_eos_penalty`
+    /// without EOS) and its sequence as align-losses' helpers cut it.
+    fn score(&self, prompts: &[&GenerationPrompt], r: &Rollouts) -> Result<ScoredResponses> {
+        let per_func = score_rollouts(&self.data.rewards, prompts, r)?;
+        let raw: Vec<f64> = per_func
             .per_func
             .iter()
             .map(|fs| fs.iter().zip(&self.data.rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
@@ -215,19 +279,32 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
             Some(e) => truncate_after_stop(&rows, e, NO_TOKEN),
             None => rows,
         };
-        let seq_lengths = sequence_lengths(&responses, NO_TOKEN);
-        let has_eos: Vec<bool> = responses.iter().map(|row| eos.is_some_and(|e| row.contains(&e))).collect();
-        let scores = match (s.missing_eos_penalty, eos) {
-            (Some(p), Some(e)) => apply_missing_eos_penalty(&raw_scores, &responses, e, p),
-            (Some(p), None) => raw_scores.iter().map(|x| x - p).collect(),
-            (None, _) => raw_scores,
+        let scores = match (self.s.missing_eos_penalty, eos) {
+            (Some(p), Some(e)) => apply_missing_eos_penalty(&raw, &responses, e, p),
+            (Some(p), None) => raw.iter().map(|x| x - p).collect(),
+            (None, _) => raw,
         };
-        let completions: Vec<Vec<u32>> = responses
-            .iter()
-            .map(|row| row.iter().take_while(|&&t| t != NO_TOKEN).map(|&t| t as u32).collect())
-            .collect();
-        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
-        // Reference log-probs and old values, one no-grad forward per micro-batch.
+        Ok(ScoredResponses {
+            per_func,
+            scores,
+            seq_lengths: sequence_lengths(&responses, NO_TOKEN),
+            has_eos: responses.iter().map(|row| eos.is_some_and(|e| row.contains(&e))).collect(),
+            completions: responses
+                .iter()
+                .map(|row| row.iter().take_while(|&&t| t != NO_TOKEN).map(|&t| t as u32).collect())
+                .collect(),
+            width,
+        })
+    }
+
+    /// Reference log-probs and the critic's values of every completion, one no-grad forward
+    /// per micro-batch.
+    fn reference_and_values(
+        &self,
+        model: &ActorCritic<B::InnerBackend>,
+        prompt_ids: &[Vec<u32>],
+        completions: &[Vec<u32>],
+    ) -> (Vec<Vec<f64>>, Vec<Vec<f64>>) {
         let reference = match &self.frozen {
             Some(f) => f.clone(),
             None => {
@@ -236,103 +313,72 @@ impl<B: AutodiffFusedOps> PpoStage<'_, B> {
                 m
             }
         };
-        let (mut ref_logps, mut values) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ref_logps, mut values) = (vec![], vec![]);
         let per_device = self.data.cfg.training.per_device_train_batch_size.max(1);
-        for start in (0..n).step_by(per_device) {
-            let end = (start + per_device).min(n);
-            let ps: Vec<&[u32]> = prompt_ids[start..end].iter().map(Vec::as_slice).collect();
-            let cs: Vec<&[u32]> = completions[start..end].iter().map(Vec::as_slice).collect();
+        for (ps, cs) in prompt_ids.chunks(per_device).zip(completions.chunks(per_device)) {
+            let ps: Vec<&[u32]> = ps.iter().map(Vec::as_slice).collect();
+            let cs: Vec<&[u32]> = cs.iter().map(Vec::as_slice).collect();
             let cb = completion_batch::<B::InnerBackend>(&ps, &cs, self.data.pad, &self.device);
-            ref_logps.extend(host_rows(completion_forward(&reference, &cb, s.temperature, false).logps));
+            ref_logps.extend(host_rows(completion_forward(&reference, &cb, self.s.temperature, false).logps));
             values.extend(host_rows(model.values(&cb, None)));
         }
-        let pad_rows = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
-            rows.into_iter()
-                .map(|mut v| {
-                    v.resize(width, 0.0);
-                    v
-                })
-                .collect()
-        };
-        let logps: Vec<Vec<f64>> = pad_rows(r.logps.iter().map(|l| l.iter().map(|&x| x as f64).collect()).collect());
-        let logps = mask_after(&logps, &seq_lengths, 0, INVALID_LOGPROB);
-        let ref_logps = mask_after(&pad_rows(ref_logps), &seq_lengths, 0, INVALID_LOGPROB);
-        let values = mask_after(&pad_rows(values), &seq_lengths, 1, 0.0);
-        let token_rewards = ppo_token_rewards(&logps, &ref_logps, &scores, &seq_lengths, self.kl.value, s.kl_estimator);
-        let mut per_token = token_rewards.rewards.clone();
-        if s.whiten_rewards {
-            per_token =
-                masked_whiten(&per_token, &valid_mask(width, &seq_lengths, 1), false).map_err(anyhow::Error::msg)?;
-            per_token = mask_after(&per_token, &seq_lengths, 1, 0.0);
-        }
-        let (advantages, returns) = gae(&per_token, &values, s.gamma, s.lam);
-        let advantages = masked_whiten(&advantages, &valid_mask(width, &seq_lengths, 0), true)
-            .map_err(anyhow::Error::msg)
-            .context("a rollout batch needs at least two completion tokens to whiten advantages")?;
-        let advantages = mask_after(&advantages, &seq_lengths, 0, 0.0);
+        (ref_logps, values)
+    }
 
-        // What TRL's PPO trainer logs for the batch.
-        let kl_sums: Vec<f64> = token_rewards.kl.iter().map(|k| k.iter().sum()).collect();
-        let nsr_sums: Vec<f64> = token_rewards.non_score_reward.iter().map(|k| k.iter().sum()).collect();
-        let mean_kl = mean_std(&kl_sums).0;
+    /// What TRL's PPO trainer logs for a rollout batch.
+    fn metrics(
+        &self,
+        r: &Rollouts,
+        scored: &ScoredResponses,
+        kl_sums: &[f64],
+        non_score_reward: &[Vec<f64>],
+    ) -> BTreeMap<String, f64> {
+        let nsr_sums: Vec<f64> = non_score_reward.iter().map(|k| k.iter().sum()).collect();
+        let mean = |v: &[f64]| mean_std(v).0;
         let mut m = r.length_metrics();
-        m.insert("objective/kl".into(), mean_kl);
-        m.insert(
-            "objective/entropy".into(),
-            mean_std(&r.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect::<Vec<_>>()).0,
-        );
-        m.insert("objective/non_score_reward".into(), mean_std(&nsr_sums).0);
-        m.insert(
-            "objective/rlhf_reward".into(),
-            mean_std(&scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect::<Vec<_>>()).0,
-        );
-        m.insert("objective/scores".into(), mean_std(&scores).0);
+        m.insert("objective/kl".into(), mean(kl_sums));
+        let entropy: Vec<f64> = r.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect();
+        m.insert("objective/entropy".into(), mean(&entropy));
+        m.insert("objective/non_score_reward".into(), mean(&nsr_sums));
+        let rlhf: Vec<f64> = scored.scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect();
+        m.insert("objective/rlhf_reward".into(), mean(&rlhf));
+        m.insert("objective/scores".into(), mean(&scored.scores));
         m.insert("kl_coef".into(), self.kl.value);
         for (k, (f, _)) in self.data.rewards.iter().enumerate() {
-            let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
-            m.insert(format!("rewards/{}/mean", f.name()), mean_std(&v).0);
+            let v: Vec<f64> = scored.per_func.per_func.iter().filter_map(|x| x[k]).collect();
+            m.insert(format!("rewards/{}/mean", f.name()), mean(&v));
         }
-        for (c, v) in &scored.components {
-            m.insert(format!("rewards/{c}"), mean_std(v).0);
+        for (c, v) in &scored.per_func.components {
+            m.insert(format!("rewards/{c}"), mean(v));
         }
-        m.insert("completions/eos_ratio".into(), has_eos.iter().filter(|&&e| e).count() as f64 / n.max(1) as f64);
-        let mut log_rows = vec![];
-        for i in 0..n {
-            let mut row = json!({
-                "step": round.step + 1,
-                "prompt": prompts[r.prompt[i]].text,
-                "completion": r.texts[i],
-                "score": scores[i],
-                "kl": kl_sums[i],
-                "tokens": completions[i].len(),
-            });
-            for (k, (f, _)) in self.data.rewards.iter().enumerate() {
-                row[f.name()] = json!(scored.per_func[i][k]);
-            }
-            log_rows.push(row);
-        }
-        // num_ppo_epochs shuffles of the batch (align-data's loader), num_mini_batches each.
-        let mut order = Loader::new(n, self.mini_batch(), round.generation_seed(), true);
-        let mut minibatches = vec![];
-        for _ in 0..s.num_ppo_epochs {
-            let drawn = order.batches_per_epoch();
-            minibatches.extend((0..drawn).map(|_| order.next_batch()));
-            minibatches.extend((drawn..s.num_mini_batches).map(|_| vec![]));
-        }
-        let batch = Batch {
-            prompts: prompt_ids,
-            completions,
-            seq_lengths,
-            logprobs: logps,
-            values,
-            advantages,
-            returns,
-            minibatches,
-            mean_kl,
-            metrics: m,
-        };
-        Ok((batch, log_rows))
+        let eos = scored.has_eos.iter().filter(|&&e| e).count();
+        m.insert("completions/eos_ratio".into(), eos as f64 / r.len().max(1) as f64);
+        m
     }
+
+    /// The minibatches of each update: `num_ppo_epochs` shuffles of the batch (align-data's
+    /// loader), `num_mini_batches` each (a short last batch leaves later slots empty).
+    fn minibatches(&self, n: usize, round: Round) -> Vec<Vec<usize>> {
+        let mut order = Loader::new(n, self.mini_batch(), round.generation_seed(), true);
+        let mut out = vec![];
+        for _ in 0..self.s.num_ppo_epochs {
+            let drawn = order.batches_per_epoch();
+            out.extend((0..drawn).map(|_| order.next_batch()));
+            out.extend((drawn..self.s.num_mini_batches).map(|_| vec![]));
+        }
+        out
+    }
+}
+
+/// A rollout's scores and sequences after align-losses' helpers.
+struct ScoredResponses {
+    per_func: Scored,
+    scores: Vec<f64>,
+    /// Index of each completion's last token.
+    seq_lengths: Vec<usize>,
+    has_eos: Vec<bool>,
+    completions: Vec<Vec<u32>>,
+    width: usize,
 }
 
 impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
