@@ -10,7 +10,7 @@ use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
 use align_model::{Heads, load_pretrained};
 use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceStage, Reference};
-use align_pipeline::train::{RowBatch, Stage};
+use align_pipeline::train::RowStage;
 use anyhow::Result;
 use serde_json::{Value, json};
 
@@ -58,8 +58,7 @@ pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usiz
         device,
     };
     let all: Vec<usize> = (0..pairs).collect();
-    let batch = RowBatch { micro: vec![all.clone()], units: pairs };
-    let secs = crate::bench_sft::median_step_seconds(model, reps, |m| Ok(stage.loss(m, &batch, 0, &all, 1)?.loss))?;
+    let secs = crate::bench_sft::median_step_seconds(model, reps, |m| Ok(stage.row_loss(m, &all, pairs, 1)?.loss))?;
     Ok(tokens / secs)
 }
 

@@ -19,9 +19,7 @@ use crate::config::StageConfig;
 pub use crate::config::kto::KtoSettings;
 use crate::preference::pair_forward;
 use crate::stage::{StageMain, frozen_copy, starting_model};
-use crate::train::{
-    Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
-};
+use crate::train::{Evaluation, MicroLoss, RowStage, Rows, export_policy, load_trainable, save_trainable, train};
 
 struct KtoStage<B: AutodiffFusedOps> {
     s: KtoSettings,
@@ -110,29 +108,19 @@ impl<B: AutodiffFusedOps> KtoStage<B> {
     }
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
+impl<B: AutodiffFusedOps> RowStage<B> for KtoStage<B> {
     type Model = Transformer<B>;
-    type Batch = RowBatch;
 
-    fn shape(&self) -> Shape {
+    fn rows(&self) -> (usize, usize, usize) {
         let t = &self.cfg.training;
-        Shape::rows(self.train.len(), t.per_device_train_batch_size, t.gradient_accumulation_steps)
+        (self.train.len(), t.per_device_train_batch_size, t.gradient_accumulation_steps)
     }
 
-    fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
-        RowBatch::new(draws, round, <[usize]>::len)
-    }
-
-    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        batch.micro.clone()
-    }
-
-    fn loss(
+    fn row_loss(
         &self,
         model: &Transformer<B>,
-        _: &RowBatch,
-        _: usize,
         micro: &[usize],
+        _step_units: usize,
         micro_batches: usize,
     ) -> Result<MicroLoss<B>> {
         let rows: Vec<&LabelledCompletion> = micro.iter().map(|&i| &self.train[i]).collect();
@@ -142,7 +130,7 @@ impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
         Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, units: 1.0, fed_tokens })
     }
 
-    fn evaluate(&mut self, model: &Transformer<B>, _step: usize) -> Result<Option<Evaluation>> {
+    fn evaluate_rows(&mut self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -164,15 +152,15 @@ impl<B: AutodiffFusedOps> Stage<B> for KtoStage<B> {
         Ok(Some(Evaluation { loss: Some(loss), metrics }))
     }
 
-    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+    fn save(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
         save_trainable(model, self.cfg.lora.as_ref(), HfHead::CausalLm, dir)
     }
 
-    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+    fn load(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
         load_trainable(model, self.cfg.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
     }
 
-    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+    fn export_final(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
         export_policy(model, self.cfg.lora.as_ref(), &self.cfg.model.path, &self.tok, HfHead::CausalLm, final_dir)
     }
 }
@@ -207,7 +195,7 @@ impl StageMain for Kto<'_> {
         let desirable = train_rows.iter().filter(|r| r.desirable).count();
         tracing::info!(desirable, undesirable = train_rows.len() - desirable, "KTO");
         let model = start.model;
-        let mut stage = KtoStage::<A> {
+        let stage = KtoStage::<A> {
             frozen: cfg.lora.is_none().then(|| frozen_copy(&model, cfg.training.bf16)),
             s,
             train: train_rows,
@@ -218,7 +206,7 @@ impl StageMain for Kto<'_> {
             pad: start.pad_id,
             device: device.clone(),
         };
-        train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
+        train(&mut Rows(stage), model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }
 }

@@ -27,9 +27,7 @@ pub use crate::config::preference::{
     DpoSettings, Objective, OrpoSettings, PairwiseStage, PreferenceConfig, RewardSettings, SimpoSettings,
 };
 use crate::stage::{StageMain, on_autodiff, starting_model, train_in_full};
-use crate::train::{
-    Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
-};
+use crate::train::{Evaluation, MicroLoss, RowStage, Rows, export_policy, load_trainable, save_trainable, train};
 
 pub use align_data::PreferencePair as Pair;
 
@@ -262,42 +260,32 @@ impl<B: AutodiffFusedOps> PreferenceStage<B> {
     }
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for PreferenceStage<B> {
+impl<B: AutodiffFusedOps> RowStage<B> for PreferenceStage<B> {
     type Model = Transformer<B>;
-    type Batch = RowBatch;
 
-    fn shape(&self) -> Shape {
-        Shape::rows(self.train.len(), self.batch_size, self.accumulation)
+    fn rows(&self) -> (usize, usize, usize) {
+        (self.train.len(), self.batch_size, self.accumulation)
     }
 
-    fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
-        RowBatch::new(draws, round, <[usize]>::len)
-    }
-
-    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        batch.micro.clone()
-    }
-
-    fn loss(
+    fn row_loss(
         &self,
         model: &Transformer<B>,
-        batch: &RowBatch,
-        _: usize,
         micro: &[usize],
-        _: usize,
+        step_units: usize,
+        _micro_batches: usize,
     ) -> Result<MicroLoss<B>> {
         let pairs: Vec<&Pair> = micro.iter().map(|&i| &self.train[i]).collect();
         let inner = matches!(self.reference, Reference::AdaptersDisabled).then(|| model.valid());
         let t = self.terms::<B>(model, inner.as_ref(), &pairs, micro, false, &self.device);
         Ok(MicroLoss {
-            loss: t.sum / batch.units as f64,
+            loss: t.sum / step_units as f64,
             metrics: t.metrics,
             units: pairs.len() as f64,
             fed_tokens: pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
         })
     }
 
-    fn evaluate(&mut self, model: &Transformer<B>, _step: usize) -> Result<Option<Evaluation>> {
+    fn evaluate_rows(&mut self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -324,15 +312,15 @@ impl<B: AutodiffFusedOps> Stage<B> for PreferenceStage<B> {
         Ok(Some(Evaluation { loss: Some(loss / n), metrics: sums.into_iter().map(|(k, v)| (k, v / n)).collect() }))
     }
 
-    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+    fn save(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
         save_trainable(model, self.lora.as_ref(), self.head(), dir)
     }
 
-    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+    fn load(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
         load_trainable(model, self.lora.as_ref(), &self.config, self.heads(), dir, &self.device)
     }
 
-    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+    fn export_final(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
         match (&self.lora, &self.objective) {
             // A reward model ships merged: one HF sequence-classification checkpoint.
             (Some(_), Objective::Reward(_)) => {
@@ -428,7 +416,7 @@ impl StageMain for Preference<'_> {
                 Reference::Frozen(Box::new(model.valid()))
             };
         }
-        train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
+        train(&mut Rows(stage), model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }
 }

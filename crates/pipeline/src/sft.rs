@@ -15,9 +15,7 @@ use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
 use crate::stage::{StageMain, on_autodiff, starting_model};
-use crate::train::{
-    Evaluation, MicroLoss, Round, RowBatch, Shape, Stage, export_policy, load_trainable, save_trainable, train,
-};
+use crate::train::{Evaluation, MicroLoss, RowStage, Rows, export_policy, load_trainable, save_trainable, train};
 
 /// The SFT stage's config: the stage config shared by every stage.
 pub type SftConfig = StageConfig;
@@ -62,29 +60,23 @@ pub fn nll_sum<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &
     (lp.sum().neg(), at.rows.len())
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for SftStage<B> {
+impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
     type Model = Transformer<B>;
-    type Batch = RowBatch;
 
-    fn shape(&self) -> Shape {
-        Shape::rows(self.train.len(), self.batch_size, self.accumulation)
+    fn rows(&self) -> (usize, usize, usize) {
+        (self.train.len(), self.batch_size, self.accumulation)
     }
 
-    fn next_batch(&mut self, _model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
-        RowBatch::new(draws, round, |b| self.loss_tokens(b))
+    fn units(&self, micro: &[usize]) -> usize {
+        self.loss_tokens(micro)
     }
 
-    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        batch.micro.clone()
-    }
-
-    fn loss(
+    fn row_loss(
         &self,
         model: &Transformer<B>,
-        batch: &RowBatch,
-        _: usize,
         micro: &[usize],
-        _: usize,
+        step_units: usize,
+        _micro_batches: usize,
     ) -> Result<MicroLoss<B>> {
         let seqs: Vec<&TokenizedSequence> = micro.iter().map(|&i| &self.train[i]).collect();
         let (sum, count) = nll_sum(model, &self.host_batch(&seqs)?, &self.device);
@@ -92,14 +84,14 @@ impl<B: AutodiffFusedOps> Stage<B> for SftStage<B> {
             bail!("the batch counted {} loss tokens but its loss covers {count}", self.loss_tokens(micro));
         }
         Ok(MicroLoss {
-            loss: sum / batch.units as f64,
+            loss: sum / step_units as f64,
             metrics: vec![],
             units: count as f64,
             fed_tokens: seqs.iter().map(|s| s.len()).sum(),
         })
     }
 
-    fn evaluate(&mut self, model: &Transformer<B>, _step: usize) -> Result<Option<Evaluation>> {
+    fn evaluate_rows(&mut self, model: &Transformer<B>) -> Result<Option<Evaluation>> {
         if self.eval.is_empty() {
             return Ok(None);
         }
@@ -114,15 +106,15 @@ impl<B: AutodiffFusedOps> Stage<B> for SftStage<B> {
         Ok(Some(Evaluation { loss: Some(sum / n.max(1) as f64), metrics: Default::default() }))
     }
 
-    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+    fn save(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
         save_trainable(model, self.lora.as_ref(), HfHead::CausalLm, dir)
     }
 
-    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+    fn load(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
         load_trainable(model, self.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
     }
 
-    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+    fn export_final(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
         export_policy(model, self.lora.as_ref(), &self.base, &self.tokenizer, HfHead::CausalLm, final_dir)
     }
 }
@@ -154,7 +146,7 @@ impl StageMain for Sft<'_> {
         } else {
             None
         };
-        let mut stage = SftStage::<A> {
+        let stage = SftStage::<A> {
             train: train_seqs,
             eval: eval_seqs,
             pad_id: start.pad_id,
@@ -167,7 +159,7 @@ impl StageMain for Sft<'_> {
             base: cfg.model.path.clone(),
             device: device.clone(),
         };
-        train(&mut stage, start.model, &cfg.training, &cfg.output_dir, self.resume)?;
+        train(&mut Rows(stage), start.model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }
 }

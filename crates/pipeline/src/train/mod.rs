@@ -52,14 +52,6 @@ pub struct Shape {
     pub updates_per_step: usize,
 }
 
-impl Shape {
-    /// A stage on dataset rows: a round is `accumulation` micro-batches of `batch_size`
-    /// rows, trained on for one step of one update.
-    pub fn rows(items: usize, batch_size: usize, accumulation: usize) -> Shape {
-        Shape { items, draw_size: batch_size, draws_per_round: accumulation, steps_per_round: 1, updates_per_step: 1 }
-    }
-}
-
 /// Where the loop is when it asks for a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Round {
@@ -184,6 +176,79 @@ pub trait Stage<B: AutodiffBackend> {
     /// A short note for the progress bar.
     fn progress(&self, _batch: &Self::Batch) -> String {
         String::new()
+    }
+}
+
+/// A stage on dataset rows (SFT, the pairwise stages, KTO): a round is
+/// `gradient_accumulation_steps` micro-batches of rows trained on for one step of one
+/// update. It supplies what is its own, a micro-batch's loss; [`Rows`] is the [`Stage`]
+/// plumbing of every row stage, written once.
+pub trait RowStage<B: AutodiffBackend> {
+    type Model: AutodiffModule<B> + Clone;
+
+    /// The rows, rows per micro-batch and micro-batches per step.
+    fn rows(&self) -> (usize, usize, usize);
+
+    /// Loss units of a micro-batch (the step's loss is normalised by their sum): rows, or
+    /// SFT's tokens.
+    fn units(&self, micro: &[usize]) -> usize {
+        micro.len()
+    }
+
+    /// The loss of `micro`, one of `micro_batches` micro-batches of a step holding
+    /// `step_units` loss units.
+    fn row_loss(
+        &self,
+        model: &Self::Model,
+        micro: &[usize],
+        step_units: usize,
+        micro_batches: usize,
+    ) -> Result<MicroLoss<B>>;
+
+    fn evaluate_rows(&mut self, model: &Self::Model) -> Result<Option<Evaluation>>;
+    fn save(&self, model: &Self::Model, dir: &Path) -> Result<()>;
+    fn load(&self, model: Self::Model, dir: &Path) -> Result<Self::Model>;
+    fn export_final(&self, model: &Self::Model, final_dir: &Path) -> Result<()>;
+}
+
+/// A [`RowStage`] as the loop runs it: `train(&mut Rows(stage), …)`.
+pub struct Rows<S>(pub S);
+
+impl<B: AutodiffBackend, S: RowStage<B>> Stage<B> for Rows<S> {
+    type Model = S::Model;
+    type Batch = RowBatch;
+
+    fn shape(&self) -> Shape {
+        let (items, batch_size, accumulation) = self.0.rows();
+        Shape { items, draw_size: batch_size, draws_per_round: accumulation, steps_per_round: 1, updates_per_step: 1 }
+    }
+
+    fn next_batch(&mut self, _model: &S::Model, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
+        RowBatch::new(draws, round, |m| self.0.units(m))
+    }
+
+    fn micro_batches(&self, batch: &RowBatch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        batch.micro.clone()
+    }
+
+    fn loss(&self, model: &S::Model, batch: &RowBatch, _: usize, micro: &[usize], n: usize) -> Result<MicroLoss<B>> {
+        self.0.row_loss(model, micro, batch.units, n)
+    }
+
+    fn evaluate(&mut self, model: &S::Model, _step: usize) -> Result<Option<Evaluation>> {
+        self.0.evaluate_rows(model)
+    }
+
+    fn save_weights(&self, model: &S::Model, dir: &Path) -> Result<()> {
+        self.0.save(model, dir)
+    }
+
+    fn load_weights(&self, model: S::Model, dir: &Path) -> Result<S::Model> {
+        self.0.load(model, dir)
+    }
+
+    fn export(&self, model: &S::Model, final_dir: &Path) -> Result<()> {
+        self.0.export_final(model, final_dir)
     }
 }
 
