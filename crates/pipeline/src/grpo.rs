@@ -10,7 +10,7 @@
 //! align-rollout's tests), so no extra forward is spent on them.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use align_data::GenerationPrompt;
 use align_lora::LoraConfig;
@@ -18,7 +18,7 @@ use align_losses::grpo::{GrpoLossType, grpo_advantages, grpo_aggregate, grpo_cli
 use align_losses::masked_mean;
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::{ElementConversion, Tensor};
-use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Transformer};
+use align_model::{AutodiffFusedOps, FusedOps, Heads, ModelConfig, Transformer};
 use anyhow::{Context, Result};
 
 use crate::config::StageConfig;
@@ -26,11 +26,11 @@ pub use crate::config::grpo::{GrpoPlan, GrpoSettings, LengthNormalization, LossV
 use align_rollout::{Generation, Rollouts};
 
 use crate::rl::{
-    OnlineData, completion_batch, completion_forward, completion_mask, host_rows, mean_std, prompts_per_generation,
-    rows_tensor, sample_and_score,
+    GroupBatch, GroupStage, Groups, OnlineData, completion_batch, completion_forward, completion_mask, host_rows,
+    mean_std, prompts_per_generation, rows_tensor, sample_and_score,
 };
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model};
-use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
+use crate::train::{MicroLoss, Round, train};
 
 /// Sampling at `temperature` with the stage's settings.
 fn sampling(s: &GrpoSettings, temperature: f32) -> Generation {
@@ -45,8 +45,8 @@ pub fn run_grpo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device
 
 /// GRPO as a [`Stage`]: a round samples one generation batch of `num_generations`
 /// completions per prompt and trains on it for `num_iterations` steps.
-struct GrpoStage<'a, B: AutodiffFusedOps> {
-    data: OnlineData<'a>,
+struct GrpoStage<B: AutodiffFusedOps> {
+    data: OnlineData,
     s: GrpoSettings,
     plan: GrpoPlan,
     /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
@@ -66,7 +66,7 @@ struct Batch {
     metrics: BTreeMap<String, f64>,
 }
 
-impl<B: AutodiffFusedOps> GrpoStage<'_, B> {
+impl<B: AutodiffFusedOps> GrpoStage<B> {
     fn lora(&self) -> Option<&LoraConfig> {
         self.data.cfg.lora.as_ref()
     }
@@ -119,16 +119,39 @@ impl<B: AutodiffFusedOps> GrpoStage<'_, B> {
     }
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for GrpoStage<'_, B> {
-    type Model = Transformer<B>;
+impl<B: AutodiffFusedOps> GroupStage<B> for GrpoStage<B> {
     type Batch = Batch;
 
-    fn shape(&self) -> Shape {
-        self.data.group_shape(self.s.num_generations, self.s.num_iterations)
+    fn data(&self) -> &OnlineData {
+        &self.data
     }
 
-    fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
-        let prompts = self.data.prompts(&draws);
+    fn data_mut(&mut self) -> &mut OnlineData {
+        &mut self.data
+    }
+
+    fn group(&self) -> (usize, usize) {
+        (self.s.num_generations, self.s.num_iterations)
+    }
+
+    fn log_completions(&self) -> bool {
+        self.s.log_completions
+    }
+
+    fn eval_sampling(&self) -> Generation {
+        sampling(&self.s, self.s.eval_temperature)
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    fn sample(&mut self, model: &Transformer<B>, draws: &[Vec<usize>], round: Round) -> Result<Batch> {
+        let prompts = self.data.prompts(draws);
         let policy = model.valid();
         let adapters_off = (self.s.beta != 0.0 && self.lora().is_some()).then(|| {
             let mut m = policy.clone();
@@ -141,12 +164,8 @@ impl<B: AutodiffFusedOps> Stage<B> for GrpoStage<'_, B> {
         Ok(batch)
     }
 
-    fn micro_batches(&self, batch: &Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        self.data.micro_batches(batch.rollouts.len())
-    }
-
     /// The loss of micro-batch `idx` of `batch` (scaled for accumulation), with metrics.
-    fn loss(
+    fn group_loss(
         &self,
         model: &Transformer<B>,
         batch: &Batch,
@@ -208,37 +227,15 @@ impl<B: AutodiffFusedOps> Stage<B> for GrpoStage<'_, B> {
         let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
         Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
     }
+}
 
-    fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {
-        batch.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+impl GroupBatch for Batch {
+    fn completions(&self) -> usize {
+        self.rollouts.len()
     }
 
-    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
-        self.data.open_log(self.s.log_completions, output_dir, resumed_at)
-    }
-
-    fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
-        self.data.evaluate(&model.valid(), &sampling(&self.s, self.s.eval_temperature), step)
-    }
-
-    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
-        save_trainable(model, self.lora(), HfHead::CausalLm, dir)
-    }
-
-    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
-        load_trainable(model, self.lora(), &self.config, Heads::LM, dir, &self.device)
-    }
-
-    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
-        export_policy(model, self.lora(), &self.data.cfg.model.path, &self.data.tok, HfHead::CausalLm, final_dir)
-    }
-
-    fn headline(&self) -> &'static [&'static str] {
-        &["reward", "kl", "eval_reward"]
-    }
-
-    fn progress(&self, batch: &Batch) -> String {
-        format!("reward {}", crate::logfmt::opt(batch.metrics.get("reward").copied()))
+    fn metrics(&self) -> &BTreeMap<String, f64> {
+        &self.metrics
     }
 }
 
@@ -266,8 +263,8 @@ impl StageMain for Grpo<'_> {
         let model = start.model;
         // Under LoRA the reference is the policy with adapters disabled (taken per generation).
         let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, args.bf16));
-        let mut stage = GrpoStage::<A> { data, s, plan, frozen, config: model.config.clone(), device: device.clone() };
-        train(&mut stage, model, args, &cfg.output_dir, self.resume)?;
+        let stage = GrpoStage::<A> { data, s, plan, frozen, config: model.config.clone(), device: device.clone() };
+        train(&mut Groups(stage), model, args, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }
 }

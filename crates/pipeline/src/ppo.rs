@@ -171,8 +171,8 @@ struct Batch {
 
 /// PPO as a [`Stage`]: a round samples one completion per prompt and trains on it for
 /// `num_ppo_epochs × num_mini_batches` updates, logged as one step.
-struct PpoStage<'a, B: AutodiffFusedOps> {
-    data: OnlineData<'a>,
+struct PpoStage<B: AutodiffFusedOps> {
+    data: OnlineData,
     s: PpoSettings,
     /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
     frozen: Option<Transformer<B::InnerBackend>>,
@@ -181,7 +181,7 @@ struct PpoStage<'a, B: AutodiffFusedOps> {
     device: B::Device,
 }
 
-impl<B: AutodiffFusedOps> PpoStage<'_, B> {
+impl<B: AutodiffFusedOps> PpoStage<B> {
     fn mini_batch(&self) -> usize {
         self.data.cfg.training.per_device_train_batch_size * self.data.cfg.training.gradient_accumulation_steps
     }
@@ -381,7 +381,7 @@ struct ScoredResponses {
     width: usize,
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for PpoStage<'_, B> {
+impl<B: AutodiffFusedOps> Stage<B> for PpoStage<B> {
     type Model = ActorCritic<B>;
     type Batch = Batch;
 

@@ -12,9 +12,12 @@ use std::path::Path;
 
 use align_data::{GenerationPrompt, generation_prompts};
 use align_data::{LossPositions, TokenizedSequence, pad_right};
+use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
-use align_model::{FusedOps, TokenBatch, Tokenizer, Transformer, spread_rows};
+use align_model::{
+    AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, TokenBatch, Tokenizer, Transformer, spread_rows,
+};
 use align_reward::Reward;
 use align_reward::{RewardTerm, build_terms};
 use anyhow::{Context, Result};
@@ -25,7 +28,7 @@ use align_reward::{Scored, score_rollouts};
 use align_rollout::{Generation, Rollouts, rollout};
 
 use crate::config::StageConfig;
-use crate::train::{Evaluation, Shape};
+use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable};
 
 /// `[b, width]` float tensor from host rows (zero-padded).
 pub fn rows_tensor<B: Backend>(rows: &[Vec<f64>], width: usize, device: &B::Device) -> Tensor<B, 2> {
@@ -271,8 +274,8 @@ impl ScoredGeneration {
 
 /// What every online stage (GRPO, RLOO, PPO) holds besides its model: the tokenizer, the
 /// reward functions, the train and held-out prompts, and `completions.jsonl`.
-pub struct OnlineData<'a> {
-    pub cfg: &'a StageConfig,
+pub struct OnlineData {
+    pub cfg: StageConfig,
     pub tok: Tokenizer,
     /// The id padding rows.
     pub pad: u32,
@@ -282,10 +285,10 @@ pub struct OnlineData<'a> {
     log: Option<CompletionLog>,
 }
 
-impl<'a> OnlineData<'a> {
+impl OnlineData {
     /// The prompts of `cfg`'s `[data]` and `[eval_data]`, and its reward functions.
     pub fn load<B: FusedOps>(
-        cfg: &'a StageConfig,
+        cfg: &StageConfig,
         tok: Tokenizer,
         pad: u32,
         rewards: &[RewardTerm],
@@ -297,7 +300,7 @@ impl<'a> OnlineData<'a> {
             None => vec![],
         };
         let rewards = build_terms::<B>(rewards, device)?;
-        Ok(OnlineData { cfg, tok, pad, rewards, train, eval, log: None })
+        Ok(OnlineData { cfg: cfg.clone(), tok, pad, rewards, train, eval, log: None })
     }
 
     /// The prompts of a round's draws.
@@ -353,6 +356,107 @@ impl<'a> OnlineData<'a> {
         let (bs, seed) = (t.per_device_train_batch_size, t.seed);
         let metrics = evaluate_prompts(policy, &self.tok, &self.rewards, &self.eval, sampling, bs, seed, &samples)?;
         Ok(Some(Evaluation { loss: None, metrics }))
+    }
+}
+
+/// A stage sampling groups of completions per prompt on a plain policy (GRPO, RLOO): what
+/// is its own. [`Groups`] is the rest of its [`Stage`], written once.
+pub trait GroupStage<B: AutodiffFusedOps> {
+    type Batch: GroupBatch;
+    fn data(&self) -> &OnlineData;
+    fn data_mut(&mut self) -> &mut OnlineData;
+    /// Completions per prompt, steps per generation batch.
+    fn group(&self) -> (usize, usize);
+    fn log_completions(&self) -> bool;
+    /// The held-out evaluation's sampling.
+    fn eval_sampling(&self) -> Generation;
+    fn model_config(&self) -> &ModelConfig;
+    fn device(&self) -> &B::Device;
+    /// Sample and score one generation batch from the round's prompts (and log its rows).
+    fn sample(&mut self, model: &Transformer<B>, draws: &[Vec<usize>], round: Round) -> Result<Self::Batch>;
+    /// The loss of completions `idx`, one of `micro_batches` micro-batches, on pass `pass`.
+    fn group_loss(
+        &self,
+        model: &Transformer<B>,
+        batch: &Self::Batch,
+        pass: usize,
+        idx: &[usize],
+        micro_batches: usize,
+    ) -> Result<MicroLoss<B>>;
+}
+
+/// What the loop reads of a generation batch.
+pub trait GroupBatch {
+    /// Completions in the batch.
+    fn completions(&self) -> usize;
+    /// The batch's metrics (rewards, lengths, speed), logged with every step trained on it.
+    fn metrics(&self) -> &BTreeMap<String, f64>;
+}
+
+/// A [`GroupStage`] as the loop runs it: `train(&mut Groups(stage), …)`.
+pub struct Groups<S>(pub S);
+
+impl<B: AutodiffFusedOps, S: GroupStage<B>> Stage<B> for Groups<S> {
+    type Model = Transformer<B>;
+    type Batch = S::Batch;
+
+    fn shape(&self) -> Shape {
+        let (group, iterations) = self.0.group();
+        self.0.data().group_shape(group, iterations)
+    }
+
+    fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<S::Batch> {
+        self.0.sample(model, &draws, round)
+    }
+
+    fn micro_batches(&self, batch: &S::Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
+        self.0.data().micro_batches(batch.completions())
+    }
+
+    fn loss(
+        &self,
+        model: &Transformer<B>,
+        batch: &S::Batch,
+        pass: usize,
+        idx: &[usize],
+        n: usize,
+    ) -> Result<MicroLoss<B>> {
+        self.0.group_loss(model, batch, pass, idx, n)
+    }
+
+    fn batch_metrics(&self, batch: &S::Batch) -> Vec<(String, f64)> {
+        batch.metrics().iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
+        let enabled = self.0.log_completions();
+        self.0.data_mut().open_log(enabled, output_dir, resumed_at)
+    }
+
+    fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
+        self.0.data().evaluate(&model.valid(), &self.0.eval_sampling(), step)
+    }
+
+    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
+        save_trainable(model, self.0.data().cfg.lora.as_ref(), HfHead::CausalLm, dir)
+    }
+
+    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
+        let lora = self.0.data().cfg.lora.as_ref();
+        load_trainable(model, lora, self.0.model_config(), Heads::LM, dir, self.0.device())
+    }
+
+    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
+        let d = self.0.data();
+        export_policy(model, d.cfg.lora.as_ref(), &d.cfg.model.path, &d.tok, HfHead::CausalLm, final_dir)
+    }
+
+    fn headline(&self) -> &'static [&'static str] {
+        &["reward", "kl", "eval_reward"]
+    }
+
+    fn progress(&self, batch: &S::Batch) -> String {
+        format!("reward {}", crate::logfmt::opt(batch.metrics().get("reward").copied()))
     }
 }
 

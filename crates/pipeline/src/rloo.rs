@@ -5,14 +5,14 @@
 //! surrogate on whole-sequence log-probs (the math is `align_losses::rloo`).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use align_losses::grpo::grpo_clip_metrics;
 use align_losses::rloo::{rloo_advantages, rloo_loss};
 use align_losses::{masked_mean, sequence_logprobs};
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::tensor::{ElementConversion, Tensor, TensorData};
-use align_model::{AutodiffFusedOps, Heads, HfHead, ModelConfig, Transformer};
+use align_model::{AutodiffFusedOps, Heads, ModelConfig, Transformer};
 use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
@@ -20,11 +20,11 @@ pub use crate::config::rloo::RlooSettings;
 use align_rollout::{Generation, Rollouts};
 
 use crate::rl::{
-    OnlineData, completion_batch, completion_forward, completion_mask, mean_std, prompts_per_generation, rows_tensor,
-    sample_and_score,
+    GroupBatch, GroupStage, Groups, OnlineData, completion_batch, completion_forward, completion_mask, mean_std,
+    prompts_per_generation, rows_tensor, sample_and_score,
 };
 use crate::stage::{StageMain, frozen_copy, starting_model};
-use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
+use crate::train::{MicroLoss, Round, train};
 
 /// One generation batch with its advantages.
 struct Batch {
@@ -34,8 +34,8 @@ struct Batch {
     metrics: BTreeMap<String, f64>,
 }
 
-struct RlooStage<'a, B: AutodiffFusedOps> {
-    data: OnlineData<'a>,
+struct RlooStage<B: AutodiffFusedOps> {
+    data: OnlineData,
     s: RlooSettings,
     /// The reference without LoRA (under LoRA: the policy with its adapters disabled).
     frozen: Option<Transformer<B::InnerBackend>>,
@@ -43,7 +43,7 @@ struct RlooStage<'a, B: AutodiffFusedOps> {
     device: B::Device,
 }
 
-impl<B: AutodiffFusedOps> RlooStage<'_, B> {
+impl<B: AutodiffFusedOps> RlooStage<B> {
     /// The loss mask of completions `idx`: their tokens, none for masked truncated ones.
     fn mask(&self, r: &Rollouts, idx: &[usize], width: usize) -> Vec<Vec<f64>> {
         let comps: Vec<&[u32]> = idx.iter().map(|&i| r.completions[i].as_slice()).collect();
@@ -58,17 +58,40 @@ impl<B: AutodiffFusedOps> RlooStage<'_, B> {
     }
 }
 
-impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
-    type Model = Transformer<B>;
+impl<B: AutodiffFusedOps> GroupStage<B> for RlooStage<B> {
     type Batch = Batch;
 
-    fn shape(&self) -> Shape {
-        self.data.group_shape(self.s.num_generations, self.s.num_iterations)
+    fn data(&self) -> &OnlineData {
+        &self.data
     }
 
-    fn next_batch(&mut self, model: &Transformer<B>, draws: Vec<Vec<usize>>, round: Round) -> Result<Batch> {
+    fn data_mut(&mut self) -> &mut OnlineData {
+        &mut self.data
+    }
+
+    fn group(&self) -> (usize, usize) {
+        (self.s.num_generations, self.s.num_iterations)
+    }
+
+    fn log_completions(&self) -> bool {
+        self.s.log_completions
+    }
+
+    fn eval_sampling(&self) -> Generation {
+        sampling(&self.s, self.s.eval_temperature)
+    }
+
+    fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    fn sample(&mut self, model: &Transformer<B>, draws: &[Vec<usize>], round: Round) -> Result<Batch> {
         let (s, policy) = (&self.s, model.valid());
-        let prompts = self.data.prompts(&draws);
+        let prompts = self.data.prompts(draws);
         let sampling = sampling(s, s.temperature);
         let seed = round.generation_seed();
         let g = sample_and_score(
@@ -120,11 +143,7 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
         Ok(Batch { prompts: g.prompts, rollouts: g.rollouts, advantages: adv.advantages, metrics })
     }
 
-    fn micro_batches(&self, batch: &Batch, _pass: usize, _update: usize) -> Vec<Vec<usize>> {
-        self.data.micro_batches(batch.rollouts.len())
-    }
-
-    fn loss(
+    fn group_loss(
         &self,
         model: &Transformer<B>,
         batch: &Batch,
@@ -169,40 +188,15 @@ impl<B: AutodiffFusedOps> Stage<B> for RlooStage<'_, B> {
         let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
         Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
     }
+}
 
-    fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {
-        batch.metrics.iter().map(|(k, v)| (k.clone(), *v)).collect()
+impl GroupBatch for Batch {
+    fn completions(&self) -> usize {
+        self.rollouts.len()
     }
 
-    fn open_logs(&mut self, output_dir: &Path, resumed_at: Option<usize>) -> Result<()> {
-        self.data.open_log(self.s.log_completions, output_dir, resumed_at)
-    }
-
-    fn evaluate(&mut self, model: &Transformer<B>, step: usize) -> Result<Option<Evaluation>> {
-        self.data.evaluate(&model.valid(), &sampling(&self.s, self.s.eval_temperature), step)
-    }
-
-    fn save_weights(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
-        save_trainable(model, self.data.cfg.lora.as_ref(), HfHead::CausalLm, dir)
-    }
-
-    fn load_weights(&self, model: Transformer<B>, dir: &Path) -> Result<Transformer<B>> {
-        load_trainable(model, self.data.cfg.lora.as_ref(), &self.config, Heads::LM, dir, &self.device)
-    }
-
-    fn export(&self, model: &Transformer<B>, final_dir: &Path) -> Result<()> {
-        export_policy(
-            model,
-            self.data.cfg.lora.as_ref(),
-            &self.data.cfg.model.path,
-            &self.data.tok,
-            HfHead::CausalLm,
-            final_dir,
-        )
-    }
-
-    fn headline(&self) -> &'static [&'static str] {
-        &["reward", "kl", "eval_reward"]
+    fn metrics(&self) -> &BTreeMap<String, f64> {
+        &self.metrics
     }
 }
 
@@ -239,8 +233,8 @@ impl StageMain for Rloo<'_> {
         tracing::info!(prompts = data.train.len(), prompts_per_generation = per_generation, "RLOO");
         let model = start.model;
         let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, cfg.training.bf16));
-        let mut stage = RlooStage::<A> { data, s, frozen, config: model.config.clone(), device: device.clone() };
-        train(&mut stage, model, &cfg.training, &cfg.output_dir, self.resume)?;
+        let stage = RlooStage::<A> { data, s, frozen, config: model.config.clone(), device: device.clone() };
+        train(&mut Groups(stage), model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))
     }
 }
