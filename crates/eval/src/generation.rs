@@ -30,10 +30,7 @@ pub fn evaluate_prompts<B: FusedOps>(
     samples: &Path,
 ) -> Result<BTreeMap<String, f64>> {
     let bs = batch_size.max(1);
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("eval {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
-    );
+    let bar = crate::progress(prompts.len(), "eval (prompts)");
     if let Some(dir) = samples.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -90,12 +87,7 @@ pub fn best_of_n<B: FusedOps>(
     }
     // About 64 sequences per decoding batch.
     let per_batch = (64 / n).max(1);
-    let bar = indicatif::ProgressBar::new(prompts.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template(
-            "best-of-n {bar:30} {pos}/{len} prompts [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = crate::progress(prompts.len(), "best-of-n (prompts)");
     let mut out = Vec::with_capacity(prompts.len());
     for (b, chunk) in prompts.chunks(per_batch).enumerate() {
         let ps: Vec<&GenerationPrompt> = chunk.iter().collect();

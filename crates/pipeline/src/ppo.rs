@@ -35,10 +35,12 @@ use serde_json::json;
 
 use crate::config::StageConfig;
 pub use crate::config::ppo::{Critic, PpoSettings};
-use align_reward::{Scored, score_rollouts};
-use align_rollout::{Generation, Rollouts, rollout};
+use align_rollout::Generation;
 
-use crate::rl::{CompletionBatch, OnlineData, completion_batch, completion_forward, host_rows, mean_std, rows_tensor};
+use crate::rl::{
+    CompletionBatch, OnlineData, ScoredGeneration, completion_batch, completion_forward, host_rows, mean_std,
+    rows_tensor, sample_and_score,
+};
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model, train_in_full};
 use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
 
@@ -195,12 +197,14 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
         round: Round,
     ) -> Result<(Batch, Vec<serde_json::Value>)> {
         let s = &self.s;
-        let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
-        let r = rollout(&model.policy, &self.data.tok, &ids, 1, &sampling(s, s.temperature), round.generation_seed());
-        let scored = self.score(prompts, &r)?;
+        let seed = round.generation_seed();
+        let tok = &self.data.tok;
+        let g =
+            sample_and_score(&model.policy, tok, prompts, 1, &sampling(s, s.temperature), seed, &self.data.rewards)?;
+        let (r, prompt_ids) = (&g.rollouts, &g.prompts);
+        let scored = self.score(&g)?;
         let (width, seq_lengths) = (scored.width, &scored.seq_lengths);
-        let prompt_ids: Vec<Vec<u32>> = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
-        let (ref_logps, values) = self.reference_and_values(model, &prompt_ids, &scored.completions);
+        let (ref_logps, values) = self.reference_and_values(model, prompt_ids, &scored.completions);
         let pad_rows = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
             rows.into_iter()
                 .map(|mut v| {
@@ -227,7 +231,7 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
             .context("a rollout batch needs at least two completion tokens to whiten advantages")?;
         let advantages = mask_after(&advantages, seq_lengths, 0, 0.0);
         let kl_sums: Vec<f64> = token_rewards.kl.iter().map(|k| k.iter().sum()).collect();
-        let metrics = self.metrics(&r, &scored, &kl_sums, &token_rewards.non_score_reward);
+        let metrics = self.metrics(&g, &scored, &kl_sums, &token_rewards.non_score_reward);
         let log_rows = (0..r.len())
             .map(|i| {
                 let mut row = json!({
@@ -239,13 +243,13 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
                     "tokens": scored.completions[i].len(),
                 });
                 for (k, (f, _)) in self.data.rewards.iter().enumerate() {
-                    row[f.name()] = json!(scored.per_func.per_func[i][k]);
+                    row[f.name()] = json!(g.scored.per_func[i][k]);
                 }
                 row
             })
             .collect();
         let batch = Batch {
-            prompts: prompt_ids,
+            prompts: g.prompts.clone(),
             minibatches: self.minibatches(r.len(), round),
             completions: scored.completions,
             seq_lengths: scored.seq_lengths,
@@ -261,9 +265,10 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
 
     /// The score of each completion (weighted reward functions, less `missing_eos_penalty`
     /// without EOS) and its sequence as align-losses' helpers cut it.
-    fn score(&self, prompts: &[&GenerationPrompt], r: &Rollouts) -> Result<ScoredResponses> {
-        let per_func = score_rollouts(&self.data.rewards, prompts, r)?;
-        let raw: Vec<f64> = per_func
+    fn score(&self, g: &ScoredGeneration) -> Result<ScoredResponses> {
+        let r = &g.rollouts;
+        let raw: Vec<f64> = g
+            .scored
             .per_func
             .iter()
             .map(|fs| fs.iter().zip(&self.data.rewards).map(|(x, (_, w))| x.unwrap_or(0.0) * w).sum())
@@ -285,7 +290,6 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
             (None, _) => raw,
         };
         Ok(ScoredResponses {
-            per_func,
             scores,
             seq_lengths: sequence_lengths(&responses, NO_TOKEN),
             has_eos: responses.iter().map(|row| eos.is_some_and(|e| row.contains(&e))).collect(),
@@ -328,31 +332,25 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
     /// What TRL's PPO trainer logs for a rollout batch.
     fn metrics(
         &self,
-        r: &Rollouts,
+        g: &ScoredGeneration,
         scored: &ScoredResponses,
         kl_sums: &[f64],
         non_score_reward: &[Vec<f64>],
     ) -> BTreeMap<String, f64> {
         let nsr_sums: Vec<f64> = non_score_reward.iter().map(|k| k.iter().sum()).collect();
         let mean = |v: &[f64]| mean_std(v).0;
-        let mut m = r.length_metrics();
+        // Lengths, speed and each reward function's mean and std come with the batch.
+        let mut m = g.metrics.clone();
         m.insert("objective/kl".into(), mean(kl_sums));
-        let entropy: Vec<f64> = r.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect();
+        let entropy: Vec<f64> = g.rollouts.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect();
         m.insert("objective/entropy".into(), mean(&entropy));
         m.insert("objective/non_score_reward".into(), mean(&nsr_sums));
         let rlhf: Vec<f64> = scored.scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect();
         m.insert("objective/rlhf_reward".into(), mean(&rlhf));
         m.insert("objective/scores".into(), mean(&scored.scores));
         m.insert("kl_coef".into(), self.kl.value);
-        for (k, (f, _)) in self.data.rewards.iter().enumerate() {
-            let v: Vec<f64> = scored.per_func.per_func.iter().filter_map(|x| x[k]).collect();
-            m.insert(format!("rewards/{}/mean", f.name()), mean(&v));
-        }
-        for (c, v) in &scored.per_func.components {
-            m.insert(format!("rewards/{c}"), mean(v));
-        }
         let eos = scored.has_eos.iter().filter(|&&e| e).count();
-        m.insert("completions/eos_ratio".into(), eos as f64 / r.len().max(1) as f64);
+        m.insert("completions/eos_ratio".into(), eos as f64 / g.rollouts.len().max(1) as f64);
         m
     }
 
@@ -372,7 +370,6 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
 
 /// A rollout's scores and sequences after align-losses' helpers.
 struct ScoredResponses {
-    per_func: Scored,
     scores: Vec<f64>,
     /// Index of each completion's last token.
     seq_lengths: Vec<usize>,

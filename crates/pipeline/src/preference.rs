@@ -292,12 +292,7 @@ impl<B: AutodiffFusedOps> RowStage<B> for PreferenceStage<B> {
         let m = model.valid();
         let (mut loss, mut sums) = (0.0, std::collections::BTreeMap::<String, f64>::new());
         let idx: Vec<usize> = (0..self.eval.len()).collect();
-        let bar = indicatif::ProgressBar::new(idx.len() as u64).with_style(
-            indicatif::ProgressStyle::with_template(
-                "eval {bar:30} {pos}/{len} pairs [{elapsed_precise}<{eta_precise}]",
-            )
-            .expect("valid template"),
-        );
+        let bar = align_eval::progress(idx.len(), "eval (pairs)");
         for chunk in idx.chunks(self.batch_size.max(1)) {
             bar.inc(chunk.len() as u64);
             let pairs: Vec<&Pair> = chunk.iter().map(|&i| &self.eval[i]).collect();
@@ -432,10 +427,7 @@ fn precompute_reference<B: AutodiffFusedOps>(
     let mut m = policy.clone();
     m.set_adapters_enabled(false);
     let total = task.train.len() + task.eval.len();
-    let bar = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("ref log-probs {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]")
-            .expect("valid template"),
-    );
+    let bar = align_eval::progress(total, "ref log-probs");
     let run = |set: &[Pair]| -> RefLogps {
         let mut out = Vec::with_capacity(set.len());
         for chunk in set.chunks(task.batch_size.max(1)) {
