@@ -72,7 +72,7 @@ pub fn align_decode_tps<B: FusedOps>(model: &Transformer<B>, batch: usize, reps:
     let cfg = SamplingConfig { temperature: 0.0, max_new_tokens: 64, ..Default::default() };
     let prompts = synthetic_ids(batch, 32, model.config.vocab_size, 2);
     let s = time(reps, || {
-        let out = generate(model, &prompts, 0, &cfg);
+        let out = generate(model, &prompts, 0, &cfg).expect("synthetic prompts fit the model");
         assert!(out.iter().all(|c| c.tokens.len() == 64));
     });
     (batch * 64) as f64 / s

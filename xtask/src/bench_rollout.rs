@@ -40,7 +40,7 @@ pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64
             0,
             &SamplingConfig { seed: rep as u64, ..cfg.clone() },
             |_, _| false,
-        );
+        )?;
         let s = t.elapsed().as_secs_f64();
         anyhow::ensure!(out.len() == PROMPTS * GROUP && out.iter().all(|c| c.tokens.len() == NEW));
         if rep > 0 {

@@ -66,13 +66,23 @@ pub fn examples<'a>(
     cfg: &'a DatasetConfig,
     report: &'a mut SkipReport,
 ) -> Result<impl Iterator<Item = Result<Example>> + 'a> {
+    examples_as(cfg, &[], report)
+}
+
+/// [`examples`] for a stage that reads only `accepts` kinds of rows (see
+/// [`Example::from_record_as`]); empty accepts any.
+pub fn examples_as<'a>(
+    cfg: &'a DatasetConfig,
+    accepts: &'a [SchemaKind],
+    report: &'a mut SkipReport,
+) -> Result<impl Iterator<Item = Result<Example>> + 'a> {
     let reader = RecordReader::open(&cfg.path)?;
     let parsed = reader.map(move |record| {
         record.and_then(|mut r| {
             map_columns(&mut r.fields, &cfg.columns);
             match cfg.adapter {
                 Some(a) => a.apply(&r),
-                None => Example::from_record(&r, cfg.schema),
+                None => Example::from_record_as(&r, cfg.schema, accepts),
             }
         })
     });
@@ -92,8 +102,13 @@ pub fn examples<'a>(
 
 /// Read and validate every row into memory (see [`examples`]).
 pub fn load_examples(cfg: &DatasetConfig) -> Result<(Vec<Example>, SkipReport)> {
+    load_examples_as(cfg, &[])
+}
+
+/// [`load_examples`] for a stage that reads only `accepts` kinds of rows.
+pub fn load_examples_as(cfg: &DatasetConfig, accepts: &[SchemaKind]) -> Result<(Vec<Example>, SkipReport)> {
     let mut report = SkipReport::default();
-    let out = examples(cfg, &mut report)?.collect::<Result<Vec<_>>>()?;
+    let out = examples_as(cfg, accepts, &mut report)?.collect::<Result<Vec<_>>>()?;
     if report.skipped > 0 {
         tracing::warn!(path = %cfg.path.display(), skipped = report.skipped, first = ?report.first_reasons, "skipped invalid rows");
     }

@@ -281,7 +281,55 @@ fn check_prompt_completion(row: &Row, prompt: &Content, completion: &Content, co
     }
 }
 
+impl SchemaKind {
+    /// The column that says a row means this schema even when the row is broken.
+    fn key_field(self) -> &'static str {
+        match self {
+            SchemaKind::Auto => "",
+            SchemaKind::Text => "text",
+            SchemaKind::PromptCompletion | SchemaKind::PromptOnly => "prompt",
+            SchemaKind::Conversation => "messages",
+            SchemaKind::Preference => "chosen",
+            SchemaKind::UnpairedPreference => "completion",
+            SchemaKind::PromptAnswer => "answer",
+            SchemaKind::ScoredConversation => "conversation",
+        }
+    }
+}
+
 impl Example {
+    /// Parse and validate one row for a stage that reads only `accepts` (empty: any).
+    /// Under `auto`, a row detected as another kind is parsed as the first accepted kind
+    /// whose key column it has, so a broken row gets that schema's error (`field
+    /// completion: missing`, with file and line) rather than a wrong kind; a row with none
+    /// of them is refused at its line.
+    pub fn from_record_as(record: &Record, schema: SchemaKind, accepts: &[SchemaKind]) -> Result<Example> {
+        if schema != SchemaKind::Auto || accepts.is_empty() {
+            return Self::from_record(record, schema);
+        }
+        let detected = detect(&record.fields);
+        if detected.is_some_and(|d| accepts.contains(&d)) {
+            return Self::from_record(record, SchemaKind::Auto);
+        }
+        let has = |k: &str| record.fields.get(k).is_some();
+        match accepts.iter().find(|a| has(a.key_field())) {
+            Some(&kind) => Self::from_record(record, kind),
+            None => {
+                let cols: Vec<&String> = record.fields.keys().collect();
+                let wanted: Vec<String> = accepts.iter().map(|a| format!("{a:?}")).collect();
+                Err(DataError::at(
+                    &record.location,
+                    None,
+                    format!(
+                        "the columns {cols:?} are {}, but this stage reads {} rows (map columns with `columns`)",
+                        detected.map_or("no known schema".to_string(), |d| format!("{d:?} data")),
+                        wanted.join(" or ")
+                    ),
+                ))
+            }
+        }
+    }
+
     /// Parse and validate one row under `schema`.
     pub fn from_record(record: &Record, schema: SchemaKind) -> Result<Example> {
         let row = Row { loc: &record.location, fields: &record.fields };

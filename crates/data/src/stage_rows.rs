@@ -4,7 +4,39 @@
 
 use align_model::Tokenizer;
 
-use crate::{DataError, DatasetConfig, ExampleTokenizer, Result, TokenizeConfig, Tokenized, TokenizedSequence};
+use crate::{
+    DataError, DatasetConfig, Example, ExampleTokenizer, Result, SchemaKind, TokenizeConfig, Tokenized,
+    TokenizedSequence,
+};
+
+/// The rows SFT trains on.
+const SFT_ROWS: &[SchemaKind] =
+    &[SchemaKind::Text, SchemaKind::PromptCompletion, SchemaKind::Conversation, SchemaKind::ScoredConversation];
+const PAIR_ROWS: &[SchemaKind] = &[SchemaKind::Preference];
+const LABELLED_ROWS: &[SchemaKind] = &[SchemaKind::UnpairedPreference, SchemaKind::Preference];
+/// Every kind with a prompt (all but plain text).
+const PROMPT_ROWS: &[SchemaKind] = &[
+    SchemaKind::PromptOnly,
+    SchemaKind::PromptAnswer,
+    SchemaKind::PromptCompletion,
+    SchemaKind::Conversation,
+    SchemaKind::ScoredConversation,
+    SchemaKind::Preference,
+    SchemaKind::UnpairedPreference,
+];
+
+/// The rows of `data` a stage reading `accepts` takes; none is an error naming the file.
+fn stage_examples(data: &DatasetConfig, accepts: &[SchemaKind]) -> Result<Vec<Example>> {
+    let (examples, report) = crate::load_examples_as(data, accepts)?;
+    if examples.is_empty() {
+        let why = match report.skipped {
+            0 => "the data has no rows".to_string(),
+            n => format!("all {n} rows were invalid and skipped"),
+        };
+        return Err(DataError::file(&data.path, format!("no examples to train on: {why}")));
+    }
+    Ok(examples)
+}
 
 /// Every row of `data` tokenised (on all cores); `what` names the set in the log.
 pub fn tokenized_rows(
@@ -13,7 +45,17 @@ pub fn tokenized_rows(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<Tokenized>> {
-    let (examples, _) = crate::load_examples(data)?;
+    tokenize_rows(tok, data, cfg, what, &[])
+}
+
+fn tokenize_rows(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+    accepts: &[SchemaKind],
+) -> Result<Vec<Tokenized>> {
+    let examples = stage_examples(data, accepts)?;
     let mut t = ExampleTokenizer::new(tok, cfg.clone());
     let out = t.tokenize_all(&examples, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
     t.log_stats(what);
@@ -21,7 +63,7 @@ pub fn tokenized_rows(
 }
 
 fn refuse(data: &DatasetConfig, i: usize, message: &str) -> DataError {
-    DataError::file(&data.path, format!("example {i} {message}"))
+    DataError::file(&data.path, format!("example {} (counting from 1, after skip) {message}", i + 1))
 }
 
 /// SFT: each row's sequence and loss mask (completion, assistant turns or all text).
@@ -31,7 +73,7 @@ pub fn sft_sequences(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<TokenizedSequence>> {
-    let rows = tokenized_rows(tok, data, cfg, what)?;
+    let rows = tokenize_rows(tok, data, cfg, what, SFT_ROWS)?;
     rows.into_iter()
         .enumerate()
         .map(|(i, x)| match x {
@@ -57,7 +99,7 @@ pub fn preference_pairs(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<PreferencePair>> {
-    let rows = tokenized_rows(tok, data, cfg, what)?;
+    let rows = tokenize_rows(tok, data, cfg, what, PAIR_ROWS)?;
     rows.into_iter()
         .enumerate()
         .map(|(i, x)| match x {
@@ -94,7 +136,7 @@ pub fn labelled_completions(
     what: &str,
 ) -> Result<Vec<LabelledCompletion>> {
     let mut out = vec![];
-    for (i, x) in tokenized_rows(tok, data, cfg, what)?.into_iter().enumerate() {
+    for (i, x) in tokenize_rows(tok, data, cfg, what, LABELLED_ROWS)?.into_iter().enumerate() {
         let labelled =
             |prompt: Vec<u32>, completion: Vec<u32>, desirable| LabelledCompletion { prompt, completion, desirable };
         match x {
@@ -133,7 +175,7 @@ pub fn generation_prompts(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<GenerationPrompt>> {
-    let (examples, _) = crate::load_examples(data)?;
+    let examples = stage_examples(data, PROMPT_ROWS)?;
     let mut t = ExampleTokenizer::new(tok, cfg.clone());
     let mut out = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {

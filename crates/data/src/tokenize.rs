@@ -33,7 +33,8 @@ pub enum ChatFormat {
 /// Renders conversations in one [`ChatFormat`].
 pub struct Formatter<'a> {
     pub format: ChatFormat,
-    pub template: Option<&'a ChatTemplate>,
+    /// The model's template, or why it has none usable.
+    pub template: std::result::Result<&'a ChatTemplate, String>,
 }
 
 impl Formatter<'_> {
@@ -56,8 +57,8 @@ impl Formatter<'_> {
         };
         match self.format {
             ChatFormat::Template => {
-                let t = self.template.ok_or_else(|| {
-                    DataError::Config("chat_format = \"template\" but the tokenizer has no chat template".into())
+                let t = self.template.as_ref().map_err(|e| {
+                    DataError::Config(format!("chat_format = \"template\" needs the model's chat template: {e}"))
                 })?;
                 Ok(t.render(messages, add_generation_prompt, None)?)
             }
@@ -201,15 +202,61 @@ pub struct ExampleTokenizer<'a> {
     pub tokenizer: &'a Tokenizer,
     pub config: TokenizeConfig,
     pub stats: TruncationStats,
+    /// The tokenizer's longest token in bytes (see [`Self::text_cap`]).
+    longest_token: usize,
 }
 
 impl<'a> ExampleTokenizer<'a> {
     pub fn new(tokenizer: &'a Tokenizer, config: TokenizeConfig) -> Self {
-        ExampleTokenizer { tokenizer, config, stats: TruncationStats::default() }
+        let longest_token = tokenizer.max_token_bytes().max(1);
+        ExampleTokenizer { tokenizer, config, stats: TruncationStats::default(), longest_token }
+    }
+
+    /// The most bytes of one text field that can matter under `max_length`: no token is
+    /// longer than the tokenizer's longest, so text beyond `max_length` of them is cut
+    /// whatever it says. `None` without a `max_length`.
+    fn text_cap(&self) -> Option<usize> {
+        self.config.max_length.map(|n| n.saturating_mul(self.longest_token).saturating_add(1024))
+    }
+
+    /// `ex` with every text field cut to [`Self::text_cap`] bytes before tokenising, so a
+    /// huge row costs memory in proportion to `max_length`, not to its size (the
+    /// tokenizer needs some hundred bytes per input byte). A prompt kept by its end is
+    /// cut at its start; everything else at its end. Those tokens would be truncated
+    /// anyway: the result is the same.
+    fn bounded<'e>(&self, ex: &'e Example) -> std::borrow::Cow<'e, Example> {
+        let Some(cap) = self.text_cap() else { return std::borrow::Cow::Borrowed(ex) };
+        let keep_end = self.config.prompt_truncation == Truncation::KeepEnd;
+        if !example_texts(ex).any(|t| t.len() > cap) {
+            return std::borrow::Cow::Borrowed(ex);
+        }
+        let mut ex = ex.clone();
+        let cut_content = |c: &mut Content, keep_end: bool| match c {
+            Content::Text(t) => cut_text(t, cap, keep_end),
+            Content::Messages(m) => m.iter_mut().for_each(|m| cut_text(&mut m.content, cap, keep_end)),
+        };
+        match &mut ex {
+            Example::Text { text } => cut_text(text, cap, false),
+            Example::PromptCompletion { prompt, completion }
+            | Example::UnpairedPreference { prompt, completion, .. } => {
+                cut_content(prompt, keep_end);
+                cut_content(completion, false);
+            }
+            Example::Preference { prompt, chosen, rejected, .. } => {
+                cut_content(prompt, keep_end);
+                cut_content(chosen, false);
+                cut_content(rejected, false);
+            }
+            Example::PromptAnswer { prompt, .. } | Example::PromptOnly { prompt } => cut_content(prompt, keep_end),
+            Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
+                messages.iter_mut().for_each(|m| cut_text(&mut m.content, cap, false))
+            }
+        }
+        std::borrow::Cow::Owned(ex)
     }
 
     fn formatter(&self) -> Formatter<'a> {
-        Formatter { format: self.config.chat_format, template: self.tokenizer.chat_template.as_ref() }
+        Formatter { format: self.config.chat_format, template: self.tokenizer.template().map_err(|e| e.to_string()) }
     }
 
     fn eos(&self) -> Result<Option<u32>> {
@@ -378,7 +425,8 @@ impl<'a> ExampleTokenizer<'a> {
     /// generation prompt), or a conversation's turns before its last assistant turn.
     /// `None` for plain text, which has no prompt.
     pub fn generation_prompt(&mut self, ex: &Example) -> Result<Option<Vec<u32>>> {
-        let mut ids = match ex {
+        let ex = self.bounded(ex);
+        let mut ids = match ex.as_ref() {
             Example::Text { .. } => return Ok(None),
             Example::PromptCompletion { prompt, .. }
             | Example::Preference { prompt, .. }
@@ -401,7 +449,8 @@ impl<'a> ExampleTokenizer<'a> {
     /// Tokenise one example.
     pub fn tokenize(&mut self, ex: &Example) -> Result<Tokenized> {
         let sequence = |p: TokenizedPrompted| TokenizedSequence::completion(&p.prompt_ids, &p.completion_ids);
-        let out = match ex {
+        let ex = self.bounded(ex);
+        let out = match ex.as_ref() {
             Example::Text { text } => {
                 let mut ids = self.tokenizer.encode(text, false)?;
                 ids.extend(self.eos()?);
@@ -454,5 +503,42 @@ impl<'a> ExampleTokenizer<'a> {
             }
         };
         Ok(out)
+    }
+}
+
+/// Every text field of an example.
+fn example_texts(ex: &Example) -> Box<dyn Iterator<Item = &str> + '_> {
+    fn content(c: &Content) -> Vec<&str> {
+        match c {
+            Content::Text(t) => vec![t.as_str()],
+            Content::Messages(m) => m.iter().map(|m| m.content.as_str()).collect(),
+        }
+    }
+    match ex {
+        Example::Text { text } => Box::new(std::iter::once(text.as_str())),
+        Example::PromptCompletion { prompt, completion } | Example::UnpairedPreference { prompt, completion, .. } => {
+            Box::new(content(prompt).into_iter().chain(content(completion)))
+        }
+        Example::Preference { prompt, chosen, rejected, .. } => {
+            Box::new(content(prompt).into_iter().chain(content(chosen)).chain(content(rejected)))
+        }
+        Example::PromptAnswer { prompt, .. } | Example::PromptOnly { prompt } => Box::new(content(prompt).into_iter()),
+        Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
+            Box::new(messages.iter().map(|m| m.content.as_str()))
+        }
+    }
+}
+
+/// Cut `text` to at most `cap` bytes (at a character boundary), keeping its end or start.
+fn cut_text(text: &mut String, cap: usize, keep_end: bool) {
+    if text.len() <= cap {
+        return;
+    }
+    if keep_end {
+        let from = text.ceil_char_boundary(text.len() - cap);
+        text.drain(..from);
+    } else {
+        let to = text.floor_char_boundary(cap);
+        text.truncate(to);
     }
 }

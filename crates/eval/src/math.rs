@@ -123,7 +123,7 @@ pub fn eval_r1_zero<B: FusedOps>(
             seed: cfg.seed.wrapping_add(b as u64),
             ..Default::default()
         };
-        let outs = generate_text(model, tok, &ids, pad, &sampling, &["</answer>".to_string()], true);
+        let outs = generate_text(model, tok, &ids, pad, &sampling, &["</answer>".to_string()], true)?;
         let batch: Vec<MathSample> = chunk
             .iter()
             .zip(prompts)
@@ -209,13 +209,16 @@ pub fn eval_gsm8k_lm_eval<B: FusedOps>(
         ..Default::default()
     };
     let until = vec!["Question:".to_string(), "</s>".to_string(), "<|im_end|>".to_string()];
+    // lm-eval's HF model keeps the last `max_length - max_gen_toks` tokens of a context.
+    let context = model.config.max_position_embeddings;
     let mut out = vec![];
     for chunk in items.chunks(cfg.batch_size.max(1)) {
         let ids: Vec<Vec<u32>> = chunk
             .iter()
             .map(|it| tok.encode(&format!("{prefix}Question: {}\nAnswer:", it.question), true))
+            .map(|ids| ids.map(|ids| keep_last(ids, context.saturating_sub(cfg.max_new_tokens))))
             .collect::<align_model::Result<_>>()?;
-        for (it, g) in chunk.iter().zip(generate_text(model, tok, &ids, pad, &sampling, &until, false)) {
+        for (it, g) in chunk.iter().zip(generate_text(model, tok, &ids, pad, &sampling, &until, false)?) {
             let (strict_match, flexible_extract) = gsm8k_lm_eval_matches(&g.text, &it.ground_truth);
             out.push(Gsm8kSample {
                 question: it.question.clone(),
@@ -228,6 +231,14 @@ pub fn eval_gsm8k_lm_eval<B: FusedOps>(
         progress(chunk.len());
     }
     Ok(out)
+}
+
+/// The last `n` tokens of `ids` (lm-eval's left truncation of a long context).
+fn keep_last(mut ids: Vec<u32>, n: usize) -> Vec<u32> {
+    if ids.len() > n {
+        ids.drain(..ids.len() - n);
+    }
+    ids
 }
 
 #[cfg(test)]

@@ -247,6 +247,7 @@ pub fn score_items<B: FusedOps>(
     } else {
         // Every (item, choice) as one row: context + continuation, loss on the continuation.
         let mut rows: Vec<TokenizedSequence> = vec![];
+        let context = model.config.max_position_embeddings;
         for (i, it) in items.iter().enumerate() {
             for c in &it.choices {
                 let (ctx, cont) = encode_pair(tok, &it.context, &format!("{}{c}", task.target_delimiter))?;
@@ -254,10 +255,17 @@ pub fn score_items<B: FusedOps>(
                     bail!("item {i}: choice {c:?} adds no tokens to its context");
                 }
                 let n = ctx.len();
-                rows.push(TokenizedSequence {
+                let mut row = TokenizedSequence {
                     loss_mask: (0..n + cont.len()).map(|j| j >= n).collect(),
                     input_ids: ctx.into_iter().chain(cont).collect(),
-                });
+                };
+                // As lm-eval, a row longer than the model's positions keeps its end.
+                if row.len() > context {
+                    let cut = row.len() - context;
+                    row.input_ids.drain(..cut);
+                    row.loss_mask.drain(..cut);
+                }
+                rows.push(row);
             }
         }
         // Longest first keeps padding low; results go back to their rows.

@@ -52,6 +52,12 @@ pub fn perplexity<B: FusedOps>(
     mut progress: impl FnMut(usize),
 ) -> Result<PerplexitySummary> {
     let start = std::time::Instant::now();
+    // A window row holds max_length predicted tokens and one before them.
+    let fits = model.config.max_position_embeddings.saturating_sub(1).max(1);
+    if max_length > fits {
+        tracing::warn!("max_length {max_length} exceeds the model's positions: windows of {fits} tokens");
+    }
+    let max_length = max_length.min(fits);
     let start_token =
         tok.bos_token_id.or(tok.eos_token_id).context("the tokenizer has neither BOS nor EOS to start a text")?;
     let pad = tok.pad_token_id.unwrap_or(start_token);

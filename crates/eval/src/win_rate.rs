@@ -58,7 +58,7 @@ fn complete<B: FusedOps>(
         let ids: Vec<Vec<u32>> =
             chunk.iter().map(|p| c.tokenizer.encode(p, true)).collect::<align_model::Result<_>>()?;
         cfg.seed = cfg.seed.wrapping_add(k as u64);
-        out.extend(generate_text(c.model, c.tokenizer, &ids, pad, &cfg, &[], false).into_iter().map(|t| t.text));
+        out.extend(generate_text(c.model, c.tokenizer, &ids, pad, &cfg, &[], false)?.into_iter().map(|t| t.text));
     }
     Ok(out)
 }

@@ -87,6 +87,9 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(LoraError::Config("lora r must be at least 1".into()));
         }
+        if !(self.lora_alpha.is_finite() && self.lora_alpha > 0.0) {
+            return Err(LoraError::Config(format!("lora_alpha {} must be a positive number", self.lora_alpha)));
+        }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return Err(LoraError::Config(format!("lora_dropout {} must be in [0, 1)", self.lora_dropout)));
         }
@@ -116,6 +119,14 @@ pub fn attach<B: Backend>(model: Transformer<B>, cfg: &LoraConfig, seed: u64) ->
             continue;
         }
         let [d_in, d_out] = proj.linear.weight.dims();
+        // A rank above the layer's smaller side adds parameters and no expressiveness.
+        if cfg.r > d_in.min(d_out) {
+            return Err(LoraError::Config(format!(
+                "lora r = {} is larger than `{name}` ({d_in} → {d_out}): r must be at most {}",
+                cfg.r,
+                d_in.min(d_out)
+            )));
+        }
         // PEFT: kaiming_uniform_(A, a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)); B = 0.
         let a = uniform(
             seed ^ (k as u64 + 1).wrapping_mul(0xA24B_AED4_963E_E407),

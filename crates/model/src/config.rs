@@ -284,7 +284,9 @@ impl ModelConfig {
         .and_then(|c| c.validate().map(|()| c))
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Refuse a shape or constant the network cannot run with, naming the field: every
+    /// loader (config.json, GGUF metadata, a random init) calls this before allocating.
+    pub fn validate(&self) -> Result<()> {
         let supported = match self.architecture {
             Architecture::Gpt2 => ["gelu_new", "gelu_pytorch_tanh"].contains(&self.hidden_act.as_str()),
             _ => self.hidden_act == "silu",
@@ -298,10 +300,83 @@ impl ModelConfig {
         if self.rope.is_some() && !self.head_dim.is_multiple_of(2) {
             return Err(ModelError::config(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
-        if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.hidden_size == 0 {
-            return Err(ModelError::config("vocab_size, num_hidden_layers and hidden_size must be positive"));
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("max_position_embeddings", self.max_position_embeddings),
+            ("num_labels", self.num_labels),
+        ];
+        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(ModelError::config(format!("field `{field}`: must be positive, found 0")));
+        }
+        if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
+            return Err(ModelError::config(format!(
+                "field `num_key_value_heads`: {} does not divide num_attention_heads {}",
+                self.num_key_value_heads, self.num_attention_heads
+            )));
+        }
+        if self.architecture == Architecture::Gpt2 && self.num_attention_heads * self.head_dim != self.hidden_size {
+            return Err(ModelError::config(format!(
+                "field `n_head`: {} heads do not divide n_embd {}",
+                self.num_attention_heads, self.hidden_size
+            )));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(ModelError::config(format!(
+                "field `rms_norm_eps`: must be a positive number, found {}",
+                self.norm_eps
+            )));
+        }
+        if let Some(rope) = &self.rope {
+            if !(rope.theta.is_finite() && rope.theta > 0.0) {
+                return Err(ModelError::config(format!(
+                    "field `rope_theta`: must be a positive number, found {}",
+                    rope.theta
+                )));
+            }
+            let factor = match rope.scaling {
+                RopeScaling::Default => 1.0,
+                RopeScaling::Linear { factor } | RopeScaling::Llama3 { factor, .. } => factor,
+            };
+            if !(factor.is_finite() && factor > 0.0) {
+                return Err(ModelError::config(format!(
+                    "field `rope_scaling.factor`: must be a positive number, found {factor}"
+                )));
+            }
+        }
+        let tokens = self.eos_token_ids.iter().map(|&t| ("eos_token_id", t)).chain(
+            [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+                .into_iter()
+                .filter_map(|(k, t)| t.map(|t| (k, t))),
+        );
+        for (field, id) in tokens {
+            if id as usize >= self.vocab_size {
+                return Err(ModelError::config(format!(
+                    "field `{field}`: token id {id} is beyond the vocabulary (vocab_size {})",
+                    self.vocab_size
+                )));
+            }
         }
         Ok(())
+    }
+
+    /// Parameters of the trunk and an untied LM head (checked arithmetic: `None` when a
+    /// size is absurd).
+    pub fn parameter_count(&self) -> Option<u64> {
+        let m = |a: usize, b: usize| (a as u64).checked_mul(b as u64);
+        let (h, q, kv) =
+            (self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let attention = m(h, q)?.checked_mul(2)?.checked_add(m(h, kv)?.checked_mul(2)?)?;
+        let mlp = m(h, self.intermediate_size)?.checked_mul(3)?;
+        let layer = attention.checked_add(mlp)?.checked_add(m(h, 4)?)?;
+        let embed = m(self.vocab_size, h)?.checked_mul(if self.tie_word_embeddings { 1 } else { 2 })?;
+        let positions = if self.architecture == Architecture::Gpt2 { m(self.max_position_embeddings, h)? } else { 0 };
+        layer.checked_mul(self.num_hidden_layers as u64)?.checked_add(embed)?.checked_add(positions)
     }
 
     /// Query heads sharing one key/value head.

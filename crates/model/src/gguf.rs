@@ -509,7 +509,7 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
             (b, g.tensors.contains_key("blk.0.attn_output.bias"))
         }
     };
-    Ok(ModelConfig {
+    let c = ModelConfig {
         architecture,
         vocab_size,
         hidden_size,
@@ -536,7 +536,10 @@ pub fn config_from_gguf(g: &GgufFile) -> Result<ModelConfig> {
         eos_token_ids: token("tokenizer.ggml.eos_token_id").into_iter().collect(),
         pad_token_id: token("tokenizer.ggml.padding_token_id"),
         num_labels: 1,
-    })
+    };
+    // Metadata is as untrusted as a config.json: the same checks, before any allocation.
+    c.validate().map_err(|e| e.in_file(g.path()))?;
+    Ok(c)
 }
 
 /// A GGUF file seen as a [`WeightSource`] with HF tensor names.

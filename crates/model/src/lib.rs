@@ -52,18 +52,41 @@ pub struct Pretrained<B: Backend> {
 /// `tokenizer.json`).
 pub fn load_pretrained<B: Backend>(path: &Path, heads: Heads, device: &B::Device) -> Result<Pretrained<B>> {
     if path.is_dir() {
-        let config = ModelConfig::from_file(&path.join("config.json"))?;
+        let config_path = path.join("config.json");
+        let config = ModelConfig::from_file(&config_path)?;
         let mut src = SafetensorsSource::open_dir(path)?;
-        let model = build(&config, &mut src, heads, device).map_err(|e| e.in_file(path))?;
+        // A config error found while building names config.json; a tensor error, the checkpoint.
+        let model = build(&config, &mut src, heads, device).map_err(|e| match e {
+            ModelError::Config { .. } => e.in_file(&config_path),
+            e => e.in_file(path),
+        })?;
         let tokenizer = Tokenizer::from_dir(path)?;
+        check_vocab(&config, &tokenizer, &path.join("tokenizer.json"))?;
         Ok(Pretrained { model, tokenizer })
     } else {
         let file = gguf::GgufFile::open(path)?;
         let config = gguf::config_from_gguf(&file)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
+        check_vocab(&config, &tokenizer, path)?;
         let mut src = gguf::GgufSource::new(file, config.clone());
         let model = build(&config, &mut src, heads, device).map_err(|e| e.in_file(path))?;
         Ok(Pretrained { model, tokenizer })
+    }
+}
+
+/// A token the tokenizer can produce must have a row in the embedding: an id beyond
+/// `vocab_size` would index past it in the first forward pass.
+fn check_vocab(config: &ModelConfig, tokenizer: &Tokenizer, tokenizer_path: &Path) -> Result<()> {
+    match tokenizer.max_token_id() {
+        Some(id) if id as usize >= config.vocab_size => Err(ModelError::format(
+            tokenizer_path,
+            format!(
+                "token `{}` has id {id}, beyond the model's vocab_size {}: the tokenizer does not belong to this model",
+                tokenizer.id_to_token(id).unwrap_or_default(),
+                config.vocab_size
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

@@ -6,6 +6,8 @@
 //! keeps `[in, out]`, so matrices are transposed on the way in and out. GPT-2's Conv1D is
 //! already `[in, out]`, and its fused `c_attn` is split into q/k/v here and fused on save.
 
+use std::collections::HashSet;
+
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::tensor::backend::Backend;
@@ -92,7 +94,106 @@ pub fn new_head<B: Backend>(d_in: usize, d_out: usize, bias: bool, seed: u64, de
 }
 
 /// Build the network from HF-named tensors.
+///
+/// The checkpoint must match the config exactly: the config is validated first; a config
+/// with more layers than the checkpoint fails before anything is allocated; every tensor
+/// is checked for shape and finiteness as it loads; and a checkpoint tensor the network
+/// does not use is an error (a config with fewer layers than its checkpoint), or a warning
+/// for heads the caller did not ask for. transformers' buffers (rotary caches, GPT-2's
+/// causal masks) are ignored as transformers ignores them.
 pub fn build<B: Backend>(
+    config: &ModelConfig,
+    src: &mut dyn WeightSource,
+    heads: Heads,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
+    config.validate()?;
+    let names = NameTable::of(config.architecture);
+    let available = src.names();
+    let random = src.is_generated();
+    if !random {
+        // Checked before the layer loop, so an absurd layer count fails instead of allocating.
+        let last = format!("{}.weight", names.block(config.num_hidden_layers - 1, BlockPart::InputNorm));
+        if !src.contains(&last) {
+            return Err(ModelError::config(format!(
+                "field `num_hidden_layers`: {} layers, but the checkpoint has no `{last}`",
+                config.num_hidden_layers
+            )));
+        }
+    }
+    let mut tracked = Tracked { src, used: HashSet::new(), random };
+    let model = build_from(config, &mut tracked, heads, device)?;
+    let used = tracked.used;
+    report_unused(config, heads, available.into_iter().filter(|n| !used.contains(n)).collect())?;
+    Ok(model)
+}
+
+/// A source that records which tensors were read and refuses non-finite values.
+struct Tracked<'a> {
+    src: &'a mut dyn WeightSource,
+    used: HashSet<String>,
+    /// A random initialisation (no names): nothing to check.
+    random: bool,
+}
+
+impl WeightSource for Tracked<'_> {
+    fn contains(&self, name: &str) -> bool {
+        self.src.contains(name)
+    }
+    fn load(&mut self, name: &str) -> Result<HostTensor> {
+        self.used.insert(name.to_string());
+        let t = self.src.load(name)?;
+        let bad = t.data.iter().filter(|x| !x.is_finite()).count();
+        if bad > 0 {
+            return Err(ModelError::tensor(name, format!("{bad} of {} values are NaN or infinite", t.data.len())));
+        }
+        Ok(t)
+    }
+    fn load_shaped(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        if self.random {
+            return self.src.load_shaped(name, shape);
+        }
+        let t = self.load(name)?;
+        if t.shape != shape {
+            return Err(ModelError::tensor(name, format!("expected shape {shape:?}, found {:?}", t.shape)));
+        }
+        Ok(t)
+    }
+    fn names(&self) -> Vec<String> {
+        self.src.names()
+    }
+}
+
+/// Checkpoint tensors the network did not read: buffers transformers also ignores pass,
+/// heads the caller did not ask for are a warning, anything else is an error.
+fn report_unused(config: &ModelConfig, heads: Heads, unused: Vec<String>) -> Result<()> {
+    let buffer =
+        |n: &str| n.ends_with("rotary_emb.inv_freq") || n.ends_with(".attn.bias") || n.ends_with(".attn.masked_bias");
+    let head = |n: &str| n.starts_with("score.") || n.starts_with("v_head.") || n == "lm_head.weight";
+    let (heads_unused, other): (Vec<String>, Vec<String>) =
+        unused.into_iter().filter(|n| !buffer(n)).partition(|n| head(n));
+    if !heads_unused.is_empty() {
+        tracing::warn!(
+            "checkpoint tensors not used (heads this model is not built with: {heads:?}): {}",
+            heads_unused.join(", ")
+        );
+    }
+    if other.is_empty() {
+        return Ok(());
+    }
+    let shown: Vec<&str> = other.iter().take(8).map(String::as_str).collect();
+    let more =
+        if other.len() > shown.len() { format!(" and {} more", other.len() - shown.len()) } else { String::new() };
+    Err(ModelError::config(format!(
+        "{} checkpoint tensors are not part of a {:?} network of {} layers (does `num_hidden_layers` match the checkpoint?): {}{more}",
+        other.len(),
+        config.architecture,
+        config.num_hidden_layers,
+        shown.join(", ")
+    )))
+}
+
+fn build_from<B: Backend>(
     config: &ModelConfig,
     src: &mut dyn WeightSource,
     heads: Heads,
@@ -114,7 +215,7 @@ pub fn build<B: Backend>(
         None => None,
     };
 
-    let mut layers = Vec::with_capacity(c.num_hidden_layers);
+    let mut layers = Vec::new();
     for i in 0..c.num_hidden_layers {
         let at = |part| names.block(i, part);
         let block = if gpt2 {
@@ -359,6 +460,10 @@ impl WeightSource for RandomInit {
     fn names(&self) -> Vec<String> {
         vec![]
     }
+
+    fn is_generated(&self) -> bool {
+        true
+    }
 }
 
 /// A freshly initialised model of `config` (the built-in demo's starting point).
@@ -369,5 +474,29 @@ pub fn init_random<B: Backend>(
     seed: u64,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
+    config.validate()?;
+    // A random init allocates what the config says: refuse what cannot fit in memory
+    // rather than aborting part-way.
+    let bytes = config.parameter_count().and_then(|n| n.checked_mul(4));
+    if let (Some(total), Some(need)) = (physical_memory(), bytes) {
+        if need > total {
+            return Err(ModelError::config(format!(
+                "the config's {} parameters need {:.1} GiB in f32, more than this machine's {:.1} GiB",
+                need / 4,
+                need as f64 / (1u64 << 30) as f64,
+                total as f64 / (1u64 << 30) as f64
+            )));
+        }
+    } else if bytes.is_none() {
+        return Err(ModelError::config("the config's parameter count overflows: check its sizes"));
+    }
     build(config, &mut RandomInit { std, seed }, heads, device)
+}
+
+/// Physical memory in bytes (Linux's /proc/meminfo), if known.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 =
+        text.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    kib.checked_mul(1024)
 }

@@ -21,6 +21,10 @@ pub struct Tokenizer {
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub chat_template: Option<ChatTemplate>,
+    /// Why the checkpoint's chat template could not be compiled (naming its file): kept
+    /// rather than raised at load, so commands that never render a conversation (`score`,
+    /// `convert`) still work; [`Tokenizer::template`] reports it when one is needed.
+    pub chat_template_error: Option<String>,
     /// `tokenizer_config.json` to write beside `tokenizer.json` on export.
     pub config_json: Value,
 }
@@ -104,9 +108,19 @@ impl Tokenizer {
                     .map_err(|e| ModelError::io(&jinja, e))?
             }
         };
-        let chat_template =
-            template.map(|t| ChatTemplate::new(&t, token_field("bos_token"), token_field("eos_token"))).transpose()?;
-        Ok(Tokenizer { inner, bos_token_id: bos, eos_token_id: eos, pad_token_id: pad, chat_template, config_json })
+        let origin =
+            if config_json.get("chat_template").is_some() { cfg_path } else { dir.join("chat_template.jinja") };
+        let (chat_template, chat_template_error) =
+            compile_template(template.as_deref(), token_field("bos_token"), token_field("eos_token"), &origin);
+        Ok(Tokenizer {
+            inner,
+            bos_token_id: bos,
+            eos_token_id: eos,
+            pad_token_id: pad,
+            chat_template,
+            chat_template_error,
+            config_json,
+        })
     }
 
     /// A whitespace word-level tokenizer over `words` (the built-in demo's, built in-process:
@@ -146,6 +160,7 @@ impl Tokenizer {
             eos_token_id: Some(2),
             pad_token_id: Some(1),
             chat_template: None,
+            chat_template_error: None,
             config_json: json!({"eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}),
         })
     }
@@ -229,7 +244,7 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
             .map_err(|e| err(format!("building the tokenizer from metadata: {e}")))?;
         let template = g.meta("tokenizer.chat_template").and_then(MetaValue::as_str);
-        let chat_template = template.map(|t| ChatTemplate::new(t, token_str(bos), token_str(eos))).transpose()?;
+        let (chat_template, chat_template_error) = compile_template(template, token_str(bos), token_str(eos), path);
         let config_json = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": token_str(bos),
@@ -239,7 +254,34 @@ impl Tokenizer {
             "clean_up_tokenization_spaces": false,
             "chat_template": template,
         });
-        Ok(Tokenizer { inner, bos_token_id: bos, eos_token_id: eos, pad_token_id: pad, chat_template, config_json })
+        Ok(Tokenizer {
+            inner,
+            bos_token_id: bos,
+            eos_token_id: eos,
+            pad_token_id: pad,
+            chat_template,
+            chat_template_error,
+            config_json,
+        })
+    }
+
+    /// The chat template, or why there is none usable (missing, or failed to compile).
+    pub fn template(&self) -> Result<&ChatTemplate> {
+        match (&self.chat_template, &self.chat_template_error) {
+            (Some(t), _) => Ok(t),
+            (None, Some(e)) => Err(ModelError::ChatTemplate(e.clone())),
+            (None, None) => Err(ModelError::ChatTemplate("the tokenizer has no chat template".into())),
+        }
+    }
+
+    /// The longest token's text in bytes (an upper bound on the bytes one token covers).
+    pub fn max_token_bytes(&self) -> usize {
+        self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1)
+    }
+
+    /// The largest token id the tokenizer can produce (added tokens included).
+    pub fn max_token_id(&self) -> Option<u32> {
+        self.inner.get_vocab(true).into_values().max()
     }
 
     /// Token ids of `text`. `add_special` adds what the tokenizer's post-processor adds
@@ -286,5 +328,19 @@ impl Tokenizer {
         crate::weights::write_atomic(&dir.join("tokenizer.json"), text.as_bytes())?;
         let cfg = serde_json::to_string_pretty(&self.config_json).expect("JSON value serialises");
         crate::weights::write_atomic(&dir.join("tokenizer_config.json"), cfg.as_bytes())
+    }
+}
+
+/// Compile a checkpoint's chat template; a failure is kept as a message naming `origin`.
+fn compile_template(
+    source: Option<&str>,
+    bos: Option<String>,
+    eos: Option<String>,
+    origin: &Path,
+) -> (Option<ChatTemplate>, Option<String>) {
+    match source.map(|t| ChatTemplate::new(t, bos, eos)) {
+        None => (None, None),
+        Some(Ok(t)) => (Some(t), None),
+        Some(Err(e)) => (None, Some(format!("{}: {e}", origin.display()))),
     }
 }

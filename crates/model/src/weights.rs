@@ -66,6 +66,11 @@ pub trait WeightSource {
     fn load(&mut self, name: &str) -> Result<HostTensor>;
     /// Every tensor name, sorted.
     fn names(&self) -> Vec<String>;
+    /// A source that makes tensors up (a random initialisation) rather than reading them:
+    /// nothing to check against.
+    fn is_generated(&self) -> bool {
+        false
+    }
 
     /// Load a tensor and check its shape.
     fn load_shaped(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
@@ -235,6 +240,12 @@ pub fn save_safetensors(tensors: &TensorMap, path: &Path) -> Result<()> {
     let tmp = tmp_path(path);
     safetensors::serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| ModelError::format(&tmp, format!("writing safetensors: {e}")))?;
+    // safetensors creates its file 0600; weights are shared like every other file we write.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| ModelError::io(&tmp, e))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))
 }
 

@@ -186,10 +186,10 @@ impl StageMain for Kto<'_> {
             );
         }
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
-        let tok = start.tokenizer;
-        let train_rows = labelled_completions(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let (tok, tokenize) = (start.tokenizer, start.tokenize);
+        let train_rows = labelled_completions(&tok, &cfg.data, &tokenize, "train")?;
         let eval_rows = match &cfg.eval_data {
-            Some(d) => labelled_completions(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => labelled_completions(&tok, d, &tokenize, "eval")?,
             None => vec![],
         };
         let desirable = train_rows.iter().filter(|r| r.desirable).count();

@@ -374,10 +374,10 @@ impl StageMain for Preference<'_> {
         let reward = matches!(objective, Objective::Reward(_));
         let heads = if reward { Heads { lm: false, score: true, value: false } } else { Heads::LM };
         let start = starting_model::<A>(cfg, heads, device)?;
-        let tok = start.tokenizer;
-        let train_pairs = preference_pairs(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let (tok, tokenize) = (start.tokenizer, start.tokenize);
+        let train_pairs = preference_pairs(&tok, &cfg.data, &tokenize, "train")?;
         let eval_pairs = match &cfg.eval_data {
-            Some(d) => preference_pairs(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => preference_pairs(&tok, d, &tokenize, "eval")?,
             None => vec![],
         };
         let mut model = start.model;
@@ -480,6 +480,15 @@ pub fn score_dataset<B: FusedOps>(
             }
             Tokenized::Prompt { .. } => bail!("{}: row {i} has no completion to score", data.path.display()),
         }
+    }
+    let context = model.config.max_position_embeddings;
+    if let Some((i, _, s)) = seqs.iter().find(|(_, _, s)| s.len() > context) {
+        bail!(
+            "{}: row {} is {} tokens, longer than the reward model's context of {context} positions (set [tokenize] max_length to truncate)",
+            data.path.display(),
+            i + 1,
+            s.len()
+        );
     }
     let rows: Vec<&TokenizedSequence> = seqs.iter().map(|(_, _, s)| s).collect();
     let scores = align_reward::score_sequences(model, &rows, pad, batch_size, device);

@@ -200,7 +200,7 @@ pub fn sample_and_score<B: FusedOps>(
     rewards: &[(Box<dyn Reward>, f64)],
 ) -> Result<ScoredGeneration> {
     let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
-    let r = rollout(policy, tok, &ids, group, sampling, seed);
+    let r = rollout(policy, tok, &ids, group, sampling, seed)?;
     let scored = score_rollouts(rewards, prompts, &r)?;
     let mut metrics = r.length_metrics();
     for (k, (f, _)) in rewards.iter().enumerate() {
@@ -479,11 +479,11 @@ impl CompletionLog {
         Ok(CompletionLog { file })
     }
 
-    /// Append rows (flushed).
+    /// Append rows (flushed) in one write: a kill leaves whole rows, or at worst a torn
+    /// last line that a resume drops.
     pub fn write(&mut self, rows: &[serde_json::Value]) -> Result<()> {
-        for row in rows {
-            writeln!(self.file, "{row}")?;
-        }
+        let text: String = rows.iter().map(|row| format!("{row}\n")).collect();
+        self.file.write_all(text.as_bytes())?;
         self.file.flush()?;
         Ok(())
     }

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 pub struct ScoreRow {
     pub prompt: String,
     pub completion: String,
+    /// Where the row came from (`file:line`), for errors.
+    #[serde(skip)]
+    pub source: String,
 }
 
 /// What `align score` writes per row.
@@ -50,7 +53,8 @@ pub fn read_rows(path: &Path) -> Result<Vec<ScoreRow>> {
                 None => bail!("{}:{n}: field `{k}` is missing", path.display()),
             }
         };
-        let row = ScoreRow { prompt: field("prompt")?, completion: field("completion")? };
+        let source = format!("{}:{n}", path.display());
+        let row = ScoreRow { prompt: field("prompt")?, completion: field("completion")?, source };
         if row.prompt.is_empty() || row.completion.is_empty() {
             bail!(
                 "{}:{n}: field `{}` is empty",
@@ -59,6 +63,9 @@ pub fn read_rows(path: &Path) -> Result<Vec<ScoreRow>> {
             );
         }
         rows.push(row);
+    }
+    if rows.is_empty() {
+        bail!("{}: no rows to score (the file is empty)", path.display());
     }
     Ok(rows)
 }
@@ -113,9 +120,30 @@ pub fn score_rows<B: FusedOps>(
     batch_size: usize,
 ) -> Result<Vec<ScoredRow>> {
     let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
+    let context = model.config.max_position_embeddings;
+    // Log-probs of a cut row would be wrong, so a row beyond the context is refused; a
+    // row too many bytes to fit is refused before the tokenizer sees it (memory).
+    let byte_cap = context.saturating_mul(tok.max_token_bytes().max(1));
+    let fits = |r: &ScoreRow| -> Result<(Vec<u32>, usize)> {
+        let too_long = |what: String| {
+            anyhow::anyhow!(
+                "{}: the row is {what}, longer than the model's context of {context} positions (max_position_embeddings)",
+                r.source
+            )
+        };
+        let bytes = r.prompt.len() + r.completion.len();
+        if bytes > byte_cap {
+            return Err(too_long(format!("{bytes} bytes")));
+        }
+        let (ids, plen) = tokenize_pair(tok, &r.prompt, &r.completion).with_context(|| r.source.clone())?;
+        if ids.len() > context {
+            return Err(too_long(format!("{} tokens", ids.len())));
+        }
+        Ok((ids, plen))
+    };
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(batch_size.max(1)) {
-        let seqs = chunk.iter().map(|r| tokenize_pair(tok, &r.prompt, &r.completion)).collect::<Result<Vec<_>>>()?;
+        let seqs = chunk.iter().map(fits).collect::<Result<Vec<_>>>()?;
         let lps = completion_logprobs(model, &seqs, pad);
         for ((r, (ids, plen)), lp) in chunk.iter().zip(seqs).zip(lps) {
             out.push(ScoredRow {

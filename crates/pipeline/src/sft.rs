@@ -135,14 +135,14 @@ impl StageMain for Sft<'_> {
         let cfg = self.cfg;
         cfg.check_sections("sft", None)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
-        let tok = start.tokenizer;
-        let train_seqs = sft_sequences(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let (tok, tokenize) = (start.tokenizer, start.tokenize);
+        let train_seqs = sft_sequences(&tok, &cfg.data, &tokenize, "train")?;
         let eval_seqs = match &cfg.eval_data {
-            Some(d) => sft_sequences(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => sft_sequences(&tok, d, &tokenize, "eval")?,
             None => vec![],
         };
         let packing = if cfg.packing {
-            Some(cfg.tokenize.max_length.context("packing needs tokenize.max_length (the row length)")?)
+            Some(tokenize.max_length.context("packing needs tokenize.max_length (the row length)")?)
         } else {
             None
         };

@@ -11,6 +11,8 @@ use align_model::burn::tensor::backend::Backend;
 use align_model::{AutodiffFusedOps, FusedOps, Heads, Tokenizer, Transformer, load_pretrained};
 use anyhow::{Context, Result};
 
+use align_data::TokenizeConfig;
+
 use crate::config::StageConfig;
 
 /// A stage's body, generic over the autodiff backend it trains on.
@@ -38,6 +40,8 @@ pub struct StartingModel<B: Backend> {
     pub tokenizer: Tokenizer,
     /// The id padding rows (the tokenizer's pad token, else its EOS).
     pub pad_id: u32,
+    /// `[tokenize]` with `max_length` fitted to the model's positions.
+    pub tokenize: TokenizeConfig,
 }
 
 /// Load `[model]` with `heads`, attach `[lora]` (seeded by the run's seed), and write the
@@ -56,8 +60,31 @@ pub fn starting_model<B: FusedOps>(cfg: &StageConfig, heads: Heads, device: &B::
         model = m;
     }
     std::fs::create_dir_all(&cfg.output_dir).with_context(|| cfg.output_dir.display().to_string())?;
-    std::fs::write(cfg.output_dir.join("config.toml"), toml::to_string(cfg)?)?;
-    Ok(StartingModel { model, tokenizer, pad_id })
+    let written = cfg.output_dir.join("config.toml");
+    std::fs::write(&written, toml::to_string(cfg)?).with_context(|| written.display().to_string())?;
+    let tokenize = fit_to_context(&cfg.tokenize, model.config.max_position_embeddings);
+    Ok(StartingModel { model, tokenizer, pad_id, tokenize })
+}
+
+/// `[tokenize]` with `max_length` at most the model's positions: a longer row has no
+/// position to run at (GPT-2's learned positions end there), so rows are truncated to it,
+/// with a warning, and counted in the truncation statistics like any other cut.
+pub fn fit_to_context(tokenize: &TokenizeConfig, context: usize) -> TokenizeConfig {
+    let mut fitted = tokenize.clone();
+    match tokenize.max_length {
+        Some(n) if n <= context => {}
+        asked => {
+            let asked = asked.map_or("no limit".to_string(), |n| n.to_string());
+            tracing::warn!(
+                "[tokenize] max_length ({asked}) exceeds the model's {context} positions (max_position_embeddings): rows are truncated to {context} tokens"
+            );
+            fitted.max_length = Some(context);
+        }
+    }
+    if fitted.max_prompt_length.is_some_and(|p| p > context) {
+        fitted.max_prompt_length = Some(context);
+    }
+    fitted
 }
 
 /// A head's parameters made trainable: LoRA freezes the whole base, but a new score or

@@ -145,7 +145,10 @@ fn a_config_is_never_run_as_another_stage() {
     cfg.data = align_data::DatasetConfig::new(root().join("fixtures/data/schemas.jsonl"));
     let tok = load_pretrained::<Cpu>(&cfg.model.path, Heads::LM, &Default::default()).unwrap().tokenizer;
     let err = align_data::preference_pairs(&tok, &cfg.data, &cfg.tokenize, "train").unwrap_err();
-    assert!(err.to_string().contains("schemas.jsonl: example 0 is not a preference pair"), "{err}");
+    assert!(
+        err.to_string().contains("schemas.jsonl:1: the columns") && err.to_string().contains("Preference rows"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&d).ok();
 }
 

@@ -125,7 +125,7 @@ fn packed_lora_sft_writes_a_peft_adapter() {
 }
 
 #[test]
-fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
+fn a_nan_loss_stops_the_run_and_sets_aside_the_checkpoint_that_produced_it() {
     let d = tmp("sft-nan");
     let text = config(
         &d.join("run"),
@@ -133,9 +133,11 @@ fn a_nan_loss_stops_the_run_and_keeps_the_last_checkpoint() {
     );
     let cfg: SftConfig = toml::from_str(&text).unwrap();
     let err = run_sft::<Cpu>(&cfg, false, &Default::default()).expect_err("the run must stop").to_string();
-    assert!(err.contains("loss is") && err.contains("last good checkpoint"), "{err}");
-    let ckpts = align_pipeline::train::checkpoints(&d.join("run"));
-    assert!(!ckpts.is_empty(), "checkpoints before the NaN survive");
+    assert!(err.contains("not finite") && err.contains("set aside"), "{err}");
+    // Step 1's update was finite but its weights give NaN at step 2: its checkpoint is set
+    // aside, so --resume never continues from it.
+    assert!(d.join("run/checkpoints/step-1.nonfinite/trainer_state.json").exists(), "{err}");
+    assert!(align_pipeline::train::checkpoints(&d.join("run")).is_empty());
     assert!(!d.join("run/final").exists());
     std::fs::remove_dir_all(&d).ok();
 }

@@ -92,7 +92,7 @@ pub fn rollout<B: FusedOps>(
     group: usize,
     sampling: &Generation,
     seed: u64,
-) -> Rollouts {
+) -> crate::Result<Rollouts> {
     let t0 = Instant::now();
     let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
     let cfg = SamplingConfig {
@@ -114,7 +114,7 @@ pub fn rollout<B: FusedOps>(
         &cfg,
         &sampling.stop_strings,
         sampling.include_stop_str_in_output,
-    );
+    )?;
     let mut r = Rollouts::default();
     for (i, o) in outs.into_iter().enumerate() {
         r.prompt.push(i / group.max(1));
@@ -124,5 +124,5 @@ pub fn rollout<B: FusedOps>(
         r.texts.push(o.text);
     }
     r.seconds = t0.elapsed().as_secs_f64();
-    r
+    Ok(r)
 }

@@ -29,13 +29,48 @@ pub struct Completion {
     pub stopped: bool,
 }
 
+/// Why a generation could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RolloutError {
+    /// A sampling value outside its range (temperature, top-p, …).
+    #[error("sampling: {0}")]
+    Sampling(String),
+    /// A prompt plus its new tokens does not fit the model's positions.
+    #[error(
+        "prompt {prompt} has {tokens} tokens; with max_new_tokens {new} that is {} positions, beyond the model's context of {context} (max_position_embeddings): shorten the prompt or lower max_new_tokens",
+        tokens + new
+    )]
+    Context { prompt: usize, tokens: usize, new: usize, context: usize },
+    /// A prompt token the model has no embedding for.
+    #[error("prompt {prompt}: token id {id} is beyond the model's vocab_size {vocab}")]
+    Token { prompt: usize, id: u32, vocab: usize },
+}
+
+pub type Result<T, E = RolloutError> = std::result::Result<T, E>;
+
+/// Refuse prompts the model cannot run: a token beyond its vocabulary, or a prompt that
+/// with `max_new_tokens` exceeds its positions (GPT-2's learned positions end there;
+/// RoPE models were not trained past it).
+pub fn check_prompts<B: FusedOps>(model: &Transformer<B>, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<()> {
+    let (vocab, context) = (model.config.vocab_size, model.config.max_position_embeddings);
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(&id) = p.iter().find(|&&id| id as usize >= vocab) {
+            return Err(RolloutError::Token { prompt: i, id, vocab });
+        }
+        if p.len().saturating_add(max_new_tokens) > context {
+            return Err(RolloutError::Context { prompt: i, tokens: p.len(), new: max_new_tokens, context });
+        }
+    }
+    Ok(())
+}
+
 /// Sample a completion for each prompt (token ids) with a KV cache.
 pub fn generate<B: FusedOps>(
     model: &Transformer<B>,
     prompts: &[Vec<u32>],
     pad_id: u32,
     cfg: &SamplingConfig,
-) -> Vec<Completion> {
+) -> Result<Vec<Completion>> {
     generate_until(model, prompts, pad_id, cfg, |_, _| false)
 }
 
@@ -47,7 +82,7 @@ pub fn generate_until<B: FusedOps>(
     pad_id: u32,
     cfg: &SamplingConfig,
     stop: impl FnMut(usize, &[u32]) -> bool,
-) -> Vec<Completion> {
+) -> Result<Vec<Completion>> {
     generate_groups_until(model, prompts, 1, pad_id, cfg, stop)
 }
 
@@ -62,13 +97,15 @@ pub fn generate_groups_until<B: FusedOps>(
     pad_id: u32,
     cfg: &SamplingConfig,
     mut stop: impl FnMut(usize, &[u32]) -> bool,
-) -> Vec<Completion> {
+) -> Result<Vec<Completion>> {
+    cfg.validate()?;
+    check_prompts(model, prompts, cfg.max_new_tokens)?;
     let device = model.embed_tokens.val().device();
     let (p, g) = (prompts.len(), group_size.max(1));
     let n = p * g;
     let mut out: Vec<Completion> = vec![Completion { tokens: vec![], logprobs: vec![], stopped: false }; n];
     if n == 0 || cfg.max_new_tokens == 0 {
-        return out;
+        return Ok(out);
     }
     let mut rng = Rng::new(cfg.seed);
     let mut cache = model.new_cache();
@@ -118,7 +155,7 @@ pub fn generate_groups_until<B: FusedOps>(
         let hidden = model.forward_hidden(&batch, Some(&mut cache));
         last = hidden.reshape([n, d]);
     }
-    out
+    Ok(out)
 }
 
 /// A completion with its text.
@@ -142,7 +179,7 @@ pub fn generate_text<B: FusedOps>(
     cfg: &SamplingConfig,
     stop_strings: &[String],
     include_stop_str_in_output: bool,
-) -> Vec<TextCompletion> {
+) -> Result<Vec<TextCompletion>> {
     generate_text_groups(model, tokenizer, prompts, 1, pad_id, cfg, stop_strings, include_stop_str_in_output)
 }
 
@@ -158,7 +195,7 @@ pub fn generate_text_groups<B: FusedOps>(
     cfg: &SamplingConfig,
     stop_strings: &[String],
     include_stop_str_in_output: bool,
-) -> Vec<TextCompletion> {
+) -> Result<Vec<TextCompletion>> {
     let longest = stop_strings.iter().map(|s| s.len()).max().unwrap_or(0);
     let completions = generate_groups_until(model, prompts, group_size, pad_id, cfg, |_, tokens| {
         if stop_strings.is_empty() {
@@ -171,8 +208,8 @@ pub fn generate_text_groups<B: FusedOps>(
         let now = tokenizer.decode(&tokens[from..], true).unwrap_or_default();
         let before = tokenizer.decode(&tokens[from..tokens.len() - 1], true).unwrap_or_default();
         stop_strings.iter().any(|s| now.matches(s.as_str()).count() > before.matches(s.as_str()).count())
-    });
-    completions
+    })?;
+    Ok(completions
         .into_iter()
         .map(|c| {
             let full = tokenizer.decode(&c.tokens, true).unwrap_or_default();
@@ -185,5 +222,5 @@ pub fn generate_text_groups<B: FusedOps>(
             };
             TextCompletion { completion: c, text, stop_string }
         })
-        .collect()
+        .collect())
 }

@@ -43,6 +43,25 @@ impl Default for SamplingConfig {
 pub use align_model::SplitMix64 as Rng;
 
 impl SamplingConfig {
+    /// Refuse values that would otherwise be reinterpreted: a negative or non-finite
+    /// temperature, top-p outside (0, 1].
+    pub fn validate(&self) -> Result<(), crate::RolloutError> {
+        let bad = |m: String| Err(crate::RolloutError::Sampling(m));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature must be a finite number ≥ 0 (0 = greedy), found {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1] (1 = off), found {}", self.top_p));
+        }
+        if self.min_new_tokens > self.max_new_tokens {
+            return bad(format!(
+                "min_new_tokens {} is larger than max_new_tokens {}",
+                self.min_new_tokens, self.max_new_tokens
+            ));
+        }
+        Ok(())
+    }
+
     /// The kernel's rule for one decoding step: stop tokens are banned before
     /// `min_new_tokens` (when `allow_stop` is false).
     pub fn token_sampling(&self, allow_stop: bool) -> TokenSampling {
@@ -76,6 +95,18 @@ mod tests {
         let mut rng = Rng::new(0);
         assert_eq!(sample_token(&[0.0, 1.0, 5.0], &cfg, true, &mut rng).0, 2);
         assert_eq!(sample_token(&[0.0, 1.0, 5.0], &cfg, false, &mut rng).0, 1);
+    }
+
+    #[test]
+    fn out_of_range_sampling_values_are_refused() {
+        for (temperature, top_p) in
+            [(-1.0, 1.0), (f32::NAN, 1.0), (f32::INFINITY, 1.0), (1.0, 2.0), (1.0, 0.0), (1.0, f32::NAN)]
+        {
+            let cfg = SamplingConfig { temperature, top_p, ..Default::default() };
+            assert!(cfg.validate().is_err(), "T={temperature} top_p={top_p}");
+        }
+        assert!(SamplingConfig { temperature: 0.0, top_p: 1.0, ..Default::default() }.validate().is_ok());
+        assert!(SamplingConfig { min_new_tokens: 9, max_new_tokens: 8, ..Default::default() }.validate().is_err());
     }
 
     #[test]

@@ -48,7 +48,7 @@ fn returned_logprobs_equal_a_fresh_forward_pass() {
         ..Default::default()
     };
     let g = 3;
-    let out = generate_groups_until(&m.model, &prompts, g, 3, &cfg, |_, _| false);
+    let out = generate_groups_until(&m.model, &prompts, g, 3, &cfg, |_, _| false).unwrap();
     assert_eq!(out.len(), prompts.len() * g);
     let mut worst = 0.0f64;
     for (r, c) in out.iter().enumerate() {
@@ -72,8 +72,8 @@ fn group_of_one_is_plain_generation() {
     let m = tiny();
     let prompts = vec![m.tokenizer.encode("The answer is", false).unwrap()];
     let cfg = SamplingConfig { max_new_tokens: 8, seed: 11, ..Default::default() };
-    let a = generate(&m.model, &prompts, 3, &cfg);
-    let b = generate_groups_until(&m.model, &prompts, 1, 3, &cfg, |_, _| false);
+    let a = generate(&m.model, &prompts, 3, &cfg).unwrap();
+    let b = generate_groups_until(&m.model, &prompts, 1, 3, &cfg, |_, _| false).unwrap();
     assert_eq!(a, b);
 }
 
@@ -135,7 +135,7 @@ fn sampling_follows_the_truncated_distribution() {
         assert!(kept.len() >= 3, "{name}: a truncation that keeps several tokens ({})", kept.len());
         // One prompt, `draws` samples of its first token: one prefill, the cache repeated.
         let cfg = SamplingConfig { max_new_tokens: 1, seed: 5, ..cfg };
-        let out = generate_groups_until(&m.model, std::slice::from_ref(&prompt), draws, 3, &cfg, |_, _| false);
+        let out = generate_groups_until(&m.model, std::slice::from_ref(&prompt), draws, 3, &cfg, |_, _| false).unwrap();
         let mut counts = vec![0usize; kept.len()];
         for c in &out {
             let at = kept.iter().position(|&k| k as u32 == c.tokens[0]);

@@ -13,7 +13,7 @@ fn a_stop_string_spanning_two_tokens_stops_there() {
     let m = load_pretrained::<Cpu>(&dir, Heads::LM, &Default::default()).unwrap();
     let prompt = m.tokenizer.encode("The answer is", false).unwrap();
     let cfg = SamplingConfig { temperature: 0.0, max_new_tokens: 24, ..Default::default() };
-    let free = generate(&m.model, std::slice::from_ref(&prompt), 0, &cfg).remove(0).tokens;
+    let free = generate(&m.model, std::slice::from_ref(&prompt), 0, &cfg).unwrap().remove(0).tokens;
     // Tokens 5 and 6 of the greedy continuation, as text: a stop string across two tokens
     // (skip pairs whose text is empty or already appears earlier).
     let (k, stop) = (3..free.len() - 1)
@@ -34,6 +34,7 @@ fn a_stop_string_spanning_two_tokens_stops_there() {
             std::slice::from_ref(&stop),
             keep,
         )
+        .unwrap()
         .remove(0);
         assert_eq!(out.completion.tokens, free[..k + 2].to_vec(), "stops at the token completing {stop:?}");
         assert!(out.completion.stopped);

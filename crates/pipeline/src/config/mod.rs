@@ -89,11 +89,36 @@ pub struct StageConfig {
 impl StageConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-        toml::from_str(&text).with_context(|| format!("{}: invalid stage config", path.display()))
+        let cfg: StageConfig =
+            toml::from_str(&text).with_context(|| format!("{}: invalid stage config", path.display()))?;
+        cfg.validate_fields().with_context(|| format!("{}: invalid stage config", path.display()))?;
+        Ok(cfg)
     }
 
-    /// Refuse a stage section other than `own` (`None`: the stage has none).
+    /// The checks every stage shares: `output_dir` and `[training]`.
+    pub fn validate_fields(&self) -> Result<()> {
+        if self.output_dir.as_os_str().is_empty() {
+            bail!("output_dir: must not be empty (it would write into the current directory)");
+        }
+        self.training.validate()?;
+        let sampling = [
+            self.grpo.as_ref().map(|g| ("grpo", g.temperature, g.top_p, g.eval_temperature)),
+            self.ppo.as_ref().map(|p| ("ppo", p.temperature, p.top_p, p.eval_temperature)),
+            self.rloo.as_ref().map(|r| ("rloo", r.temperature, r.top_p, r.eval_temperature)),
+        ];
+        for (section, temperature, top_p, eval_temperature) in sampling.into_iter().flatten() {
+            for t in [temperature, eval_temperature] {
+                let cfg = align_rollout::SamplingConfig { temperature: t, top_p, ..Default::default() };
+                cfg.validate().with_context(|| format!("[{section}]"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse a stage section other than `own` (`None`: the stage has none), and any
+    /// invalid shared field.
     pub fn check_sections(&self, stage: &str, own: Option<&str>) -> Result<()> {
+        self.validate_fields()?;
         let present = [
             ("reward", self.reward.is_some()),
             ("dpo", self.dpo.is_some()),

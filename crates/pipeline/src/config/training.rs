@@ -1,6 +1,7 @@
 //! `[training]`: the optimisation settings every stage shares, by Hugging Face
 //! `TrainingArguments` names and defaults.
 
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamWConfig, Schedule};
@@ -59,6 +60,10 @@ pub struct TrainingArguments {
     pub adam_epsilon: f64,
     /// Decoupled weight decay (not on norms, biases, embeddings). Default 0.0.
     pub weight_decay: f64,
+    /// Non-finite updates (NaN or infinite loss or gradient norm) skipped in a row before
+    /// the run stops; a skipped update leaves the weights and the optimizer untouched and
+    /// is counted as `skipped_updates` in metrics.jsonl. 0 stops at the first. Default 0.
+    pub skip_nonfinite_steps: usize,
 }
 
 impl Default for TrainingArguments {
@@ -86,11 +91,57 @@ impl Default for TrainingArguments {
             adam_beta2: 0.999,
             adam_epsilon: 1e-8,
             weight_decay: 0.0,
+            skip_nonfinite_steps: 0,
         }
     }
 }
 
 impl TrainingArguments {
+    /// Refuse values that would train silently wrong (gradient ascent, no steps, a
+    /// schedule outside its range), naming the `[training]` field.
+    pub fn validate(&self) -> Result<()> {
+        let field = |name: &str, why: String| Err(anyhow::anyhow!("[training] {name}: {why}"));
+        let positive = |name: &str, v: f64| {
+            if v.is_finite() && v > 0.0 { Ok(()) } else { field(name, format!("must be a positive number, found {v}")) }
+        };
+        let non_negative = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 { Ok(()) } else { field(name, format!("must be a number ≥ 0, found {v}")) }
+        };
+        let at_least_one =
+            |name: &str, v: usize| if v >= 1 { Ok(()) } else { field(name, "must be at least 1, found 0".into()) };
+        at_least_one("per_device_train_batch_size", self.per_device_train_batch_size)?;
+        at_least_one("gradient_accumulation_steps", self.gradient_accumulation_steps)?;
+        at_least_one("logging_steps", self.logging_steps)?;
+        positive("learning_rate", self.learning_rate)?;
+        positive("num_cycles", self.num_cycles)?;
+        positive("adam_epsilon", self.adam_epsilon)?;
+        non_negative("max_grad_norm", self.max_grad_norm)?;
+        non_negative("weight_decay", self.weight_decay)?;
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return field("warmup_ratio", format!("must be in [0, 1], found {}", self.warmup_ratio));
+        }
+        for (name, beta) in [("adam_beta1", self.adam_beta1), ("adam_beta2", self.adam_beta2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return field(name, format!("must be in [0, 1), found {beta}"));
+            }
+        }
+        match self.max_steps {
+            Some(0) => return field("max_steps", "must be at least 1 (0 would train nothing)".into()),
+            Some(_) => {}
+            None => positive("num_train_epochs", self.num_train_epochs)?,
+        }
+        if self.eval_steps == Some(0) {
+            return field("eval_steps", "must be at least 1, found 0 (leave it out for no evals)".into());
+        }
+        if self.save_total_limit == Some(0) {
+            return field(
+                "save_total_limit",
+                "must be at least 1, found 0 (set save_steps = 0 for no checkpoints)".into(),
+            );
+        }
+        Ok(())
+    }
+
     pub fn adamw(&self) -> AdamWConfig {
         AdamWConfig {
             adam_beta1: self.adam_beta1,

@@ -114,9 +114,15 @@ pub(super) fn write_checkpoint<B: AutodiffBackend>(
     let dir = output_dir.join("checkpoints").join(format!("step-{step}"));
     let tmp = output_dir.join("checkpoints").join(format!("step-{step}.tmp"));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
+        std::fs::remove_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
     }
-    std::fs::create_dir_all(&tmp)?;
+    // What a kill during an earlier removal left behind.
+    for e in std::fs::read_dir(output_dir.join("checkpoints")).into_iter().flatten().flatten() {
+        if e.path().extension().is_some_and(|x| x == "old") {
+            std::fs::remove_dir_all(e.path()).with_context(|| e.path().display().to_string())?;
+        }
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
     save(&tmp)?;
     save_optimizer(opt, &tmp.join("optimizer.safetensors"))?;
     let json = json!({"state": state, "metrics": metrics});
@@ -126,17 +132,28 @@ pub(super) fn write_checkpoint<B: AutodiffBackend>(
     write_atomic(&tmp.join("metrics.json"), text.as_bytes())?;
     write_atomic(&tmp.join("trainer_state.json"), state_text.as_bytes())?;
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
+        remove_checkpoint(&dir)?;
     }
-    std::fs::rename(&tmp, &dir)?;
+    std::fs::rename(&tmp, &dir).with_context(|| dir.display().to_string())?;
     if let Some(k) = keep {
         let all = checkpoints(output_dir);
         for (_, old) in all.iter().take(all.len().saturating_sub(k.max(1))) {
-            std::fs::remove_dir_all(old).ok();
+            remove_checkpoint(old)?;
         }
     }
     tracing::info!(checkpoint = %dir.display(), "saved");
     Ok(())
+}
+
+/// Delete a checkpoint so that a kill part-way never leaves a partial one that looks
+/// complete: it is renamed out of the `step-N` names first, then removed.
+fn remove_checkpoint(dir: &Path) -> Result<()> {
+    let doomed = dir.with_extension("old");
+    if doomed.exists() {
+        std::fs::remove_dir_all(&doomed).with_context(|| doomed.display().to_string())?;
+    }
+    std::fs::rename(dir, &doomed).with_context(|| dir.display().to_string())?;
+    std::fs::remove_dir_all(&doomed).with_context(|| doomed.display().to_string())
 }
 
 /// Save what a stage trains: the PEFT adapter (plus a reward model's score head, which

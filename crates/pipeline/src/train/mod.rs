@@ -308,6 +308,17 @@ pub(crate) struct LoopState {
     /// The stage's own state (PPO's adaptive KL coefficient).
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     stage: serde_json::Value,
+    /// Non-finite updates skipped so far (`skip_nonfinite_steps`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    skipped_updates: u64,
+    /// AdamW's step count (its bias correction): the updates applied, which skipped and
+    /// empty updates make fewer than `step × updates_per_step`.
+    #[serde(default)]
+    optimizer_steps: Option<u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Train `model` as `stage` says, writing `metrics.jsonl`, checkpoints and `final/` under
@@ -320,9 +331,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     output_dir: &Path,
     resume: bool,
 ) -> Result<TrainOutcome<S::Model>> {
-    if args.per_device_train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
-        bail!("per_device_train_batch_size and gradient_accumulation_steps must be at least 1");
-    }
+    args.validate()?;
     let shape = stage.shape();
     if shape.items == 0 {
         bail!("no training examples");
@@ -339,17 +348,17 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let schedule_len = total * updates;
     let warmup = args.warmup(schedule_len);
     let mut optimizer = AdamW::<B>::new(args.adamw());
-    let (mut step, mut rounds) = (0usize, 0usize);
+    let (mut step, mut rounds, mut skipped) = (0usize, 0usize, 0u64);
 
     let resumed = checkpoint::resume_point(output_dir, resume)?;
     if let Some((at, dir)) = &resumed {
         let state = checkpoint::read_state(dir, args.seed, total)?;
         model = align_model::cast_float(stage.load_weights(model, dir)?, dtype);
         checkpoint::load_optimizer::<B>(&mut optimizer, &dir.join("optimizer.safetensors"), &device)?;
-        optimizer.step = (at * updates) as u64;
+        optimizer.step = state.optimizer_steps.unwrap_or((at * updates) as u64);
         loader.restore(state.loader);
         stage.restore(state.stage)?;
-        (step, rounds) = (*at, state.rounds);
+        (step, rounds, skipped) = (*at, state.rounds, state.skipped_updates);
         tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
     }
     let resumed_at = resumed.map(|(at, _)| at);
@@ -369,6 +378,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     }
 
     let mut window = Window { start: Some(Instant::now()), ..Window::default() };
+    let mut health = Health::default();
     let mut last_saved = step;
     let mut t0 = Instant::now();
     while step < total {
@@ -383,7 +393,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                 window.add(&k, v, 1.0);
             }
             let t_train = Instant::now();
-            let (mut step_loss, mut fed, mut lr, mut norm) = (0.0f64, 0usize, 0.0f64, 0.0f64);
+            let (mut step_loss, mut fed, mut lr, mut norm, mut applied) = (0.0f64, 0usize, 0.0f64, 0.0f64, 0usize);
             for u in 0..updates {
                 let at = step * updates + u;
                 lr = learning_rate(
@@ -400,34 +410,37 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                 if micro.is_empty() {
                     continue;
                 }
-                let stop = |loss: f64| {
-                    let kept = output_dir.join("checkpoints");
-                    anyhow::anyhow!(
-                        "step {}: loss is {loss}; stopping. The last good checkpoint is intact under {}",
-                        step + 1,
-                        kept.display()
-                    )
-                };
-                let done = update(
-                    stage,
-                    model,
-                    &mut optimizer,
-                    &batch,
-                    pass,
-                    &micro,
-                    lr,
-                    args.max_grad_norm,
-                    &mut window,
-                    &stop,
-                )?;
-                (model, norm) = (done.model, done.grad_norm);
-                step_loss += done.loss;
+                let done =
+                    update(stage, model, &mut optimizer, &batch, pass, &micro, lr, args.max_grad_norm, &mut window)?;
+                model = done.model;
                 fed += done.fed_tokens;
+                if done.applied {
+                    health.nonfinite_in_a_row = 0;
+                    (step_loss, norm, applied) = (step_loss + done.loss, done.grad_norm, applied + 1);
+                } else {
+                    skipped += 1;
+                    health.nonfinite_in_a_row += 1;
+                    if health.nonfinite_in_a_row > args.skip_nonfinite_steps {
+                        return Err(nonfinite_stop(output_dir, step + 1, done.loss, done.grad_norm));
+                    }
+                    tracing::warn!(
+                        step = step + 1,
+                        loss = done.loss,
+                        grad_norm = done.grad_norm,
+                        "non-finite update skipped (weights unchanged; {} in a row of {} allowed)",
+                        health.nonfinite_in_a_row,
+                        args.skip_nonfinite_steps
+                    );
+                }
             }
             step += 1;
             stage.after_step(&batch);
-            let step_loss = step_loss / updates as f64;
-            window.step(step_loss, fed);
+            let step_loss = step_loss / applied.max(1) as f64;
+            if applied > 0 {
+                // A step whose every update was skipped has no loss to log.
+                health.check(step, step_loss, norm);
+                window.step(step_loss, fed);
+            }
             window.add("train_tokens_per_second", fed as f64 / t_train.elapsed().as_secs_f64().max(1e-9), 1.0);
             progress.set_position(step as u64);
             progress.set_message(format!(
@@ -448,10 +461,13 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                 if let Some(e) = &eval {
                     extra.extend(e.metrics.iter().map(|(k, v)| (format!("eval_{k}"), *v)));
                 }
+                if skipped > 0 {
+                    extra.insert("skipped_updates".into(), skipped as f64);
+                }
                 let row = StepMetrics {
                     step,
                     epoch: state.epoch as f64 + state.batch as f64 / loader.batches_per_epoch().max(1) as f64,
-                    loss: Some(loss),
+                    loss,
                     learning_rate: lr,
                     grad_norm: norm,
                     tokens_per_second,
@@ -473,6 +489,8 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     seed: args.seed,
                     total_steps: total,
                     stage: stage.state(),
+                    skipped_updates: skipped,
+                    optimizer_steps: Some(optimizer.step),
                 };
                 let save = |dir: &Path| stage.save_weights(&model, dir);
                 let state = serde_json::to_value(&state)?;
@@ -492,7 +510,18 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     progress.finish_and_clear();
     let model = if args.bf16 { optimizer.model_with_masters(model) } else { model };
     let final_dir = output_dir.join("final");
-    stage.export(&model, &final_dir)?;
+    // Written beside and renamed into place: a `final/` that exists is complete.
+    let tmp = output_dir.join("final.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| tmp.display().to_string())?;
+    stage.export(&model, &tmp)?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| final_dir.display().to_string())?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| final_dir.display().to_string())?;
+    health.summary(skipped);
     tracing::info!(final_dir = %final_dir.display(), steps = step, "stage done");
     Ok(TrainOutcome { model, steps: step, metrics: log.rows })
 }
@@ -504,10 +533,14 @@ struct Updated<M> {
     loss: f64,
     grad_norm: f64,
     fed_tokens: usize,
+    /// False when the loss or the gradient norm was not finite: no step was taken.
+    applied: bool,
 }
 
 /// One optimizer update on `micro`: each micro-batch's loss backpropagated and its
-/// gradients accumulated, the NaN stop (`stop` names the step), clipping and the AdamW step.
+/// gradients accumulated, then clipping and the AdamW step, unless the loss or the
+/// gradient norm is not finite (checked before the step, so a non-finite update never
+/// reaches the weights, a checkpoint or `final/`).
 #[allow(clippy::too_many_arguments)]
 fn update<B: AutodiffBackend, S: Stage<B>>(
     stage: &S,
@@ -519,24 +552,106 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
     lr: f64,
     max_grad_norm: f64,
     window: &mut Window,
-    stop: &dyn Fn(f64) -> anyhow::Error,
 ) -> Result<Updated<S::Model>> {
-    let (mut grads, mut loss, mut fed_tokens) = (None, 0.0f64, 0usize);
+    let (mut grads, mut loss, mut fed_tokens, mut metrics) = (None, 0.0f64, 0usize, vec![]);
     for mb in micro {
         let m = stage.loss(&model, batch, pass, mb, micro.len())?;
-        for (k, v) in m.metrics {
-            window.add(k, v, m.units);
-        }
+        metrics.extend(m.metrics.into_iter().map(|(k, v)| (k, v, m.units)));
         loss += m.loss.clone().into_scalar().elem::<f64>();
         fed_tokens += m.fed_tokens;
         grads = Some(accumulate(&model, m.loss, grads));
     }
-    if !loss.is_finite() {
-        return Err(stop(loss));
-    }
     let grads = grads.context("an update with no micro-batches")?;
-    let (model, grad_norm) = clipped_step(optimizer, model, grads, lr, max_grad_norm);
-    Ok(Updated { model, loss, grad_norm, fed_tokens })
+    let grad_norm = grad_norm::<B, _>(&model, &grads);
+    if !(loss.is_finite() && grad_norm.is_finite()) {
+        return Ok(Updated { model, loss, grad_norm, fed_tokens, applied: false });
+    }
+    // Only an applied update's metrics are logged (a skipped one's may be NaN).
+    for (k, v, units) in metrics {
+        window.add(k, v, units);
+    }
+    let scale = if max_grad_norm > 0.0 && grad_norm > max_grad_norm { max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
+    let model = optimizer.step(model, grads, lr, scale);
+    Ok(Updated { model, loss, grad_norm, fed_tokens, applied: true })
+}
+
+/// The error of a run stopped by non-finite updates. The checkpoint written at the step
+/// before holds the weights that produced them: it is set aside (renamed
+/// `step-N.nonfinite`, so `--resume` passes over it) and the error names the newest
+/// checkpoint whose weights gave a finite loss.
+fn nonfinite_stop(output_dir: &Path, step: usize, loss: f64, grad_norm: f64) -> anyhow::Error {
+    let mut note = String::new();
+    let all = checkpoint::checkpoints(output_dir);
+    if let Some((at, dir)) = all.last().filter(|(at, _)| *at + 1 == step) {
+        let aside = dir.with_file_name(format!("step-{at}.nonfinite"));
+        match std::fs::rename(dir, &aside) {
+            Ok(()) => note = format!(" Checkpoint step-{at} produced it and is set aside as {}.", aside.display()),
+            Err(e) => note = format!(" Checkpoint step-{at} produced it ({e} when setting it aside)."),
+        }
+    }
+    let finite = all.iter().rev().find(|(at, _)| *at + 1 < step);
+    let last = match finite {
+        Some((at, dir)) => format!(
+            " The last checkpoint whose weights gave a finite loss is step-{at} ({}): lower the learning rate and --resume.",
+            dir.display()
+        ),
+        None => " No checkpoint precedes it.".into(),
+    };
+    anyhow::anyhow!(
+        "step {step}: the loss ({loss}) or the gradient norm ({grad_norm}) is not finite; stopping before the \
+         optimizer step, so no weights of it were applied or saved.{note}{last} \
+         (`skip_nonfinite_steps` in [training] skips such steps instead.)"
+    )
+}
+
+/// Signs of a run going wrong without a NaN: an exactly zero gradient (saturated or
+/// diverged weights) and a loss far above where it started. Each is warned once when it
+/// first appears and counted in the closing summary.
+#[derive(Default)]
+struct Health {
+    nonfinite_in_a_row: usize,
+    first_loss: Option<f64>,
+    zero_grad_steps: usize,
+    diverged_steps: usize,
+}
+
+impl Health {
+    fn check(&mut self, step: usize, loss: f64, grad_norm: f64) {
+        let first = *self.first_loss.get_or_insert(loss);
+        if grad_norm == 0.0 && loss.is_finite() {
+            if self.zero_grad_steps == 0 {
+                tracing::warn!(
+                    step,
+                    loss,
+                    "the gradient is exactly zero: nothing is learned (diverged or saturated weights, or a learning rate far too high?)"
+                );
+            }
+            self.zero_grad_steps += 1;
+        }
+        // 10× the first step's loss (and beyond its noise): a divergence to report.
+        if loss.is_finite() && first.is_finite() && loss > 10.0 * first.abs().max(1e-3) {
+            if self.diverged_steps == 0 {
+                tracing::warn!(
+                    step,
+                    loss,
+                    first_loss = first,
+                    "the loss is more than 10× its first value: training is diverging (learning rate too high?)"
+                );
+            }
+            self.diverged_steps += 1;
+        }
+    }
+
+    fn summary(&self, skipped_updates: u64) {
+        if self.zero_grad_steps + self.diverged_steps > 0 || skipped_updates > 0 {
+            tracing::warn!(
+                zero_gradient_steps = self.zero_grad_steps,
+                diverging_steps = self.diverged_steps,
+                skipped_nonfinite_updates = skipped_updates,
+                "this run showed signs of divergence: check its metrics before using final/"
+            );
+        }
+    }
 }
 
 /// The log line of a row: loss, learning rate, norm, speed and the stage's headline metrics
@@ -584,10 +699,13 @@ impl Window {
     }
 
     /// The window's mean loss, tokens/s and mean metrics; starts a new window.
-    fn take(&mut self) -> (f64, f64, BTreeMap<String, f64>) {
+    /// The window's mean loss (none when every step in it was skipped), tokens per
+    /// second and metric means; starts a new window.
+    fn take(&mut self) -> (Option<f64>, f64, BTreeMap<String, f64>) {
         let elapsed = self.start.map_or(0.0, |s| s.elapsed().as_secs_f64());
         let metrics = self.sums.iter().map(|(k, v)| (k.clone(), v / self.units[k].max(f64::MIN_POSITIVE))).collect();
-        let out = (self.loss / self.steps.max(1) as f64, self.tokens as f64 / elapsed.max(1e-9), metrics);
+        let loss = (self.steps > 0).then(|| self.loss / self.steps as f64);
+        let out = (loss, self.tokens as f64 / elapsed.max(1e-9), metrics);
         *self = Window { start: Some(Instant::now()), ..Window::default() };
         out
     }
@@ -617,9 +735,11 @@ impl MetricsLog {
         Ok(MetricsLog { rows, file })
     }
 
-    /// Append a row (flushed) and keep it.
+    /// Append a row (one write, flushed) and keep it.
     fn push(&mut self, row: StepMetrics) -> Result<()> {
-        writeln!(self.file, "{}", serde_json::to_string(&row)?)?;
+        let mut line = serde_json::to_string(&row)?;
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
         self.file.flush()?;
         self.rows.push(row);
         Ok(())
@@ -631,9 +751,15 @@ impl MetricsLog {
 pub fn truncate_jsonl_after(path: &Path, step: usize) -> Result<Vec<String>> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(vec![]) };
     let mut keep = vec![];
-    for (i, line) in text.lines().enumerate() {
-        let v: serde_json::Value =
-            serde_json::from_str(line).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let parsed = serde_json::from_str::<serde_json::Value>(line);
+        // A last line with no newline was being written when the run was killed.
+        if parsed.is_err() && i + 1 == lines.len() && !text.ends_with('\n') {
+            tracing::warn!(file = %path.display(), line = i + 1, "dropping a row cut short by the interruption");
+            break;
+        }
+        let v = parsed.with_context(|| format!("{}:{}", path.display(), i + 1))?;
         if v.get("step").and_then(|s| s.as_u64()).is_some_and(|s| s as usize <= step) {
             keep.push(line.to_string());
         }
@@ -657,20 +783,6 @@ fn accumulate<B: AutodiffBackend, M: AutodiffModule<B>>(
         None => grads,
         Some(acc) => add_grads::<B, _>(model, acc, grads),
     }
-}
-
-/// Clip the global gradient norm to `max_grad_norm` (0: off) and take an AdamW step;
-/// returns the model and the norm before clipping.
-fn clipped_step<B: AutodiffBackend, M: AutodiffModule<B>>(
-    optimizer: &mut AdamW<B>,
-    model: M,
-    grads: GradientsParams,
-    lr: f64,
-    max_grad_norm: f64,
-) -> (M, f64) {
-    let norm = grad_norm::<B, _>(&model, &grads);
-    let scale = if max_grad_norm > 0.0 && norm > max_grad_norm { max_grad_norm / (norm + 1e-6) } else { 1.0 };
-    (optimizer.step(model, grads, lr, scale), norm)
 }
 
 /// Element-wise sum of two gradient sets (gradient accumulation).

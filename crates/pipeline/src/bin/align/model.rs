@@ -40,7 +40,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub chat: bool,
     /// System message (with --chat)
-    #[arg(long)]
+    #[arg(long, requires = "chat")]
     pub system: Option<String>,
     #[arg(long, default_value_t = 0.0)]
     pub temperature: f32,
@@ -57,13 +57,13 @@ pub struct GenerateArgs {
 
 pub fn generate<B: FusedOps>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     let GenerateArgs { model, adapter, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } = a;
+    let mut cfg =
+        SamplingConfig { temperature, top_k, top_p, max_new_tokens, min_new_tokens: 0, stop_token_ids: vec![], seed };
+    // Before loading the model: a bad flag fails at once.
+    cfg.validate()?;
     let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;
     let text = if chat {
-        let template = m
-            .tokenizer
-            .chat_template
-            .as_ref()
-            .with_context(|| format!("{}: the model has no chat template", model.display()))?;
+        let template = m.tokenizer.template().with_context(|| format!("{}: --chat", model.display()))?;
         let mut messages = Vec::new();
         if let Some(s) = system {
             messages.push(ChatMessage::new("system", s));
@@ -77,18 +77,16 @@ pub fn generate<B: FusedOps>(a: GenerateArgs, device: &B::Device) -> Result<()> 
     if ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
-    let stop: Vec<u32> = m
+    cfg.stop_token_ids = m
         .tokenizer
         .eos_token_id
         .into_iter()
         .chain(m.model.config.eos_token_ids.iter().copied())
         .chain(m.tokenizer.token_to_id("<|im_end|>").filter(|_| chat))
         .collect();
-    let cfg =
-        SamplingConfig { temperature, top_k, top_p, max_new_tokens, min_new_tokens: 0, stop_token_ids: stop, seed };
     let pad = m.tokenizer.pad_token_id.or(m.tokenizer.eos_token_id).unwrap_or(0);
     let start = std::time::Instant::now();
-    let out = align_rollout::generate(&m.model, &[ids], pad, &cfg);
+    let out = align_rollout::generate(&m.model, &[ids], pad, &cfg).with_context(|| model.display().to_string())?;
     let secs = start.elapsed().as_secs_f64();
     let c = &out[0];
     println!("{}", m.tokenizer.decode(&c.tokens, true)?);
