@@ -314,6 +314,17 @@ impl ModelConfig {
         if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(ModelError::config(format!("field `{field}`: must be positive, found 0")));
         }
+        if self.parameter_count().is_none() {
+            return Err(ModelError::config(format!(
+                "the sizes (hidden_size {}, intermediate_size {}, heads {} × head_dim {}, vocab_size {}, layers {}) overflow a parameter count",
+                self.hidden_size,
+                self.intermediate_size,
+                self.num_attention_heads,
+                self.head_dim,
+                self.vocab_size,
+                self.num_hidden_layers
+            )));
+        }
         if !self.num_attention_heads.is_multiple_of(self.num_key_value_heads) {
             return Err(ModelError::config(format!(
                 "field `num_key_value_heads`: {} does not divide num_attention_heads {}",
@@ -369,8 +380,9 @@ impl ModelConfig {
     /// size is absurd).
     pub fn parameter_count(&self) -> Option<u64> {
         let m = |a: usize, b: usize| (a as u64).checked_mul(b as u64);
-        let (h, q, kv) =
-            (self.hidden_size, self.num_attention_heads * self.head_dim, self.num_key_value_heads * self.head_dim);
+        let h = self.hidden_size;
+        let q = self.num_attention_heads.checked_mul(self.head_dim)?;
+        let kv = self.num_key_value_heads.checked_mul(self.head_dim)?;
         let attention = m(h, q)?.checked_mul(2)?.checked_add(m(h, kv)?.checked_mul(2)?)?;
         let mlp = m(h, self.intermediate_size)?.checked_mul(3)?;
         let layer = attention.checked_add(mlp)?.checked_add(m(h, 4)?)?;
