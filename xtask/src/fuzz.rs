@@ -1716,7 +1716,7 @@ fn toml_replacement(old: &toml::Value, key: &str, raws: &mut Raws, rng: &mut Rng
                 -1,
                 1,
                 x.wrapping_mul(1000),
-                -x,
+                x.wrapping_neg(),
                 i32::MAX as i64,
                 i32::MAX as i64 + 1,
                 u32::MAX as i64,

@@ -280,7 +280,7 @@ struct ParquetRows {
 impl ParquetRows {
     fn open(path: &Path) -> Result<Self> {
         let f = File::open(path).map_err(|e| DataError::io(path, e))?;
-        let b = ParquetRecordBatchReaderBuilder::try_new(f)
+        let b = unpanicked(path, || ParquetRecordBatchReaderBuilder::try_new(f))?
             .map_err(|e| DataError::file(path, format!("not a readable Parquet file: {e}")))?;
         Ok(ParquetRows {
             path: path.to_path_buf(),
@@ -291,6 +291,11 @@ impl ParquetRows {
     }
 
     fn load_group(&mut self, g: usize) -> Result<()> {
+        let path = self.path.clone();
+        unpanicked(&path, || self.read_group(g))?
+    }
+
+    fn read_group(&mut self, g: usize) -> Result<()> {
         let err = |m: String| DataError::file(&self.path, format!("row group {g}: {m}"));
         let f = File::open(&self.path).map_err(|e| DataError::io(&self.path, e))?;
         let reader = ParquetRecordBatchReaderBuilder::try_new(f)
@@ -332,4 +337,35 @@ impl Iterator for ParquetRows {
         }
         self.rows.pop_front().map(Ok)
     }
+}
+
+/// Run the Parquet reader, turning a panic into an error naming `path`: the parquet crate
+/// panics on some corrupt metadata (a negative column offset) instead of returning an
+/// error. Its panic message is kept off stderr: the error says what happened.
+fn unpanicked<T>(path: &Path, read: impl FnOnce() -> T) -> Result<T> {
+    static QUIET_HOOK: std::sync::Once = std::sync::Once::new();
+    QUIET_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_PARQUET.with(std::cell::Cell::get) {
+                previous(info);
+            }
+        }));
+    });
+    IN_PARQUET.with(|q| q.set(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(read));
+    IN_PARQUET.with(|q| q.set(false));
+    out.map_err(|panic| {
+        let why = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("the reader failed");
+        DataError::file(path, format!("corrupt Parquet file: {why}"))
+    })
+}
+
+thread_local! {
+    /// Set while the Parquet reader runs on this thread (see [`unpanicked`]).
+    static IN_PARQUET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

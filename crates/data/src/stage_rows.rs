@@ -182,6 +182,9 @@ pub fn generation_prompts(
         let ids = t
             .generation_prompt(ex)?
             .ok_or_else(|| refuse(data, i, "is plain text: it has no prompt to generate from"))?;
+        if ids.is_empty() {
+            return Err(refuse(data, i, "has an empty prompt (after max_prompt_length)"));
+        }
         let text = tok.decode(&ids, false)?;
         let example =
             serde_json::to_value(ex).map_err(|e| refuse(data, i, &format!("cannot be written as JSON: {e}")))?;

@@ -73,6 +73,31 @@ fn python_json(v: &Value, indent: Option<usize>, level: usize) -> String {
     }
 }
 
+/// Widest `indent` a template may ask for: minijinja's own filter would build any width
+/// (`indent(1000000000)` is a gigabyte per line), and a template comes from a file.
+const MAX_INDENT: usize = 1024;
+
+/// minijinja's `indent`, refusing widths beyond [`MAX_INDENT`].
+fn bounded_indent(
+    value: minijinja::value::StringInput<'_>,
+    width: Option<usize>,
+    first: Option<bool>,
+    blank: Option<bool>,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<minijinja::Value, minijinja::Error> {
+    let asked = match width {
+        Some(w) => Some(w),
+        None => kwargs.get::<Option<usize>>("width")?,
+    };
+    if asked.is_some_and(|w| w > MAX_INDENT) {
+        return Err(minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("indent width {} is beyond {MAX_INDENT}", asked.unwrap_or_default()),
+        ));
+    }
+    minijinja::filters::indent(value, width, first, blank, kwargs)
+}
+
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: Option<String>, eos_token: Option<String>) -> Result<Self> {
         let mut env = minijinja::Environment::new();
@@ -92,6 +117,7 @@ impl ChatTemplate {
                 .replace("%b", "Jan")
         });
         env.add_filter("tojson", tojson);
+        env.add_filter("indent", bounded_indent);
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| ModelError::ChatTemplate(format!("does not compile: {e}")))?;
         Ok(ChatTemplate { env, source: source.to_string(), bos_token, eos_token })

@@ -209,7 +209,12 @@ impl ModelConfig {
         }
         let head_dim = usize_key(&["head_dim"])?.unwrap_or(hidden_size / num_attention_heads);
         let intermediate_size = if is_gpt2 {
-            usize_key(&["n_inner"])?.unwrap_or(4 * hidden_size)
+            match usize_key(&["n_inner"])? {
+                Some(n) => n,
+                None => hidden_size
+                    .checked_mul(4)
+                    .ok_or_else(|| ModelError::config(format!("field `n_embd`: {hidden_size} is too large")))?,
+            }
         } else {
             required(&["intermediate_size"])?
         };
@@ -316,7 +321,7 @@ impl ModelConfig {
         }
         if self.parameter_count().is_none() {
             return Err(ModelError::config(format!(
-                "the sizes (hidden_size {}, intermediate_size {}, heads {} × head_dim {}, vocab_size {}, layers {}) overflow a parameter count",
+                "the sizes (hidden_size {}, intermediate_size {}, num_attention_heads {} × head_dim {}, vocab_size {}, num_hidden_layers {}) overflow a parameter count",
                 self.hidden_size,
                 self.intermediate_size,
                 self.num_attention_heads,

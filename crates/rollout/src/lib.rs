@@ -41,6 +41,9 @@ pub enum RolloutError {
         tokens + new
     )]
     Context { prompt: usize, tokens: usize, new: usize, context: usize },
+    /// A prompt with no tokens: there is nothing to continue from.
+    #[error("prompt {0} has no tokens")]
+    Empty(usize),
     /// A prompt token the model has no embedding for.
     #[error("prompt {prompt}: token id {id} is beyond the model's vocab_size {vocab}")]
     Token { prompt: usize, id: u32, vocab: usize },
@@ -54,6 +57,9 @@ pub type Result<T, E = RolloutError> = std::result::Result<T, E>;
 pub fn check_prompts<B: FusedOps>(model: &Transformer<B>, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<()> {
     let (vocab, context) = (model.config.vocab_size, model.config.max_position_embeddings);
     for (i, p) in prompts.iter().enumerate() {
+        if p.is_empty() {
+            return Err(RolloutError::Empty(i));
+        }
         if let Some(&id) = p.iter().find(|&&id| id as usize >= vocab) {
             return Err(RolloutError::Token { prompt: i, id, vocab });
         }

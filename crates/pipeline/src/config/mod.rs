@@ -101,6 +101,13 @@ impl StageConfig {
             bail!("output_dir: must not be empty (it would write into the current directory)");
         }
         self.training.validate()?;
+        for (field, v) in
+            [("max_length", self.tokenize.max_length), ("max_prompt_length", self.tokenize.max_prompt_length)]
+        {
+            if v == Some(0) {
+                bail!("[tokenize] {field}: must be at least 1, found 0 (leave it out for no limit)");
+            }
+        }
         let sampling = [
             self.grpo.as_ref().map(|g| ("grpo", g.temperature, g.top_p, g.eval_temperature)),
             self.ppo.as_ref().map(|p| ("ppo", p.temperature, p.top_p, p.eval_temperature)),
