@@ -1819,6 +1819,16 @@ fn mutate_toml(b: &mut Vec<u8>, rng: &mut Rng) -> Edit {
     Some((note, format!("toml:{}", digits_to_hash(&label))))
 }
 
+/// A number written over a TOML line: any raw number, but only a small or wrong one for a
+/// key that sizes the work (a huge `max_steps` is a legitimate request for a long run).
+fn line_number(key: &str, rng: &mut Rng) -> String {
+    if WORK_KEYS.contains(&key) {
+        rng.pick(&["0", "-1", "1", "2", "3"]).to_string()
+    } else {
+        raw_number(rng).to_string()
+    }
+}
+
 fn mutate_toml_lines(b: &mut Vec<u8>, text: &str, rng: &mut Rng) -> Edit {
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let keyed: Vec<usize> = (0..lines.len())
@@ -1836,7 +1846,7 @@ fn mutate_toml_lines(b: &mut Vec<u8>, text: &str, rng: &mut Rng) -> Edit {
     let (note, target) = match rng.below(3) {
         0 => {
             let copy = match line.split_once('=') {
-                Some((k, _)) if rng.percent(50) => format!("{k}= {}", raw_number(rng)),
+                Some((k, _)) if rng.percent(50) => format!("{k}= {}", line_number(&key, rng)),
                 _ => line.clone(),
             };
             lines.insert(i + 1, copy);
@@ -1848,7 +1858,7 @@ fn mutate_toml_lines(b: &mut Vec<u8>, text: &str, rng: &mut Rng) -> Edit {
         }
         _ => match line.split_once('=') {
             Some((k, _)) => {
-                let raw = raw_number(rng);
+                let raw = line_number(&key, rng);
                 lines[i] = format!("{k}= {raw}");
                 (format!("line {}: {} = {raw}", i + 1, k.trim()), format!("toml-line:{key} raw"))
             }
