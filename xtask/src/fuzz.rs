@@ -1061,30 +1061,66 @@ enum Seg {
     Index(usize),
 }
 
+/// A JSON or TOML document as a tree: a random child of a non-empty map or array.
+trait Tree {
+    /// The child's path segment, its label piece and the child.
+    fn child(&self, rng: &mut Rng) -> Option<(Seg, String, &Self)>;
+}
+
+impl Tree for Value {
+    fn child(&self, rng: &mut Rng) -> Option<(Seg, String, &Self)> {
+        match self {
+            Value::Object(m) if !m.is_empty() => {
+                let (k, child) = m.iter().nth(rng.below(m.len())).expect("index below len");
+                Some((Seg::Key(k.clone()), map_label(k, m.len()), child))
+            }
+            Value::Array(a) if !a.is_empty() => {
+                let i = rng.below(a.len());
+                Some((Seg::Index(i), "[]".into(), &a[i]))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl Tree for toml::Value {
+    fn child(&self, rng: &mut Rng) -> Option<(Seg, String, &Self)> {
+        match self {
+            toml::Value::Table(t) if !t.is_empty() => {
+                let (k, child) = t.iter().nth(rng.below(t.len())).expect("index below len");
+                Some((Seg::Key(k.clone()), map_label(k, t.len()), child))
+            }
+            toml::Value::Array(a) if !a.is_empty() => {
+                let i = rng.below(a.len());
+                Some((Seg::Index(i), "[]".into(), &a[i]))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The label of a map key: the keys of big maps (vocabularies) are all one field.
+fn map_label(key: &str, len: usize) -> String {
+    format!(".{}", if len > 64 { "*" } else { key })
+}
+
 /// A random node: walk down from the root, stopping at each level with some chance. Also a
 /// label naming it without instance details (indices → `[]`, keys of big maps → `*`), so
 /// that "vocab entry 17" and "vocab entry 301" count as the same field.
-fn json_path(root: &Value, rng: &mut Rng) -> (Vec<Seg>, String) {
+fn random_path<T: Tree>(root: &T, rng: &mut Rng) -> (Vec<Seg>, String) {
     let (mut path, mut label, mut v) = (Vec::new(), String::new(), root);
     loop {
         // Mostly down to a leaf: a value is where the reader's logic (not its parser) runs.
         if !path.is_empty() && rng.percent(10) {
             break;
         }
-        match v {
-            Value::Object(m) if !m.is_empty() => {
-                let (k, child) = m.iter().nth(rng.below(m.len())).expect("index below len");
-                label.push_str(&format!(".{}", if m.len() > 64 { "*" } else { k.as_str() }));
-                path.push(Seg::Key(k.clone()));
+        match v.child(rng) {
+            Some((seg, piece, child)) => {
+                path.push(seg);
+                label.push_str(&piece);
                 v = child;
             }
-            Value::Array(a) if !a.is_empty() => {
-                let i = rng.below(a.len());
-                label.push_str("[]");
-                path.push(Seg::Index(i));
-                v = &a[i];
-            }
-            _ => break,
+            None => break,
         }
     }
     (path, if label.is_empty() { "<root>".into() } else { label.trim_start_matches('.').to_string() })
@@ -1164,7 +1200,7 @@ fn deep_nesting(rng: &mut Rng) -> String {
 /// One mutation of a parsed JSON document: a field set to an extreme or another type,
 /// deleted, duplicated (a repeated key, or a repeated array element), or nested too deep.
 fn mutate_json_value(root: &mut Value, raws: &mut Raws, rng: &mut Rng) -> (String, String) {
-    let (path, label) = json_path(root, rng);
+    let (path, label) = random_path(root, rng);
     let exact = path_text(&path);
     let (parent_path, last) = match path.split_last() {
         Some((last, parent)) => (parent.to_vec(), Some(last.clone())),
@@ -1666,31 +1702,6 @@ const WORK_KEYS: [&str; 14] = [
     "rloo_k",
 ];
 
-fn toml_path(root: &toml::Value, rng: &mut Rng) -> (Vec<Seg>, String) {
-    let (mut path, mut label, mut v) = (Vec::new(), String::new(), root);
-    loop {
-        if !path.is_empty() && rng.percent(10) {
-            break;
-        }
-        match v {
-            toml::Value::Table(t) if !t.is_empty() => {
-                let (k, child) = t.iter().nth(rng.below(t.len())).expect("index below len");
-                label.push_str(&format!(".{k}"));
-                path.push(Seg::Key(k.clone()));
-                v = child;
-            }
-            toml::Value::Array(a) if !a.is_empty() => {
-                let i = rng.below(a.len());
-                label.push_str("[]");
-                path.push(Seg::Index(i));
-                v = &a[i];
-            }
-            _ => break,
-        }
-    }
-    (path, if label.is_empty() { "<root>".into() } else { label.trim_start_matches('.').to_string() })
-}
-
 fn toml_node<'a>(root: &'a mut toml::Value, path: &[Seg]) -> Option<&'a mut toml::Value> {
     path.iter().try_fold(root, |v, s| match (v, s) {
         (toml::Value::Table(t), Seg::Key(k)) => t.get_mut(k),
@@ -1776,7 +1787,7 @@ fn mutate_toml(b: &mut Vec<u8>, rng: &mut Rng) -> Edit {
     }
     let mut root = toml::Value::Table(text.parse::<toml::Table>().ok()?);
     let mut raws = Raws::default();
-    let (path, label) = toml_path(&root, rng);
+    let (path, label) = random_path(&root, rng);
     let exact = path_text(&path);
     let key = match path.iter().rev().find_map(|s| if let Seg::Key(k) = s { Some(k.clone()) } else { None }) {
         Some(k) => k,

@@ -13,19 +13,16 @@ use align_pipeline::config::StageConfig;
 use align_pipeline::sft::run_sft;
 use align_pipeline::train::StepMetrics;
 
-/// An SFT config on `llama-tied` over `data` (prompt/completion JSONL) with `extra` lines.
+/// An SFT config on the fixture checkpoint `model` over `data` (prompt/completion JSONL)
+/// with `extra` lines.
 fn sft_text(out: &Path, model: &str, data: &Path, extra: &str) -> String {
-    format!(
-        r#"output_dir = "{out}"
-[model]
-path = "{model}"
-[data]
-path = "{data}"
-{extra}"#,
-        out = out.display(),
-        model = root().join("fixtures/models").join(model).display(),
-        data = data.display(),
-    )
+    let model = root().join("fixtures/models").join(model);
+    let lines = [
+        format!("output_dir = {:?}", out.display().to_string()),
+        format!("[model]\npath = {:?}", model.display().to_string()),
+        format!("[data]\npath = {:?}", data.display().to_string()),
+    ];
+    format!("{}\n{extra}", lines.join("\n"))
 }
 
 fn rows(dir: &Path, n: usize) -> std::path::PathBuf {
