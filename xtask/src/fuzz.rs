@@ -40,8 +40,14 @@ pub struct FuzzArgs {
     /// Only these formats (repeatable; default all)
     #[arg(long = "format", value_enum)]
     formats: Vec<Format>,
-    /// A child still running after this many seconds is a hang
-    #[arg(long, default_value_t = 15.0)]
+    /// A child that has used this many seconds of CPU is a hang (a busy loop or a runaway
+    /// slow path; an unmutated run uses under 0.1 s). CPU time, unlike wall time, does not
+    /// grow when the machine is busy, so the verdict does not depend on what else runs
+    #[arg(long, default_value_t = 2.0)]
+    cpu_s: f64,
+    /// A child still running after this many wall-clock seconds is a hang (one blocked
+    /// without using CPU)
+    #[arg(long, default_value_t = 30.0)]
     timeout_s: f64,
     /// Address-space limit of each child (RLIMIT_AS), in MiB. An unmutated run needs under
     /// 300 MiB (single-threaded rayon and OpenBLAS, as the children run)
@@ -68,7 +74,7 @@ pub fn run(a: &FuzzArgs) -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask sits in the workspace root").to_path_buf();
     let work = root.join("target/fuzz");
     ensure!(a.jobs > 0, "--jobs must be at least 1");
-    ensure!(a.timeout_s > 0.0, "--timeout-s must be positive");
+    ensure!(a.timeout_s > 0.0 && a.cpu_s > 0.0, "--timeout-s and --cpu-s must be positive");
     let scratch = Scratch::new(work.join(format!("work/{}", std::process::id())))?;
     let (align, align_source) = align_binary(a.align.as_deref(), &root, &scratch.0)?;
     let corpus = Corpus::load(&root)?;
@@ -80,7 +86,11 @@ pub fn run(a: &FuzzArgs) -> Result<()> {
         fuzz_dir: root.join("fixtures/fuzz"),
         work,
         scratch: scratch.0.clone(),
-        limits: Limits { timeout: Duration::from_secs_f64(a.timeout_s), memory_bytes: a.memory_mib << 20 },
+        limits: Limits {
+            timeout: Duration::from_secs_f64(a.timeout_s),
+            cpu: Duration::from_secs_f64(a.cpu_s),
+            memory_bytes: a.memory_mib << 20,
+        },
         jobs: a.jobs,
         seed: a.seed,
         iterations: a.iterations,
@@ -1162,8 +1172,7 @@ fn json_replacement(old: &Value, raws: &mut Raws, rng: &mut Rng) -> (Value, Stri
         }
         Value::String(_) if extreme => {
             let s = string_extreme(rng);
-            let note =
-                format!("{:?}", if s.len() > 40 { format!("{}… ({} bytes)", &s[..8], s.len()) } else { s.clone() });
+            let note = format!("{:?}", if s.len() > 40 { format!("{:.8}… ({} bytes)", s, s.len()) } else { s.clone() });
             (Value::String(s), note)
         }
         Value::Bool(b) if extreme => (Value::Bool(!b), (!b).to_string()),
@@ -1254,7 +1263,7 @@ fn serialize_json(v: &Value, raws: &Raws, rng: &mut Rng) -> String {
 
 /// Jinja that a chat template (shipped with the model, run on every chat prompt) can hold:
 /// runaway loops, repetition and recursion, arithmetic traps, missing variables.
-const TEMPLATE_TRAPS: [&str; 12] = [
+const TEMPLATE_TRAPS: [&str; 15] = [
     "{% for i in range(1000000000) %}{{ i }}{% endfor %}",
     "{{ 'ab' * 1000000000 }}",
     "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
@@ -1265,6 +1274,9 @@ const TEMPLATE_TRAPS: [&str; 12] = [
     "{{ range(9223372036854775807) | length }}",
     "{{ messages | tojson(indent=1000000000) }}",
     "{{ 'x' | indent(1000000000) }}",
+    "{{ 'x' | indent(10000000000) }}",
+    "{{ 'x'.center(10000000000) }}{{ 'x'.ljust(10000000000) }}",
+    "{{ messages[0]['content'] | wordwrap(1) | indent(100000) }}",
     "{% for m in messages %}{{ m['content'][::-1][1000000:] }}{% endfor %}{{ undefined_name.attr }}",
     "{{",
 ];
@@ -1474,10 +1486,10 @@ fn safetensors_offsets(entry: &mut Value, data: &[u8], raws: &mut Raws, rng: &mu
     let (a, z, len) = (get(entry, 0), get(entry, 1), data.len() as u64);
     let (x, y) = match rng.below(7) {
         0 => (z, a),
-        1 => (a, z + 1),
+        1 => (a, z.saturating_add(1)),
         2 => (a, z.saturating_sub(1)),
         3 => (a, len + 1),
-        4 => (a + 1, z + 1),
+        4 => (a.saturating_add(1), z.saturating_add(1)),
         5 => (0, 0),
         _ => (int_extreme(a, 8, rng), int_extreme(z, 8, rng)),
     };
@@ -1668,7 +1680,7 @@ fn splice_gguf(b: &mut Vec<u8>, l: &GgufLayout, rng: &mut Rng, kv: bool) -> Edit
     if duplicate {
         let copy = head[range.clone()].to_vec();
         head.splice(range.end..range.end, copy);
-        write_uint(&mut head, count_at, 8, count + 1);
+        write_uint(&mut head, count_at, 8, count.wrapping_add(1));
     } else {
         head.drain(range);
         write_uint(&mut head, count_at, 8, count.saturating_sub(1));
@@ -1746,8 +1758,7 @@ fn toml_replacement(old: &toml::Value, key: &str, raws: &mut Raws, rng: &mut Rng
         }
         T::String(_) if extreme => {
             let s = string_extreme(rng);
-            let note =
-                format!("{:?}", if s.len() > 40 { format!("{}… ({} bytes)", &s[..8], s.len()) } else { s.clone() });
+            let note = format!("{:?}", if s.len() > 40 { format!("{:.8}… ({} bytes)", s, s.len()) } else { s.clone() });
             (T::String(s), note)
         }
         T::Boolean(b) if extreme => (T::Boolean(!b), (!b).to_string()),
@@ -1928,6 +1939,7 @@ fn mutate_parquet(b: &mut Vec<u8>, rng: &mut Rng) -> Edit {
 
 struct Limits {
     timeout: Duration,
+    cpu: Duration,
     memory_bytes: u64,
 }
 
@@ -1991,43 +2003,78 @@ fn run_child(align: &Path, dir: &Path, args: &[String], limits: &Limits, backtra
         .env("RAYON_NUM_THREADS", "1")
         .env("OPENBLAS_NUM_THREADS", "1")
         .env("RUST_LOG", "warn");
-    let memory = limits.memory_bytes;
+    // The kernel's CPU limit is only a backstop (where /proc cannot be read): past it the
+    // child dies of SIGXCPU, without the stacks that polling takes first.
+    let (memory, cpu_backstop) = (limits.memory_bytes, limits.cpu.as_secs() + 2);
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe calls (setpgid, setrlimit, prctl).
     unsafe {
-        cmd.pre_exec(move || limit_self(memory));
+        cmd.pre_exec(move || limit_self(memory, cpu_backstop));
     }
     let start = Instant::now();
     let mut child = cmd.spawn().with_context(|| format!("starting {}", align.display()))?;
-    let status = wait_at_most(&mut child, limits.timeout)?;
+    let waited = wait_within(&mut child, limits.timeout, Some(limits.cpu))?;
     let elapsed = start.elapsed();
-    let stacks = match status {
-        Some(_) => None,
-        None => {
+    let (status, stacks) = match waited {
+        Waited::Exited(status) => (Ok(status), None),
+        over => {
             let stacks = gdb_stacks(child.id(), dir);
             // Its own process group: whatever it started goes with it.
             // SAFETY: kill(2) on the group this child leads; no memory is touched.
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             child.wait()?;
-            stacks
+            let how = match over {
+                Waited::Cpu(cpu) => format!("killed after {:.1} s of CPU", cpu.as_secs_f64()),
+                _ => format!("killed after {:.0} s", elapsed.as_secs_f64()),
+            };
+            (Err(how), stacks)
         }
     };
     let stderr = read_capped(&stderr_path, 1 << 20)?;
-    Ok(End { stacks, ..judge(status, stderr, elapsed, limits.timeout) })
+    Ok(End { stacks, ..judge(status, stderr, elapsed) })
 }
 
-/// The child's status, or `None` when it is still running after `timeout`.
-fn wait_at_most(child: &mut std::process::Child, timeout: Duration) -> Result<Option<ExitStatus>> {
+enum Waited {
+    Exited(ExitStatus),
+    /// Still running at the wall-clock limit
+    Wall,
+    /// Past the CPU limit, having used this much
+    Cpu(Duration),
+}
+
+/// Wait for `child` until it exits, `timeout` passes, or it has used more than `cpu` of
+/// CPU time (read from /proc every 50 ms; not checked where /proc is missing).
+fn wait_within(child: &mut std::process::Child, timeout: Duration, cpu: Option<Duration>) -> Result<Waited> {
     let start = Instant::now();
+    let mut tick = 0u64;
     loop {
         if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
+            return Ok(Waited::Exited(status));
         }
         if start.elapsed() >= timeout {
-            return Ok(None);
+            return Ok(Waited::Wall);
+        }
+        tick += 1;
+        if let Some(limit) = cpu
+            && tick.is_multiple_of(10)
+            && let Some(used) = cpu_time(child.id())
+            && used > limit
+        {
+            return Ok(Waited::Cpu(used));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// User plus system CPU time of a process, all its threads, from `/proc/<pid>/stat`.
+fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3: utime is 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    (per_second > 0).then(|| Duration::from_secs_f64(ticks as f64 / per_second as f64))
 }
 
 /// Where a hung child is stuck, from gdb: the stacks of its threads. `None` when gdb is not
@@ -2043,7 +2090,7 @@ fn gdb_stacks(pid: u32, dir: &Path) -> Option<String> {
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
-    if wait_at_most(&mut gdb, Duration::from_secs(60)).ok()?.is_none() {
+    if !matches!(wait_within(&mut gdb, Duration::from_secs(60), None).ok()?, Waited::Exited(_)) {
         let _ = gdb.kill();
         let _ = gdb.wait();
         return None;
@@ -2055,13 +2102,19 @@ fn gdb_stacks(pid: u32, dir: &Path) -> Option<String> {
 /// In the child, before exec: a process group of its own, the address-space limit, no
 /// core files (an abort must not litter the disk), a cap on file sizes, and death with
 /// the parent (a killed `cargo xtask fuzz` leaves no hung children behind).
-fn limit_self(memory: u64) -> std::io::Result<()> {
+fn limit_self(memory: u64, cpu_seconds: u64) -> std::io::Result<()> {
     // SAFETY: plain system calls on this process.
     unsafe {
         if libc::setpgid(0, 0) != 0 {
             return Err(std::io::Error::last_os_error());
         }
-        for (resource, limit) in [(libc::RLIMIT_AS, memory), (libc::RLIMIT_CORE, 0), (libc::RLIMIT_FSIZE, 1 << 30)] {
+        let limits = [
+            (libc::RLIMIT_AS, memory),
+            (libc::RLIMIT_CORE, 0),
+            (libc::RLIMIT_FSIZE, 1 << 30),
+            (libc::RLIMIT_CPU, cpu_seconds),
+        ];
+        for (resource, limit) in limits {
             let r = libc::rlimit { rlim_cur: limit as libc::rlim_t, rlim_max: limit as libc::rlim_t };
             if libc::setrlimit(resource, &r) != 0 {
                 return Err(std::io::Error::last_os_error());
@@ -2089,10 +2142,12 @@ fn read_capped(path: &Path, cap: u64) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
-fn judge(status: Option<ExitStatus>, stderr: String, elapsed: Duration, timeout: Duration) -> End {
+/// `status`: how it exited, or how the harness killed it (a hang).
+fn judge(status: Result<ExitStatus, String>, stderr: String, elapsed: Duration) -> End {
     let end = |outcome, how: String| End { outcome, how, stderr: stderr.clone(), elapsed, stacks: None };
-    let Some(status) = status else {
-        return end(Outcome::Hang, format!("killed after {:.0} s", timeout.as_secs_f64()));
+    let status = match status {
+        Ok(s) => s,
+        Err(how) => return end(Outcome::Hang, how),
     };
     let how = match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit {c}"),
@@ -2109,6 +2164,8 @@ fn judge(status: Option<ExitStatus>, stderr: String, elapsed: Duration, timeout:
             (Some(_), _) if stderr.lines().any(|l| l.starts_with("Error:")) => Outcome::Clean,
             // Not ours: the kernel's OOM killer.
             (None, Some(libc::SIGKILL)) => Outcome::Oom,
+            // The CPU-limit backstop.
+            (None, Some(libc::SIGXCPU)) => Outcome::Hang,
             (None, Some(libc::SIGABRT)) => Outcome::Abort,
             _ => Outcome::Crash,
         }
@@ -2125,6 +2182,7 @@ fn signal_name(s: i32) -> String {
         libc::SIGILL => "SIGILL",
         libc::SIGFPE => "SIGFPE",
         libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGXCPU => "SIGXCPU",
         libc::SIGTERM => "SIGTERM",
         _ => return format!("signal {s}"),
     };
@@ -2754,6 +2812,7 @@ fn write_summary(ctx: &Ctx, rows: &[(String, Stats)], found: &Found) -> Result<(
         "seed": ctx.seed,
         "iterations_per_format": ctx.iterations,
         "timeout_s": ctx.limits.timeout.as_secs_f64(),
+        "cpu_s": ctx.limits.cpu.as_secs_f64(),
         "memory_mib": ctx.limits.memory_bytes >> 20,
         "rows": rows,
         "failures": failures,
@@ -2865,10 +2924,26 @@ mod tests {
         assert_ne!(a.bytes, c.bytes);
     }
 
+    /// The mutators themselves must never panic, whatever an earlier mutation left behind
+    /// (a field at i64::MIN negated, an offset at u64::MAX incremented, …).
+    #[test]
+    fn mutators_survive_thousands_of_mutants_of_every_format() {
+        let corpus = Corpus::load(&root()).expect("corpus");
+        for format in Format::ALL {
+            let variants = variants(format, &corpus).expect("variants");
+            for i in 0..6000 {
+                let mut rng = Rng::for_mutant(3, format, i);
+                let v = rng.pick(&variants);
+                let m = mutate(v, &mut rng);
+                assert!(!m.notes.is_empty() && !m.target().is_empty(), "{} #{i}", format.name());
+            }
+        }
+    }
+
     #[test]
     fn children_ends_are_judged() {
         let t = Duration::from_secs(1);
-        let judged = |code: i32, stderr: &str| judge(Some(ExitStatus::from_raw(code)), stderr.into(), t, t).outcome;
+        let judged = |code: i32, stderr: &str| judge(Ok(ExitStatus::from_raw(code)), stderr.into(), t).outcome;
         assert_eq!(judged(0, ""), Outcome::Ok);
         assert_eq!(judged(1 << 8, "Error: bad\n"), Outcome::Clean);
         assert_eq!(judged(101 << 8, "thread 'main' panicked at crates/a.rs:1:2:\nboom\n"), Outcome::Panic);
@@ -2877,7 +2952,8 @@ mod tests {
         assert_eq!(judged(libc::SIGKILL, ""), Outcome::Oom);
         assert_eq!(judged(libc::SIGSEGV, ""), Outcome::Crash);
         assert_eq!(judged(3 << 8, "odd\n"), Outcome::Crash);
-        assert_eq!(judge(None, String::new(), t, t).outcome, Outcome::Hang);
+        assert_eq!(judged(libc::SIGXCPU, ""), Outcome::Hang);
+        assert_eq!(judge(Err("killed".into()), String::new(), t).outcome, Outcome::Hang);
     }
 
     #[test]

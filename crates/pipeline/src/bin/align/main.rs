@@ -9,7 +9,7 @@ mod stages;
 use align_model::FusedOps;
 use align_model::backend::{Cpu, DeviceKind};
 use align_pipeline::preference::PairwiseStage;
-use anyhow::{Result, bail};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use stages::{StageArgs, Trainer};
@@ -84,7 +84,7 @@ fn main() -> Result<()> {
         #[cfg(feature = "cuda")]
         DeviceKind::Cuda => run::<align_model::backend::Cuda>(cli.command, &Default::default()),
         #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => bail!("this build has no CUDA support: rebuild with `--features cuda`"),
+        DeviceKind::Cuda => anyhow::bail!("this build has no CUDA support: rebuild with `--features cuda`"),
     }
 }
 
