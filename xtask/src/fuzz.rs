@@ -1,7 +1,7 @@
 //! `cargo xtask fuzz`: seeded mutations of every input format `align` reads (GGUF,
 //! safetensors, config.json, tokenizer.json, tokenizer_config.json, JSONL, Parquet, stage and
 //! pipeline TOML), each run through the real `align` command in a child process with an
-//! address-space limit (setrlimit) and a time limit.
+//! address-space limit (setrlimit), a CPU-time limit and a wall-clock limit.
 //!
 //! A mutant must end in rc 0 or a clean error (`Error: …` and a nonzero exit code). A panic,
 //! an abort, a failed allocation, a crash (any other signal) or a hang is a bug: the mutant
@@ -1696,7 +1696,8 @@ fn splice_gguf(b: &mut Vec<u8>, l: &GgufLayout, rng: &mut Rng, kv: bool) -> Edit
 
 /// Keys whose size is the amount of work asked for: a huge value there is a legitimate
 /// request for a long run (or many samples), not a bug, so they only get small or wrong
-/// values.
+/// values, and are never deleted (their defaults are full-size: 2000 synthetic problems,
+/// epochs instead of one step).
 const WORK_KEYS: [&str; 14] = [
     "max_steps",
     "num_train_epochs",
@@ -1805,7 +1806,11 @@ fn mutate_toml(b: &mut Vec<u8>, rng: &mut Rng) -> Edit {
         None => return mutate_toml_lines(b, &text, rng),
     };
     let (parent_path, last) = path.split_last().map(|(l, p)| (p.to_vec(), l.clone()))?;
-    let note = match rng.below(100) {
+    let op = match rng.below(100) {
+        0..15 if matches!(&last, Seg::Key(k) if WORK_KEYS.contains(&k.as_str())) => 20,
+        op => op,
+    };
+    let note = match op {
         0..15 => {
             match (toml_node(&mut root, &parent_path)?, &last) {
                 (toml::Value::Table(t), Seg::Key(k)) => {
@@ -1865,7 +1870,11 @@ fn mutate_toml_lines(b: &mut Vec<u8>, text: &str, rng: &mut Rng) -> Edit {
     let i = *rng.pick(&keyed);
     let line = lines[i].clone();
     let key = line.split('=').next().unwrap_or("").trim().to_string();
-    let (note, target) = match rng.below(3) {
+    let op = match rng.below(3) {
+        1 if WORK_KEYS.contains(&key.as_str()) => 0,
+        op => op,
+    };
+    let (note, target) = match op {
         0 => {
             let copy = match line.split_once('=') {
                 Some((k, _)) if rng.percent(50) => format!("{k}= {}", line_number(&key, rng)),
@@ -2835,8 +2844,26 @@ struct Scratch(PathBuf);
 
 impl Scratch {
     fn new(dir: PathBuf) -> Result<Scratch> {
+        if let Some(parent) = dir.parent() {
+            sweep_dead_runs(parent);
+        }
         fs::create_dir_all(&dir).with_context(|| dir.display().to_string())?;
         Ok(Scratch(dir))
+    }
+}
+
+/// Remove the directories of runs that were killed (a signal skips `Drop`): those named
+/// after a process that no longer exists.
+fn sweep_dead_runs(work: &Path) {
+    let Ok(entries) = fs::read_dir(work) else { return };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        // SAFETY: signal 0 only asks whether the process exists.
+        let gone =
+            unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = fs::remove_dir_all(e.path());
+        }
     }
 }
 

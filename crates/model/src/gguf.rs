@@ -611,6 +611,14 @@ impl WeightSource for GgufSource {
         let g = self.names.get(name).ok_or_else(|| ModelError::tensor(name, "not in the GGUF file"))?;
         let t = self.file.dequantize(g)?;
         let t = match self.permuted_heads(name) {
+            // Heads must split the rows into even halves: checked before the per-head loop,
+            // which a corrupt head count would otherwise run billions of times.
+            Some(n_head) if n_head == 0 || !t.shape[0].is_multiple_of(n_head) || (t.shape[0] / n_head) % 2 != 0 => {
+                return Err(ModelError::tensor(
+                    name,
+                    format!("{} rows do not split into {n_head} heads of even size (attention.head_count)", t.shape[0]),
+                ));
+            }
             Some(n_head) => unpermute_rows(&t, n_head),
             None => t,
         };
