@@ -51,9 +51,10 @@ struct PipelineArgs {
     /// A few steps of every stage with short evals, into runs/<name>-smoke/
     #[arg(long)]
     smoke: bool,
-    /// Where the stages run: cpu, or cuda (a build with `--features cuda`)
+    /// Where the stages run: cpu; cuda or wgpu in an xtask built with that feature
+    /// (`cargo run -p xtask --features wgpu -- …`)
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: align_model::backend::DeviceKind,
 }
 
 #[derive(Subcommand)]
@@ -190,13 +191,36 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             let gguf = fetch::smollm2()?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(&cargo)
-                .args(["test", "--workspace"])
-                .args(&args)
-                .env("ALIGN_SMOLLM2_GGUF", &gguf)
-                .status()?;
-            if !status.success() {
-                bail!("cargo test failed");
+            // The suite is built with the wgpu backend: its GPU tests (`…::wgpu`: model
+            // parity, the fused ops' gradients, one step of each stage against the CPU) run
+            // on the Vulkan driver the machine has, lavapipe on a CPU-only one (docs/backends.md).
+            require_vulkan()?;
+            // Two passes over one build: every other test in parallel, then the GPU tests one
+            // at a time. Threads sharing a CubeCL device spin while its queue is full, and on
+            // two cores that starves the driver's own threads (a 1-minute test took 13).
+            let filter_args = |filters: &[&str]| -> Vec<String> {
+                let mut a = args.clone();
+                if !a.iter().any(|x| x == "--") {
+                    a.push("--".into());
+                }
+                a.extend(filters.iter().map(|s| s.to_string()));
+                a
+            };
+            for (what, filters) in
+                [("the test suite", &["--skip", "::wgpu"][..]), ("the wgpu tests", &["::wgpu", "--test-threads=1"])]
+            {
+                eprintln!("xtask test: {what}");
+                let status = Command::new(&cargo)
+                    .args(["test", "--workspace", "--features", "align-pipeline/wgpu,xtask/wgpu"])
+                    .args(filter_args(filters))
+                    .env("ALIGN_SMOLLM2_GGUF", &gguf)
+                    // Autotune's candidates are each one more shader for the software driver
+                    // to compile; the fewest keeps the suite's time bounded.
+                    .env("CUBECL_AUTOTUNE_LEVEL", std::env::var("CUBECL_AUTOTUNE_LEVEL").unwrap_or("minimal".into()))
+                    .status()?;
+                if !status.success() {
+                    bail!("cargo test failed ({what})");
+                }
             }
             // The GPU path must keep compiling even where no GPU is.
             let status = Command::new(&cargo)
@@ -306,6 +330,31 @@ fn write_report(name: &str, report: &serde_json::Value) -> Result<()> {
     Ok(())
 }
 
+/// The wgpu tests need a Vulkan driver on Linux (any GPU's, or Mesa's lavapipe on a CPU):
+/// refuse to start without one rather than fail in the middle of the suite. (macOS runs them
+/// on Metal.)
+fn require_vulkan() -> Result<()> {
+    if !cfg!(target_os = "linux") {
+        return Ok(());
+    }
+    let icd_dirs = ["/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d", "/usr/local/share/vulkan/icd.d"];
+    let has_icd = icd_dirs.iter().any(|d| std::fs::read_dir(d).is_ok_and(|mut e| e.next().is_some()));
+    let has_loader = [
+        "/usr/lib/x86_64-linux-gnu/libvulkan.so.1",
+        "/usr/lib/aarch64-linux-gnu/libvulkan.so.1",
+        "/usr/lib/libvulkan.so.1",
+    ]
+    .iter()
+    .any(|p| std::path::Path::new(p).exists());
+    if !(has_icd && has_loader) {
+        bail!(
+            "the test suite runs its wgpu tests on a Vulkan driver, and none is installed: \
+             `apt-get install -y mesa-vulkan-drivers libvulkan1` (Mesa's lavapipe runs them on the CPU; .ci/run installs it)"
+        );
+    }
+    Ok(())
+}
+
 fn pipeline_options(args: &PipelineArgs) -> align_pipeline::recipe::Options {
     align_pipeline::recipe::Options {
         sets: args.sets.clone(),
@@ -320,16 +369,15 @@ fn pipeline_options(args: &PipelineArgs) -> align_pipeline::recipe::Options {
 fn pipeline(file: &std::path::Path, args: &PipelineArgs, only: Option<&str>, force: bool) -> Result<()> {
     let p = align_pipeline::recipe::load(file, &pipeline_options(args))?;
     let start = std::time::Instant::now();
-    let report = match args.device.as_str() {
-        "cpu" => align_pipeline::recipe::run_pipeline::<Cpu>(&p, only, force, &Default::default())?,
-        #[cfg(feature = "cuda")]
-        "cuda" => {
-            align_pipeline::recipe::run_pipeline::<align_model::backend::Cuda>(&p, only, force, &Default::default())?
+    struct Run<'a>(&'a align_pipeline::recipe::Pipeline, Option<&'a str>, bool);
+    impl align_model::backend::OnDevice for Run<'_> {
+        type Output = Result<align_pipeline::recipe::report::PipelineReport>;
+        fn run<B: align_model::FusedOps>(self, device: &B::Device) -> Self::Output {
+            align_pipeline::recipe::run_pipeline::<B>(self.0, self.1, self.2, device)
         }
-        #[cfg(not(feature = "cuda"))]
-        "cuda" => bail!("this xtask has no CUDA support: build it with `cargo run -p xtask --features cuda -- …`"),
-        other => bail!("unknown device {other:?} (cpu, cuda)"),
-    };
+    }
+    args.device.check().map_err(anyhow::Error::msg)?;
+    let report = args.device.run(Run(&p, only, force))?;
     println!("{}", report.markdown());
     println!("report: {} ({:.0} s)", p.root.join("report.md").display(), start.elapsed().as_secs_f64());
     Ok(())

@@ -299,8 +299,69 @@ impl FusedOps for burn::backend::NdArray<f64> {}
 #[cfg(feature = "cuda")]
 impl FusedOps for burn::backend::Cuda {}
 
+#[cfg(feature = "wgpu")]
+impl FusedOps for burn::backend::Wgpu {}
+
 /// An autodiff backend whose inner backend has the fused kernels too (trainers need both:
 /// the tracked model and, for references and rollouts, its `valid()` copy).
 pub trait AutodiffFusedOps: AutodiffBackend<InnerBackend: FusedOps> + FusedOps {}
 
 impl<B: AutodiffBackend<InnerBackend: FusedOps> + FusedOps> AutodiffFusedOps for B {}
+
+/// `gpu_tests!(name, |B| { … })`: a test module `name` with one `#[test]` per GPU backend
+/// compiled into this crate (`name::wgpu` with `--features wgpu`, `name::cuda` with
+/// `--features cuda`), `B` being that backend. For the test suites of this crate and the
+/// crates above it: the features are read here, where they are known, not in the caller.
+#[macro_export]
+macro_rules! gpu_tests {
+    ($name:ident, |$b:ident| $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::__if_wgpu! {
+                #[test]
+                fn wgpu() {
+                    #[allow(dead_code)]
+                    type $b = $crate::burn::backend::Wgpu;
+                    $body
+                }
+            }
+            $crate::__if_cuda! {
+                #[test]
+                fn cuda() {
+                    #[allow(dead_code)]
+                    type $b = $crate::burn::backend::Cuda;
+                    $body
+                }
+            }
+        }
+    };
+}
+
+/// Its tokens, unchanged.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __keep_tokens {
+    ($($t:tt)*) => { $($t)* };
+}
+
+/// Nothing.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __drop_tokens {
+    ($($t:tt)*) => {};
+}
+
+// `__if_wgpu!` / `__if_cuda!`: the tokens where this crate has the feature, nothing elsewhere.
+#[doc(hidden)]
+#[cfg(not(feature = "cuda"))]
+pub use __drop_tokens as __if_cuda;
+#[doc(hidden)]
+#[cfg(not(feature = "wgpu"))]
+pub use __drop_tokens as __if_wgpu;
+#[doc(hidden)]
+#[cfg(feature = "cuda")]
+pub use __keep_tokens as __if_cuda;
+#[doc(hidden)]
+#[cfg(feature = "wgpu")]
+pub use __keep_tokens as __if_wgpu;

@@ -1,5 +1,8 @@
 //! The backends align runs on, chosen once here so model, loss and trainer code stays
-//! generic. The CPU default was picked by measurement (README, "CPU backend").
+//! generic. The CPU default was picked by measurement (README, "CPU backend"); what each
+//! backend supports is in docs/backends.md.
+
+use crate::FusedOps;
 
 /// The default CPU backend: Burn's pure-Rust `flex` (SIMD + rayon, no system library).
 pub type Cpu = burn::backend::Flex;
@@ -12,30 +15,125 @@ pub type NdArray = burn::backend::NdArray;
 #[cfg(feature = "cuda")]
 pub type Cuda = burn::backend::Cuda;
 
+/// wgpu through CubeCL (`--features wgpu`): Vulkan on Linux and Windows, Metal on macOS,
+/// f32 only. Runs the kernels' generic (composed) forms, with Burn's fusion and autotune.
+#[cfg(feature = "wgpu")]
+pub type Wgpu = burn::backend::Wgpu;
+
 /// Autodiff decorator for training on any of the above.
 pub type Autodiff<B> = burn::backend::Autodiff<B>;
 
-/// Which device a command runs on.
+/// Which device a command runs on. Only the backends compiled in are variants, so a value
+/// of this type can always run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DeviceKind {
     #[default]
     Cpu,
+    #[cfg(feature = "cuda")]
     Cuda,
+    #[cfg(feature = "wgpu")]
+    Wgpu,
+}
+
+/// Work generic over the backend, run by [`DeviceKind::run`] on the one chosen at run time.
+pub trait OnDevice {
+    type Output;
+    fn run<B: FusedOps>(self, device: &B::Device) -> Self::Output;
+}
+
+impl DeviceKind {
+    /// Runs `job` on this kind's default device (the first GPU; for wgpu, the adapter wgpu
+    /// ranks first: a discrete GPU, else an integrated one, else a CPU driver such as lavapipe).
+    pub fn run<J: OnDevice>(self, job: J) -> J::Output {
+        match self {
+            DeviceKind::Cpu => job.run::<Cpu>(&Default::default()),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => job.run::<Cuda>(&Default::default()),
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => job.run::<Wgpu>(&Default::default()),
+        }
+    }
+
+    /// Opens this kind's default device: a one-element tensor made and read back. A backend
+    /// that cannot start (no CUDA driver, no Vulkan adapter) panics, on its own server thread
+    /// and then on this one; that becomes an error saying what to install.
+    pub fn check(self) -> Result<(), String> {
+        struct Probe;
+        impl OnDevice for Probe {
+            type Output = ();
+            fn run<B: FusedOps>(self, device: &B::Device) {
+                let one = burn::tensor::Tensor::<B, 1>::ones([1], device);
+                let _ = one.into_data();
+            }
+        }
+        if self == DeviceKind::Cpu {
+            return Ok(());
+        }
+        static FIRST_PANIC: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|info| {
+            let mut first = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                let payload = info.payload();
+                let msg = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                *first = Some(msg);
+            }
+        }));
+        let opened = std::panic::catch_unwind(|| self.run(Probe));
+        std::panic::set_hook(hook);
+        opened.map_err(|_| {
+            let why = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
+            let install = match self {
+                DeviceKind::Cpu => "",
+                #[cfg(feature = "cuda")]
+                DeviceKind::Cuda => "an NVIDIA GPU with its driver (libcuda.so.1) is needed",
+                #[cfg(feature = "wgpu")]
+                DeviceKind::Wgpu => {
+                    "a Vulkan driver is needed (on Linux: `apt-get install mesa-vulkan-drivers libvulkan1`; \
+                     Mesa's lavapipe runs on the CPU)"
+                }
+            };
+            format!("--device {self}: no device could be opened ({}); {install}", why.lines().next().unwrap_or(""))
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => "cuda",
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => "wgpu",
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for DeviceKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let missing =
+            |feature: &str| format!("this build has no {feature} support: rebuild with `--features {feature}`");
         match s {
             "cpu" => Ok(DeviceKind::Cpu),
-            "cuda" | "gpu" => {
-                if cfg!(feature = "cuda") {
-                    Ok(DeviceKind::Cuda)
-                } else {
-                    Err("this build has no CUDA support: rebuild with `--features cuda`".into())
-                }
-            }
-            other => Err(format!("unknown device {other:?} (cpu, cuda)")),
+            #[cfg(feature = "cuda")]
+            "cuda" | "gpu" => Ok(DeviceKind::Cuda),
+            #[cfg(not(feature = "cuda"))]
+            "cuda" | "gpu" => Err(missing("cuda")),
+            #[cfg(feature = "wgpu")]
+            "wgpu" | "vulkan" | "metal" => Ok(DeviceKind::Wgpu),
+            #[cfg(not(feature = "wgpu"))]
+            "wgpu" | "vulkan" | "metal" => Err(missing("wgpu")),
+            other => Err(format!("unknown device {other:?} (cpu, cuda, wgpu)")),
         }
     }
 }

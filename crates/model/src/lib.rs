@@ -28,7 +28,7 @@ pub mod weights;
 use std::path::Path;
 
 pub use align_kernels::{
-    AutodiffFusedOps, FusedOps, HeadLogprobs, lora_linear, masked_attention, rms_norm, rope, swiglu,
+    AutodiffFusedOps, FusedOps, HeadLogprobs, gpu_tests, lora_linear, masked_attention, rms_norm, rope, swiglu,
 };
 pub use burn;
 use burn::tensor::backend::Backend;

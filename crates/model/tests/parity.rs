@@ -1,10 +1,12 @@
 //! Forward-pass parity with transformers: every directory under `fixtures/models/` that
 //! holds a `reference.json` (float64 log-probs from `ref_logprobs.py`) is a case. Our f32
 //! forward must match every completion token's log-prob, and the last position's top-5
-//! logits, within 1e-4 absolute; our tokenizer must produce the same ids.
+//! logits, within 1e-4 absolute; our tokenizer must produce the same ids. The same cases run
+//! on each GPU backend compiled in (`--features wgpu` / `cuda`), to the same tolerance.
 
 use std::path::{Path, PathBuf};
 
+use align_model::FusedOps;
 use align_model::backend::Cpu;
 use align_model::burn::tensor::activation::log_softmax;
 use align_model::{Heads, HfHead, TokenBatch, load_pretrained, save_pretrained};
@@ -32,10 +34,10 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 /// Max |ours - reference| over every completion log-prob and top-5 logit of one model.
-fn check_model(dir: &Path) -> f64 {
+fn check_model<B: FusedOps>(dir: &Path) -> f64 {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
     let device = Default::default();
-    let m = load_pretrained::<Cpu>(dir, Heads::LM, &device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let m = load_pretrained::<B>(dir, Heads::LM, &device).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let mut worst = 0f64;
     for row in reference["rows"].as_array().unwrap() {
         let input_ids = ids(&row["input_ids"]);
@@ -73,13 +75,26 @@ fn check_model(dir: &Path) -> f64 {
     worst
 }
 
+/// Every case on backend `B`; prints each model's worst deviation and returns the worst.
+fn check_every_model<B: FusedOps>() -> f64 {
+    let mut worst = 0f64;
+    for dir in cases() {
+        let d = check_model::<B>(&dir);
+        eprintln!("{:<40} max |Δ| = {d:.2e}", dir.file_name().unwrap().to_string_lossy());
+        worst = worst.max(d);
+    }
+    worst
+}
+
 #[test]
 fn every_reference_checkpoint_matches_transformers() {
-    for dir in cases() {
-        let worst = check_model(&dir);
-        eprintln!("{:<40} max |Δ| = {worst:.2e}", dir.file_name().unwrap().to_string_lossy());
-    }
+    check_every_model::<Cpu>();
 }
+
+align_model::gpu_tests!(every_reference_checkpoint_matches_transformers_on_gpu, |G| {
+    let worst = check_every_model::<G>();
+    eprintln!("worst on {}: {worst:.2e}", std::any::type_name::<G>());
+});
 
 /// What we save is what we load: export → save_pretrained → load gives identical logits,
 /// with HF tensor names (checked against the original file's names).

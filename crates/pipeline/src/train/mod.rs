@@ -337,11 +337,15 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
         bail!("no training examples");
     }
     let updates = shape.updates_per_step.max(1);
+    let device = model.devices().first().cloned().context("the model has no device")?;
+    // Vulkan (wgpu) has no bf16: refused here, not as a shader error mid-step.
+    if args.bf16 && !B::supports_dtype(&device, align_model::burn::tensor::DType::BF16) {
+        bail!("[training] bf16 = true: this backend has no bf16 (wgpu on Vulkan is f32 only); set bf16 = false");
+    }
     // bf16: weights and activations in bf16, f32 masters and moments in the optimizer.
     let dtype = if args.bf16 { FloatDType::BF16 } else { FloatDType::F32 };
     model = align_model::cast_float(model, dtype);
     std::fs::create_dir_all(output_dir.join("checkpoints")).with_context(|| output_dir.display().to_string())?;
-    let device = model.devices().first().cloned().context("the model has no device")?;
     let mut loader = Loader::new(shape.items, shape.draw_size, args.seed, true);
     let rounds_per_epoch = loader.batches_per_epoch().div_ceil(shape.draws_per_round.max(1));
     let total = args.total_steps(rounds_per_epoch, shape.steps_per_round.max(1));

@@ -7,7 +7,7 @@ mod model;
 mod stages;
 
 use align_model::FusedOps;
-use align_model::backend::{Cpu, DeviceKind};
+use align_model::backend::{DeviceKind, OnDevice};
 use align_pipeline::preference::PairwiseStage;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -21,7 +21,7 @@ use stages::{StageArgs, Trainer};
     about = "LLM alignment training: SFT, reward models, DPO/ORPO/SimPO/KTO, PPO, GRPO, RLOO"
 )]
 struct Cli {
-    /// cpu, or cuda in a build with `--features cuda`
+    /// cpu; cuda in a build with `--features cuda`; wgpu (Vulkan, Metal) with `--features wgpu`
     #[arg(long, global = true, default_value = "cpu")]
     device: DeviceKind,
     #[command(subcommand)]
@@ -79,12 +79,14 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    match cli.device {
-        DeviceKind::Cpu => run::<Cpu>(cli.command, &Default::default()),
-        #[cfg(feature = "cuda")]
-        DeviceKind::Cuda => run::<align_model::backend::Cuda>(cli.command, &Default::default()),
-        #[cfg(not(feature = "cuda"))]
-        DeviceKind::Cuda => anyhow::bail!("this build has no CUDA support: rebuild with `--features cuda`"),
+    cli.device.check().map_err(anyhow::Error::msg)?;
+    cli.device.run(cli.command)
+}
+
+impl OnDevice for Command {
+    type Output = Result<()>;
+    fn run<B: FusedOps>(self, device: &B::Device) -> Result<()> {
+        run::<B>(self, device)
     }
 }
 

@@ -11,8 +11,7 @@ use align_kernels::burn::tensor::ops::AttentionModuleOptions;
 use align_kernels::burn::tensor::{Bool, Distribution, Tensor, TensorData};
 use align_kernels::{FusedOps, masked_attention};
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 /// The model's mask in its GQA layout `[b, kv, groups·t, t]`: a key after the query or in
 /// another segment is masked. Row 0: one sequence then padding (segment 0: pads see pads);
@@ -88,3 +87,12 @@ fn matches_burn_attention_in_f32_on_flex() {
     // Several blocks of query rows over padded and packed rows.
     check::<Autodiff<Flex>>(2, 1, 3, 150, 64, 1e-5);
 }
+
+// On a GPU: the generic forward and the recomputing backward (a 2100-token row spans
+// several blocks), f32 sums in another order.
+align_kernels::gpu_tests!(matches_burn_attention_on_gpu, |G| {
+    for (kv, groups, d) in [(3, 1, 64), (1, 3, 128), (2, 4, 64)] {
+        check::<Autodiff<G>>(2, kv, groups, 20, d, crate::common::GPU_REL);
+    }
+    check::<Autodiff<G>>(1, 1, 4, 2100, 64, crate::common::GPU_REL);
+});

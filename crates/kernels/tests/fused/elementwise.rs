@@ -6,8 +6,7 @@ use align_kernels::burn::tensor::backend::AutodiffBackend;
 use align_kernels::burn::tensor::{Distribution, Tensor, activation};
 use align_kernels::{FusedOps, rms_norm, swiglu};
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 fn check_rms_norm<B: AutodiffBackend + FusedOps>(rel: f64) {
     let dev = Default::default();
@@ -62,3 +61,8 @@ fn swiglu_matches_the_composition() {
     check_swiglu::<Autodiff<NdArray<f64>>>(1e-10);
     check_swiglu::<Autodiff<Flex>>(1e-5);
 }
+
+align_kernels::gpu_tests!(rms_norm_and_swiglu_on_gpu, |G| {
+    check_rms_norm::<Autodiff<G>>(crate::common::GPU_REL);
+    check_swiglu::<Autodiff<G>>(crate::common::GPU_REL);
+});

@@ -5,8 +5,7 @@ use align_kernels::burn::tensor::backend::AutodiffBackend;
 use align_kernels::burn::tensor::{Distribution, Tensor};
 use align_kernels::{FusedOps, rope};
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 fn check<B: AutodiffBackend + FusedOps>(b: usize, t: usize, h: usize, d: usize, rel: f64) {
     let dev = Default::default();
@@ -39,3 +38,8 @@ fn matches_the_composition() {
     // Enough positions for several threads' worth of work on flex.
     check::<Autodiff<Flex>>(3, 200, 9, 128, 1e-5);
 }
+
+align_kernels::gpu_tests!(matches_the_composition_on_gpu, |G| {
+    check::<Autodiff<G>>(2, 5, 3, 64, crate::common::GPU_REL);
+    check::<Autodiff<G>>(3, 200, 9, 128, crate::common::GPU_REL);
+});

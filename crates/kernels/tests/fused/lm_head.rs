@@ -19,8 +19,7 @@ fn plain<B: Backend>(
     (logp.gather(1, t.unsqueeze_dim(1)).squeeze_dim(1), ent)
 }
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 /// Compares values and the gradients of `x` and `w` under a loss that weights each row
 /// differently (so a wrong per-row upstream gradient shows).
@@ -82,3 +81,10 @@ fn only_the_tracked_input_gets_a_gradient() {
     let (want, _) = plain(x.inner(), w.inner(), t.inner(), 1.0);
     close("inner", &host(inner.logprobs), &host(want), 1e-5);
 }
+
+// Several row chunks of a 30,000-token vocabulary, and a tempered small one.
+align_kernels::gpu_tests!(matches_the_composition_on_gpu, |G| {
+    let vocab = 30_000;
+    check::<Autodiff<G>>(CHUNK_LOGITS / vocab + 9, 32, vocab, 1.0, crate::common::GPU_REL);
+    check::<Autodiff<G>>(7, 64, 1000, 0.6, crate::common::GPU_REL);
+});

@@ -6,8 +6,7 @@ use align_kernels::burn::tensor::backend::AutodiffBackend;
 use align_kernels::burn::tensor::{Distribution, Tensor};
 use align_kernels::{FusedOps, lora_linear};
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 fn check<B: AutodiffBackend + FusedOps>(n: usize, din: usize, dout: usize, r: usize, rel: f64) {
     let dev = Default::default();
@@ -40,3 +39,7 @@ fn matches_the_composition() {
     check::<Autodiff<NdArray<f64>>>(13, 24, 40, 4, 1e-10);
     check::<Autodiff<Flex>>(64, 96, 160, 16, 1e-5);
 }
+
+align_kernels::gpu_tests!(matches_the_composition_on_gpu, |G| {
+    check::<Autodiff<G>>(64, 96, 160, 16, crate::common::GPU_REL);
+});

@@ -158,3 +158,10 @@ fn each_backend_samples_by_the_same_rule() {
     check_device::<NdArray<f32>>(|t, u, p| NdArray::<f32>::sample_tokens(t.into_primitive().tensor(), u, p));
     check_device::<Autodiff<Flex>>(|t, u, p| Autodiff::<Flex>::sample_tokens(t.into_primitive().tensor(), u, p));
 }
+
+// The device rule where the logits are: the generic rule (sort, cumulative sums, argmax) on
+// the GPU backend, and through its autodiff decorator.
+align_kernels::gpu_tests!(samples_by_the_same_rule_on_gpu, |G| {
+    check_device::<G>(|t, u, p| G::sample_tokens(t.into_primitive().tensor(), u, p));
+    check_device::<Autodiff<G>>(|t, u, p| Autodiff::<G>::sample_tokens(t.into_primitive().tensor(), u, p));
+});

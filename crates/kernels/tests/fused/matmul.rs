@@ -6,8 +6,7 @@ use align_kernels::burn::tensor::backend::Backend;
 use align_kernels::burn::tensor::{Distribution, Tensor};
 use align_kernels::{blas, matmul};
 
-mod common;
-use common::{close, host};
+use crate::common::{close, host};
 
 /// Where Debian's OpenBLAS is installed (CI installs it) and the CPU has no AVX-512 (where
 /// gemm's own kernels are faster), the CPU backend must have loaded it, or these tests would
@@ -67,3 +66,7 @@ fn gradients_match_burns_matmul() {
     check_gradients::<Autodiff<Flex>>(1e-5);
     check_gradients::<Autodiff<NdArray<f64>>>(1e-10);
 }
+
+align_kernels::gpu_tests!(gradients_match_burns_matmul_on_gpu, |G| {
+    check_gradients::<Autodiff<G>>(crate::common::GPU_REL);
+});
