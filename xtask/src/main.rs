@@ -376,8 +376,7 @@ fn pipeline(file: &std::path::Path, args: &PipelineArgs, only: Option<&str>, for
             align_pipeline::recipe::run_pipeline::<B>(self.0, self.1, self.2, device)
         }
     }
-    args.device.check().map_err(anyhow::Error::msg)?;
-    let report = args.device.run(Run(&p, only, force))?;
+    let report = args.device.run(Run(&p, only, force)).map_err(anyhow::Error::msg)??;
     println!("{}", report.markdown());
     println!("report: {} ({:.0} s)", p.root.join("report.md").display(), start.elapsed().as_secs_f64());
     Ok(())

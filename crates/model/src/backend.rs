@@ -42,9 +42,39 @@ pub trait OnDevice {
 }
 
 impl DeviceKind {
-    /// Runs `job` on this kind's default device (the first GPU; for wgpu, the adapter wgpu
-    /// ranks first: a discrete GPU, else an integrated one, else a CPU driver such as lavapipe).
-    pub fn run<J: OnDevice>(self, job: J) -> J::Output {
+    /// Every kind compiled in.
+    pub const ALL: &[DeviceKind] = &[
+        DeviceKind::Cpu,
+        #[cfg(feature = "cuda")]
+        DeviceKind::Cuda,
+        #[cfg(feature = "wgpu")]
+        DeviceKind::Wgpu,
+    ];
+
+    /// The kind whose backend is `B` (the backend itself, not its autodiff decorator).
+    pub fn of<B: 'static>() -> Option<DeviceKind> {
+        Self::ALL.iter().copied().find(|k| k.backend() == std::any::TypeId::of::<B>())
+    }
+
+    fn backend(self) -> std::any::TypeId {
+        match self {
+            DeviceKind::Cpu => std::any::TypeId::of::<Cpu>(),
+            #[cfg(feature = "cuda")]
+            DeviceKind::Cuda => std::any::TypeId::of::<Cuda>(),
+            #[cfg(feature = "wgpu")]
+            DeviceKind::Wgpu => std::any::TypeId::of::<Wgpu>(),
+        }
+    }
+
+    /// Opens this kind's default device ([`DeviceKind::check`]), then runs `job` on it: the
+    /// first GPU; for wgpu, the adapter CubeCL ranks first (a discrete GPU, else an
+    /// integrated one, else a CPU driver such as lavapipe).
+    pub fn run<J: OnDevice>(self, job: J) -> Result<J::Output, String> {
+        self.check()?;
+        Ok(self.dispatch(job))
+    }
+
+    fn dispatch<J: OnDevice>(self, job: J) -> J::Output {
         match self {
             DeviceKind::Cpu => job.run::<Cpu>(&Default::default()),
             #[cfg(feature = "cuda")]
@@ -83,7 +113,7 @@ impl DeviceKind {
                 *first = Some(msg);
             }
         }));
-        let opened = std::panic::catch_unwind(|| self.run(Probe));
+        let opened = std::panic::catch_unwind(|| self.dispatch(Probe));
         std::panic::set_hook(hook);
         opened.map_err(|_| {
             let why = FIRST_PANIC.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
@@ -134,6 +164,29 @@ impl std::str::FromStr for DeviceKind {
             #[cfg(not(feature = "wgpu"))]
             "wgpu" | "vulkan" | "metal" => Err(missing("wgpu")),
             other => Err(format!("unknown device {other:?} (cpu, cuda, wgpu)")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_names_its_backend() {
+        for &kind in DeviceKind::ALL {
+            assert_eq!(kind.name().parse::<DeviceKind>(), Ok(kind));
+        }
+        assert_eq!(DeviceKind::of::<Cpu>(), Some(DeviceKind::Cpu));
+        assert_eq!(DeviceKind::of::<NdArray>(), None);
+        assert_eq!(DeviceKind::Cpu.run(Name), Ok("cpu"));
+    }
+
+    struct Name;
+    impl OnDevice for Name {
+        type Output = &'static str;
+        fn run<B: FusedOps>(self, _: &B::Device) -> &'static str {
+            DeviceKind::of::<B>().map_or("?", DeviceKind::name)
         }
     }
 }

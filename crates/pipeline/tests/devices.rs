@@ -8,8 +8,7 @@
 //! gradient: with the default ε the update is `lr·sign(g)`, and a gradient at rounding level
 //! could flip sign between backends. So the update comparison is a gradient comparison.
 //!
-//! With `ALIGN_DEVICE_REPORT=<dir>` each comparison also writes `<dir>/<backend>-<case>.json`,
-//! for a run on a GPU machine to collect.
+//! Each comparison prints its figures as one JSON line on stderr (`-- --nocapture`).
 // Without a GPU backend compiled in, only the CPU-against-CPU check below runs.
 #![cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 
@@ -18,7 +17,7 @@ use common::{metrics, rl_config, root, tmp};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use align_model::backend::Cpu;
+use align_model::backend::{Cpu, DeviceKind};
 use align_model::burn::tensor::backend::Backend;
 use align_model::{FusedOps, SafetensorsSource, WeightSource};
 use align_pipeline::grpo::run_grpo;
@@ -167,8 +166,8 @@ fn rel(gpu: f64, cpu: f64) -> f64 {
 
 /// One step of `case` on `G` and on the CPU; asserts agreement and returns the figures.
 fn compare<G: FusedOps>(case: Case) -> serde_json::Value {
-    let backend = std::any::type_name::<G>();
-    let d = tmp(&format!("devices-{}-{}", case.name(), short(backend)));
+    let backend = device_flag::<G>();
+    let d = tmp(&format!("devices-{}-{backend}", case.name()));
     let cpu = run::<Cpu>(case, &d.join("cpu"));
     let t = std::time::Instant::now();
     let gpu = run::<G>(case, &d.join("gpu"));
@@ -196,11 +195,6 @@ fn compare<G: FusedOps>(case: Case) -> serde_json::Value {
         "update_rel": update, "update_worst_tensor": tensor, "gpu_seconds": gpu_s,
     });
     eprintln!("{report}");
-    if let Ok(dir) = std::env::var("ALIGN_DEVICE_REPORT") {
-        std::fs::create_dir_all(&dir).unwrap();
-        let f = Path::new(&dir).join(format!("{}-{}.json", short(backend), case.name()));
-        std::fs::write(f, report.to_string()).unwrap();
-    }
     assert!(rel(lg, lc) < LOSS_TOL, "{}: loss {lg} on the GPU, {lc} on the CPU", case.name());
     assert!(rel(ng, nc) < LOSS_TOL, "{}: grad norm {ng} on the GPU, {nc} on the CPU", case.name());
     assert!(update < UPDATE_TOL, "{}: update of {tensor} differs by {update:e} (relative)", case.name());
@@ -208,16 +202,9 @@ fn compare<G: FusedOps>(case: Case) -> serde_json::Value {
     report
 }
 
-/// `burn_fusion::…<…WgpuRuntime…>` → `wgpu`; `cuda` likewise.
-fn short(type_name: &str) -> &'static str {
-    let t = type_name.to_lowercase();
-    if t.contains("wgpu") {
-        "wgpu"
-    } else if t.contains("cuda") {
-        "cuda"
-    } else {
-        "other"
-    }
+/// `--device` for backend `B`.
+fn device_flag<B: 'static>() -> &'static str {
+    DeviceKind::of::<B>().map_or("unknown", DeviceKind::name)
 }
 
 /// A LoRA adapter trained on `G` and exported: `align score --device cpu` reads it back and
@@ -277,7 +264,7 @@ align_model::gpu_tests!(ppo_step, |G| {
     compare::<G>(Case::Ppo);
 });
 align_model::gpu_tests!(lora_adapter_reads_back_on_the_cpu, |G| {
-    let flag = short(std::any::type_name::<G>());
+    let flag = device_flag::<G>();
     adapter_reads_back_on_the_cpu::<G>(flag);
 });
 
@@ -293,7 +280,7 @@ fn the_comparison_is_exact_on_one_backend() {
 // A device that cannot be opened (no driver: the loader is pointed at none) is an error
 // saying what to install, exit status 1, not a backend's panic.
 align_model::gpu_tests!(a_device_that_cannot_open_is_an_error, |G| {
-    let flag = short(std::any::type_name::<G>());
+    let flag = device_flag::<G>();
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
         .args(["--device", flag, "generate", "--prompt", "Hi", "--max-new-tokens", "1", "--model"])
         .arg(tiny())

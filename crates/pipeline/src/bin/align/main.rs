@@ -79,8 +79,7 @@ fn main() -> Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    cli.device.check().map_err(anyhow::Error::msg)?;
-    cli.device.run(cli.command)
+    cli.device.run(cli.command).map_err(anyhow::Error::msg)?
 }
 
 impl OnDevice for Command {
