@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use align_model::backend::Cpu;
-use align_model::{Heads, load_pretrained};
+use align_model::backend::{Autodiff, DeviceKind, OnDevice};
+use align_model::{FusedOps, Heads, load_pretrained};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
@@ -49,22 +49,38 @@ fn peak_rss_mib() -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// Measure align's side of row `id` in this process: `{"tokens_per_s", "peak_rss_mib"}`.
-pub fn align_row(gguf: &Path, id: &str, reps: usize) -> Result<Value> {
-    let lm = || -> Result<_> { Ok(load_pretrained::<Cpu>(gguf, Heads::LM, &Default::default())?.model) };
-    let tps = match id {
-        "prefill" => crate::bench::align_prefill_tps(&lm()?, 8, 128, reps),
-        "decode-b1" => crate::bench::align_decode_tps(&lm()?, 1, reps),
-        "decode-b8" => crate::bench::align_decode_tps(&lm()?, 8, reps),
-        "sft-lora" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds(gguf, 16, 8, 256, reps)?,
-        "sft-full" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds(gguf, 0, 8, 256, reps)?,
-        "sft-lora-long" => 2.0 * 2048.0 / crate::bench_sft::align_step_seconds(gguf, 16, 2, 2048, reps)?,
-        "dpo-lora" => crate::bench_dpo::align_tokens_per_second(gguf, 4, 128, reps)?,
-        "dpo-lora-long" => crate::bench_dpo::align_tokens_per_second(gguf, 2, 1024, reps)?,
-        "grpo" => crate::bench_grpo::align_tokens_per_second(gguf, reps)?,
-        "rollout" => crate::bench_rollout::align_tokens_per_second(gguf, reps)?.0,
-        other => bail!("unknown bench row {other:?}"),
-    };
+/// Measure align's side of row `id` in this process, on `device` (a GPU backend for
+/// `gpu-check`), with `model` (a GGUF file or HF directory): `{"tokens_per_s", "peak_rss_mib"}`.
+pub fn align_row(device: DeviceKind, model: &Path, id: &str, reps: usize) -> Result<Value> {
+    struct Row<'a> {
+        model: &'a Path,
+        id: &'a str,
+        reps: usize,
+    }
+    impl OnDevice for Row<'_> {
+        type Output = Result<f64>;
+        fn run<B: FusedOps>(self, device: &B::Device) -> Result<f64> {
+            let Row { model, id, reps } = self;
+            let lm = || -> Result<_> { Ok(load_pretrained::<B>(model, Heads::LM, device)?.model) };
+            type Ad<B> = Autodiff<B>;
+            Ok(match id {
+                "prefill" => crate::bench::align_prefill_tps(&lm()?, 8, 128, reps),
+                "decode-b1" => crate::bench::align_decode_tps(&lm()?, 1, reps),
+                "decode-b8" => crate::bench::align_decode_tps(&lm()?, 8, reps),
+                "sft-lora" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 16, 8, 256, reps)?,
+                "sft-full" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 0, 8, 256, reps)?,
+                "sft-lora-long" => {
+                    2.0 * 2048.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 16, 2, 2048, reps)?
+                }
+                "dpo-lora" => crate::bench_dpo::align_tokens_per_second::<Ad<B>>(model, 4, 128, reps)?,
+                "dpo-lora-long" => crate::bench_dpo::align_tokens_per_second::<Ad<B>>(model, 2, 1024, reps)?,
+                "grpo" => crate::bench_grpo::align_tokens_per_second::<B>(model, reps)?,
+                "rollout" => crate::bench_rollout::align_tokens_per_second::<B>(model, reps)?.0,
+                other => bail!("unknown bench row {other:?}"),
+            })
+        }
+    }
+    let tps = device.run(Row { model, id, reps }).map_err(anyhow::Error::msg)??;
     Ok(json!({"tokens_per_s": tps, "peak_rss_mib": peak_rss_mib()?}))
 }
 
@@ -99,15 +115,17 @@ fn reference_row(p: &PeerSetup, id: &str, reps: usize) -> Result<(f64, f64, Valu
     Ok((tps, rss, v))
 }
 
-/// Run align's side of `id` in a child process (`xtask bench-row`) and read its JSON.
-fn align_row_in_child(id: &str, reps: usize) -> Result<Value> {
+/// Run align's side of `id` in a child process (`xtask bench-row`) and read its JSON; on
+/// `device`, with `model` (default: the fetched SmolLM2).
+pub fn align_row_in_child(id: &str, reps: usize, device: DeviceKind, model: Option<&Path>) -> Result<Value> {
     let out = std::env::temp_dir().join(format!("align-bench-row-{}-{id}.json", std::process::id()));
     let exe = std::env::current_exe().context("locating the xtask binary")?;
-    let status = Command::new(exe)
-        .args(["bench-row", id, "--reps", &reps.to_string(), "--json-out"])
-        .arg(&out)
-        .status()
-        .context("running xtask bench-row")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench-row", id, "--reps", &reps.to_string(), "--device", device.name(), "--json-out"]).arg(&out);
+    if let Some(m) = model {
+        cmd.arg("--model").arg(m);
+    }
+    let status = cmd.status().context("running xtask bench-row")?;
     if !status.success() {
         bail!("xtask bench-row {id} failed ({status})");
     }
@@ -130,7 +148,7 @@ pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Val
     ];
     for row in ROWS.iter().filter(|r| only.is_empty() || only.iter().any(|o| o == r.id)) {
         eprintln!("bench --all: {} (align)...", row.label);
-        let ours = align_row_in_child(row.id, reps)?;
+        let ours = align_row_in_child(row.id, reps, DeviceKind::Cpu, None)?;
         let field = |k: &str| ours[k].as_f64().with_context(|| format!("xtask bench-row {}: no {k}", row.id));
         let (tps, rss) = (field("tokens_per_s")?, field("peak_rss_mib")?);
         let theirs = match peer {

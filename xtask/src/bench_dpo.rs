@@ -8,13 +8,11 @@ use std::path::Path;
 use align_data::TokenizedSequence;
 use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
-use align_model::{Heads, load_pretrained};
+use align_model::{AutodiffFusedOps, Heads, load_pretrained};
 use align_pipeline::preference::{DpoSettings, Objective, Pair, PreferenceStage, Reference};
 use align_pipeline::train::RowStage;
 use anyhow::Result;
 use serde_json::{Value, json};
-
-type B = Autodiff<Cpu>;
 
 const PAIRS: usize = 4;
 const LEN: usize = 128;
@@ -22,9 +20,9 @@ const LEN: usize = 128;
 /// Median tokens/s of a DPO step (policy and reference forwards, backward, AdamW) on `pairs`
 /// pairs of ≤ `len` tokens after one warm-up step; tokens = non-pad tokens of the chosen and
 /// rejected rows, as bench_trl.py counts.
-pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usize) -> Result<f64> {
+pub fn align_tokens_per_second<B: AutodiffFusedOps>(path: &Path, pairs: usize, len: usize, reps: usize) -> Result<f64> {
     let device = Default::default();
-    let pre = load_pretrained::<B>(gguf, Heads::LM, &device)?;
+    let pre = load_pretrained::<B>(path, Heads::LM, &device)?;
     let lora = LoraConfig { r: 16, lora_alpha: 32.0, lora_dropout: 0.0, ..Default::default() };
     let model = align_lora::attach(pre.model, &lora, 0)?.0;
     let vocab = model.config.vocab_size as u64;
@@ -54,7 +52,7 @@ pub fn align_tokens_per_second(gguf: &Path, pairs: usize, len: usize, reps: usiz
         config: model.config.clone(),
         lora: Some(lora),
         tokenizer: pre.tokenizer,
-        base: gguf.to_path_buf(),
+        base: path.to_path_buf(),
         device,
     };
     let all: Vec<usize> = (0..pairs).collect();
@@ -73,7 +71,7 @@ pub fn trl_dpo(peer: &crate::bench::PeerSetup, pairs: usize, len: usize, steps: 
 }
 
 pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> Result<Value> {
-    let ours = align_tokens_per_second(gguf, PAIRS, LEN, reps)?;
+    let ours = align_tokens_per_second::<Autodiff<Cpu>>(gguf, PAIRS, LEN, reps)?;
     let trl = match peer {
         Some(peer) => Some(trl_dpo(peer, PAIRS, LEN, reps)?),
         None => None,

@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use align_model::backend::Cpu;
+use align_model::FusedOps;
 use anyhow::{Context, Result};
 use serde_json::Value;
 
@@ -22,7 +22,7 @@ const WORDS: &[&str] = &[
 ];
 
 /// Median tokens/s of `align grpo` steps after one warm-up step.
-pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
+pub fn align_tokens_per_second<B: FusedOps>(model: &Path, reps: usize) -> Result<f64> {
     let dir = std::env::temp_dir().join(format!("align-bench-grpo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let steps = reps + 1;
@@ -40,7 +40,7 @@ pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<f64> {
     let config = format!(
         r#"output_dir = {out:?}
 [model]
-path = {gguf:?}
+path = {model:?}
 [data]
 path = {data:?}
 [training]
@@ -66,7 +66,7 @@ rewards = [{{ kind = "coherence" }}]
     let cfg_path = dir.join("grpo.toml");
     std::fs::write(&cfg_path, config)?;
     let cfg = align_pipeline::config::StageConfig::from_file(&cfg_path)?;
-    align_pipeline::grpo::run_grpo::<Cpu>(&cfg, false, &Default::default())?;
+    align_pipeline::grpo::run_grpo::<B>(&cfg, false, &Default::default())?;
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))?;
     let mut tps = vec![];
     for line in metrics.lines().filter(|l| !l.trim().is_empty()) {

@@ -7,7 +7,7 @@
 use std::path::Path;
 
 use align_model::backend::Cpu;
-use align_model::{Heads, load_pretrained};
+use align_model::{FusedOps, Heads, load_pretrained};
 use align_rollout::{SamplingConfig, generate_groups_until};
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -17,9 +17,9 @@ pub const GROUP: usize = 8;
 pub const PROMPT_LEN: usize = 32;
 pub const NEW: usize = 64;
 
-pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64>)> {
+pub fn align_tokens_per_second<B: FusedOps>(model: &Path, reps: usize) -> Result<(f64, Vec<f64>)> {
     let device = Default::default();
-    let m = load_pretrained::<Cpu>(gguf, Heads::LM, &device)?.model;
+    let m = load_pretrained::<B>(model, Heads::LM, &device)?.model;
     let prompts = crate::bench::synthetic_ids(PROMPTS, PROMPT_LEN, m.config.vocab_size, 2);
     let stop: Vec<u32> = m.config.eos_token_ids.clone();
     let cfg = SamplingConfig {
@@ -54,7 +54,7 @@ pub fn align_tokens_per_second(gguf: &Path, reps: usize) -> Result<(f64, Vec<f64
 
 pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> Result<Value> {
     eprintln!("bench: align rollout ({PROMPTS} prompts x G={GROUP}, {NEW} new tokens)...");
-    let (ours, secs) = align_tokens_per_second(gguf, reps)?;
+    let (ours, secs) = align_tokens_per_second::<Cpu>(gguf, reps)?;
     let hf = match peer {
         Some(peer) => {
             eprintln!("bench: HF generate, batch {} x {NEW} new tokens...", PROMPTS * GROUP);

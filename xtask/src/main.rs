@@ -8,6 +8,8 @@
 //! - `bench` — SmolLM2 throughput next to HF transformers, as ratios; `bench --all` is the
 //!   whole table (inference, SFT, DPO, GRPO, rollout, peak RSS); `bench --backends` compares
 //!   Burn's CPU backends on a training step.
+//! - `gpu-check` — builds the CUDA binaries and a script that runs the GPU tests and
+//!   throughput rows on a lent GPU machine, into one JSON report (docs/backends.md).
 //! - `run-pipeline [FILE]` — a pipeline of stages (default `pipelines/demo.toml`), cached
 //!   and resumable; `stage NAME` runs one stage of it; `list` shows where each stands.
 
@@ -19,7 +21,7 @@ mod bench_grpo;
 mod bench_rollout;
 mod bench_sft;
 mod fetch;
-mod fuzz;
+mod gpu_check;
 mod profile;
 mod soak;
 
@@ -29,6 +31,7 @@ use std::process::Command;
 use align_model::backend::{Autodiff, Cpu, NdArray};
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use xtask::fuzz;
 
 /// Mutants per input format in CI's fuzz run, and kills in its soak run: a few minutes
 /// together on the 2-core CI machine.
@@ -152,6 +155,13 @@ enum Cmd {
     /// kill -9 at random moments across SFT, DPO, GRPO, PPO and a pipeline, then resume: the
     /// final metrics.jsonl and weights must equal an uninterrupted run's
     Soak(soak::SoakArgs),
+    /// Prepare a CUDA run: build align, xtask and the GPU test binaries with `--features cuda`
+    /// (release, compressed, ≤ 64 MiB) into target/gpu-check/ with run.sh, which writes one
+    /// JSON report on the GPU machine (docs/backends.md)
+    GpuCheck(gpu_check::PrepareArgs),
+    /// What target/gpu-check/run.sh starts on the GPU machine
+    #[command(hide = true)]
+    GpuRun(gpu_check::RunArgs),
     /// One row of `bench --all`, align's side, in a process of its own (for its peak RSS)
     #[command(hide = true)]
     BenchRow {
@@ -160,6 +170,11 @@ enum Cmd {
         reps: usize,
         #[arg(long)]
         json_out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: align_model::backend::DeviceKind,
+        /// A GGUF file or HF directory (default: the fetched SmolLM2)
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
 }
 
@@ -189,6 +204,10 @@ fn main() -> Result<()> {
             other => bail!("unknown model {other:?} (smollm2)"),
         },
         Cmd::Test { args } => {
+            // Each phase's wall time, so CI's budget is read off its log.
+            let started = std::time::Instant::now();
+            let phase_done =
+                |what: &str| eprintln!("xtask test: {what} done at {:.0} s", started.elapsed().as_secs_f64());
             let gguf = fetch::smollm2()?;
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             // The suite is built with the wgpu backend: its GPU tests (`…::wgpu`: model
@@ -221,6 +240,7 @@ fn main() -> Result<()> {
                 if !status.success() {
                     bail!("cargo test failed ({what})");
                 }
+                phase_done(what);
             }
             // The GPU path must keep compiling even where no GPU is.
             let status = Command::new(&cargo)
@@ -229,24 +249,38 @@ fn main() -> Result<()> {
             if !status.success() {
                 bail!("cargo check --features cuda failed");
             }
+            phase_done("cargo check --features cuda");
             // The short forms of the robustness checks (docs/robustness.md): seeded
             // mutants of every input format, and random kills with exact resumes.
-            // In this process: a concurrent build may replace this binary on disk.
+            // In this process: a concurrent build may replace this binary on disk. On the
+            // suite's own `align` (its integration tests built it, with the suite's features):
+            // a plain `cargo build` of it would compile Burn once more without wgpu.
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+            let align = target.join("debug/align");
+            let align = align.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", align.display()))?;
             for check in [&["fuzz", "--iterations", CI_FUZZ_ITERATIONS][..], &["soak", "--kills", CI_SOAK_KILLS]] {
-                let done = match Cli::try_parse_from(std::iter::once("xtask").chain(check.iter().copied()))?.command {
+                let args = std::iter::once("xtask").chain(check.iter().copied()).chain(["--align", align]);
+                let done = match Cli::try_parse_from(args)?.command {
                     Cmd::Fuzz(a) => fuzz::run(&a),
                     Cmd::Soak(a) => soak::run(&a),
                     _ => bail!("not a robustness check: {check:?}"),
                 };
                 done.map_err(|e| anyhow::anyhow!("`cargo xtask {}` failed: {e:#}", check.join(" ")))?;
+                phase_done(check[0]);
             }
             Ok(())
         }
         Cmd::Fuzz(a) => fuzz::run(&a),
         Cmd::Soak(a) => soak::run(&a),
-        Cmd::BenchRow { id, reps, json_out } => {
-            let gguf = fetch::smollm2()?;
-            let v = bench_all::align_row(&gguf, &id, reps)?;
+        Cmd::GpuCheck(a) => gpu_check::prepare(&a),
+        Cmd::GpuRun(a) => gpu_check::run(&a),
+        Cmd::BenchRow { id, reps, json_out, device, model } => {
+            let model = match model {
+                Some(m) => m,
+                None => fetch::smollm2()?,
+            };
+            let v = bench_all::align_row(device, &model, &id, reps)?;
             std::fs::write(&json_out, serde_json::to_string_pretty(&v)?)?;
             Ok(())
         }

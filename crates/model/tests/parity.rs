@@ -14,8 +14,11 @@ use serde_json::Value;
 
 const TOL: f64 = 1e-4;
 
+/// `ALIGN_REPO_ROOT` relocates the fixtures for the binary `cargo xtask gpu-check` carries
+/// to another machine.
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+    let root = std::env::var_os("ALIGN_REPO_ROOT");
+    root.map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from).join("fixtures")
 }
 
 fn cases() -> Vec<PathBuf> {
@@ -80,7 +83,12 @@ fn check_every_model<B: FusedOps>() -> f64 {
     let mut worst = 0f64;
     for dir in cases() {
         let d = check_model::<B>(&dir);
-        eprintln!("{:<40} max |Δ| = {d:.2e}", dir.file_name().unwrap().to_string_lossy());
+        // One JSON line per checkpoint: `cargo xtask gpu-check`'s report collects them.
+        let name = dir.file_name().unwrap().to_string_lossy().to_string();
+        eprintln!(
+            "{}",
+            serde_json::json!({"checkpoint": name, "backend": std::any::type_name::<B>(), "max_abs_deviation": d})
+        );
         worst = worst.max(d);
     }
     worst

@@ -3,8 +3,7 @@
 //! the loss falls and the implied rewards separate; a killed run resumes to the same
 //! numbers; a micro-batch of one is refused.
 
-mod common;
-use common::{metrics, root, tmp};
+use crate::common::{metrics, root, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;

@@ -2,8 +2,7 @@
 //! and field, or runs with a warning where transformers would too; never a panic and never
 //! a silently different run. Tiny fixture checkpoints only.
 
-mod common;
-use common::{metrics, root, tmp};
+use crate::common::{metrics, root, tmp};
 use std::path::Path;
 use std::process::Command;
 

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 
 use align_pipeline::train::StepMetrics;
 
+/// The repository; `ALIGN_REPO_ROOT` relocates it for the test binaries `cargo xtask
+/// gpu-check` carries to another machine.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    std::env::var_os("ALIGN_REPO_ROOT")
+        .map_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."), PathBuf::from)
 }
 
 /// A fresh temporary directory for one test.

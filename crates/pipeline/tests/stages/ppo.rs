@@ -2,8 +2,7 @@
 //! at zero, the adaptive controller moves the coefficient as Ziegler et al. prescribe, both
 //! critic layouts train, and a killed run resumes to the same numbers.
 
-mod common;
-use common::{metrics, rl_config, root, tmp};
+use crate::common::{metrics, rl_config, root, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;

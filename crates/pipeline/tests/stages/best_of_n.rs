@@ -1,8 +1,7 @@
 //! Best-of-N: N candidates per prompt, each scored by the reward model exactly as the
 //! scorer scores it alone, the best selected, and the rows train the SFT stage as is.
 
-mod common;
-use common::{root, tmp};
+use crate::common::{root, tmp};
 
 use align_data::generation_prompts;
 use align_eval::best_of_n;

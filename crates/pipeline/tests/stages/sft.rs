@@ -2,8 +2,7 @@
 //! SIGKILL mid-way resumes and logs exactly the losses of an uninterrupted run; LoRA SFT
 //! saves a PEFT adapter that reloads.
 
-mod common;
-use common::{metrics, root, tmp};
+use crate::common::{metrics, root, tmp};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};

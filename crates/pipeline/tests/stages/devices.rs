@@ -12,8 +12,7 @@
 // Without a GPU backend compiled in, only the CPU-against-CPU check below runs.
 #![cfg_attr(not(any(feature = "wgpu", feature = "cuda")), allow(dead_code))]
 
-mod common;
-use common::{metrics, rl_config, root, tmp};
+use crate::common::{metrics, rl_config, root, tmp};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -202,6 +201,11 @@ fn compare<G: FusedOps>(case: Case) -> serde_json::Value {
     report
 }
 
+/// The `align` binary; `ALIGN_BIN` names it where `cargo xtask gpu-check` carried this test.
+fn align_bin() -> PathBuf {
+    std::env::var_os("ALIGN_BIN").map_or_else(|| env!("CARGO_BIN_EXE_align").into(), PathBuf::from)
+}
+
 /// `--device` for backend `B`.
 fn device_flag<B: 'static>() -> &'static str {
     DeviceKind::of::<B>().map_or("unknown", DeviceKind::name)
@@ -222,7 +226,7 @@ fn adapter_reads_back_on_the_cpu<G: FusedOps + Backend>(device_flag: &str) {
     )
     .unwrap();
     let score = |device: &str, adapter: bool| -> Vec<f64> {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_align"));
+        let mut cmd = std::process::Command::new(align_bin());
         cmd.args(["--device", device, "score", "--model"]).arg(tiny()).arg("--data").arg(&rows);
         if adapter {
             cmd.arg("--adapter").arg(out.join("final"));
@@ -281,7 +285,7 @@ fn the_comparison_is_exact_on_one_backend() {
 // saying what to install, exit status 1, not a backend's panic.
 align_model::gpu_tests!(a_device_that_cannot_open_is_an_error, |G| {
     let flag = device_flag::<G>();
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_align"))
+    let o = std::process::Command::new(align_bin())
         .args(["--device", flag, "generate", "--prompt", "Hi", "--max-new-tokens", "1", "--model"])
         .arg(tiny())
         .env("VK_ICD_FILENAMES", "/nonexistent/icd.json")

@@ -2,8 +2,7 @@
 //! reference starts at zero, off-policy passes run, and a killed run resumes to the same
 //! numbers.
 
-mod common;
-use common::{metrics, rl_config, tmp};
+use crate::common::{metrics, rl_config, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;

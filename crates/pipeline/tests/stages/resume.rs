@@ -1,8 +1,7 @@
 //! Every pairwise stage through the one loop: a run cut after its step-2 checkpoint and
 //! resumed logs the same losses and ends with the same weights as an uninterrupted run.
 
-mod common;
-use common::{metrics, root, tmp};
+use crate::common::{metrics, root, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;

@@ -5,14 +5,12 @@
 //! Paths in pipeline files are relative to the working directory (the repository root),
 //! so each test runs there.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::{root, tmp};
 use align_model::backend::Cpu;
 use align_pipeline::recipe::{Options, StageState, list, load, run_pipeline};
-use common::{root, tmp};
 
 fn at_root() -> PathBuf {
     let r = root().canonicalize().unwrap();
@@ -48,7 +46,7 @@ fn the_demo_improves_every_stage() {
     assert!(acc("grpo") > acc("sft") + 0.05, "grpo {} vs sft {}", acc("grpo"), acc("sft"));
     // DPO's own metric: the implicit reward's accuracy on held-out pairs, 0 at step 0
     // (policy = reference: every margin is 0).
-    let dpo = common::metrics(&runs.join("demo/dpo"));
+    let dpo = crate::common::metrics(&runs.join("demo/dpo"));
     let pref: Vec<f64> = dpo.iter().filter_map(|m| m.extra.get("eval_rewards/accuracies").copied()).collect();
     assert_eq!(dpo[0].step, 0);
     assert!(pref.len() >= 2 && pref[0] < 0.5 && pref[pref.len() - 1] >= 0.8, "{pref:?}");

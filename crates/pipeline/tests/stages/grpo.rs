@@ -2,8 +2,7 @@
 //! adapters-disabled reference starts at zero and grows, off-policy passes run, a killed
 //! run resumes to the same numbers, and bad settings are refused with a reason.
 
-mod common;
-use common::{metrics, rl_config, tmp};
+use crate::common::{metrics, rl_config, tmp};
 use std::path::Path;
 
 use align_losses::grpo::{GrpoLossType, ScaleRewards};

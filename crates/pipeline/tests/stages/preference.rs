@@ -2,8 +2,7 @@
 //! at ln 2), the reward model learns and its HF export scores exactly as it was evaluated,
 //! ORPO and SimPO lower their losses, and a config is never run as another stage.
 
-mod common;
-use common::{metrics, root, tmp};
+use crate::common::{metrics, root, tmp};
 use std::path::Path;
 
 use align_model::backend::Cpu;
