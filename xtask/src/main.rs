@@ -24,9 +24,9 @@ mod fetch;
 mod gpu_check;
 mod profile;
 mod soak;
+mod suite;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use align_model::backend::{Autodiff, Cpu, NdArray};
 use anyhow::{Result, bail};
@@ -94,11 +94,11 @@ enum Cmd {
         #[arg(default_value = "smollm2")]
         what: String,
     },
-    /// Run what CI runs: fetch the real model, `cargo test --workspace`, `cargo check --features cuda`,
-    /// then short `fuzz` and `soak` runs
+    /// Run what CI runs: fetch the real model, `cargo test --workspace`, the GPU tests on the
+    /// Vulkan driver beside `cargo check --features cuda`, then short `fuzz` and `soak` runs
     Test {
-        /// Extra arguments for `cargo test`
-        #[arg(trailing_var_arg = true)]
+        /// Extra arguments for `cargo test` (`-p align-data -- some_test`)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
     /// Throughput of SmolLM2-135M on CPU, with HF transformers on the same shapes as the baseline
@@ -209,54 +209,23 @@ fn main() -> Result<()> {
             let phase_done =
                 |what: &str| eprintln!("xtask test: {what} done at {:.0} s", started.elapsed().as_secs_f64());
             let gguf = fetch::smollm2()?;
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            // The suite is built with the wgpu backend: its GPU tests (`…::wgpu`: model
-            // parity, the fused ops' gradients, one step of each stage against the CPU) run
-            // on the Vulkan driver the machine has, lavapipe on a CPU-only one (docs/backends.md).
+            // The GPU tests (`…::wgpu`: model parity, the fused ops' gradients, one step of
+            // each stage against the CPU) run on the Vulkan driver the machine has, lavapipe
+            // on a CPU-only one (docs/backends.md).
             require_vulkan()?;
-            // Two passes over one build: every other test in parallel, then the GPU tests one
-            // at a time. Threads sharing a CubeCL device spin while its queue is full, and on
-            // two cores that starves the driver's own threads (a 1-minute test took 13).
-            let filter_args = |filters: &[&str]| -> Vec<String> {
-                let mut a = args.clone();
-                if !a.iter().any(|x| x == "--") {
-                    a.push("--".into());
-                }
-                a.extend(filters.iter().map(|s| s.to_string()));
-                a
-            };
-            for (what, filters) in
-                [("the test suite", &["--skip", "::wgpu"][..]), ("the wgpu tests", &["::wgpu", "--test-threads=1"])]
-            {
-                eprintln!("xtask test: {what}");
-                let status = Command::new(&cargo)
-                    .args(["test", "--workspace", "--features", "align-pipeline/wgpu,xtask/wgpu"])
-                    .args(filter_args(filters))
-                    .env("ALIGN_SMOLLM2_GGUF", &gguf)
-                    // Autotune's candidates are each one more shader for the software driver
-                    // to compile; the fewest keeps the suite's time bounded.
-                    .env("CUBECL_AUTOTUNE_LEVEL", std::env::var("CUBECL_AUTOTUNE_LEVEL").unwrap_or("minimal".into()))
-                    .status()?;
-                if !status.success() {
-                    bail!("cargo test failed ({what})");
-                }
-                phase_done(what);
-            }
-            // The GPU path must keep compiling even where no GPU is.
-            let status = Command::new(&cargo)
-                .args(["check", "--workspace", "--features", "align-pipeline/cuda,xtask/cuda"])
-                .status()?;
-            if !status.success() {
-                bail!("cargo check --features cuda failed");
-            }
-            phase_done("cargo check --features cuda");
+            let test_args = suite::TestArgs::new(&args);
+            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
+            eprintln!("xtask test: the test suite");
+            suite::cpu_suite(&test_args, &gguf)?;
+            phase_done("the test suite");
+            suite::gpu_tests_and_cuda_check(&test_args, &gguf, &target)?;
+            phase_done("the wgpu tests and the CUDA check");
             // The short forms of the robustness checks (docs/robustness.md): seeded
             // mutants of every input format, and random kills with exact resumes.
             // In this process: a concurrent build may replace this binary on disk. On the
             // suite's own `align` (its integration tests built it, with the suite's features):
             // a plain `cargo build` of it would compile Burn once more without wgpu.
-            let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), |t| root.join(t));
             let align = target.join("debug/align");
             let align = align.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", align.display()))?;
             for check in [&["fuzz", "--iterations", CI_FUZZ_ITERATIONS][..], &["soak", "--kills", CI_SOAK_KILLS]] {
