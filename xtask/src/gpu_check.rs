@@ -204,8 +204,7 @@ exec "$bin/xtask" gpu-run --device {backend} --bin "$bin" --bundle "$here" --rep
 fn cargo_executables(cargo: &str, args: &[&str], features: &str) -> Result<Vec<(String, PathBuf)>> {
     let out = Command::new(cargo)
         .args(args)
-        // Only the backend asked for (xtask's default wgpu would double a CUDA binary's size).
-        .args(["--no-default-features", "--features", features, "--message-format=json-render-diagnostics"])
+        .args(["--features", features, "--message-format=json-render-diagnostics"])
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {cargo}"))?;
