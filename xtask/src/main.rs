@@ -16,6 +16,7 @@
 mod bench;
 mod bench_all;
 mod bench_data;
+mod bench_dp;
 mod bench_dpo;
 mod bench_grpo;
 mod bench_rollout;
@@ -162,6 +163,13 @@ enum Cmd {
     /// What target/gpu-check/run.sh starts on the GPU machine
     #[command(hide = true)]
     GpuRun(gpu_check::RunArgs),
+    /// Data-parallel scaling on this machine: SmolLM2-135M LoRA SFT with one global batch as
+    /// one process on every core, one single-threaded process per core, and one process with
+    /// a replica per core (docs/distributed.md)
+    BenchDp(bench_dp::BenchDpArgs),
+    /// One process of `bench-dp` (an SFT stage with data-parallel flags)
+    #[command(hide = true)]
+    DpTrain(bench_dp::DpTrainArgs),
     /// One row of `bench --all`, align's side, in a process of its own (for its peak RSS)
     #[command(hide = true)]
     BenchRow {
@@ -244,6 +252,8 @@ fn main() -> Result<()> {
         Cmd::Soak(a) => soak::run(&a),
         Cmd::GpuCheck(a) => gpu_check::prepare(&a),
         Cmd::GpuRun(a) => gpu_check::run(&a),
+        Cmd::BenchDp(a) => bench_dp::run(&a),
+        Cmd::DpTrain(a) => bench_dp::train(&a),
         Cmd::BenchRow { id, reps, json_out, device, model } => {
             let model = match model {
                 Some(m) => m,

@@ -39,7 +39,7 @@ pub fn evaluate_prompts<B: FusedOps>(
     let mut lengths = vec![];
     for (b, chunk) in prompts.chunks(bs).enumerate() {
         let ps: Vec<&GenerationPrompt> = chunk.iter().collect();
-        let r = rollout(policy, tok, &ids(&ps), 1, sampling, seed.wrapping_add(b as u64))?;
+        let r = rollout(policy, tok, &ids(&ps), 1, sampling, seed.wrapping_add(b as u64), 0)?;
         let scored = score_rollouts(rewards, &ps, &r)?;
         for i in 0..r.len() {
             let mut total = 0.0;
@@ -91,7 +91,7 @@ pub fn best_of_n<B: FusedOps>(
     let mut out = Vec::with_capacity(prompts.len());
     for (b, chunk) in prompts.chunks(per_batch).enumerate() {
         let ps: Vec<&GenerationPrompt> = chunk.iter().collect();
-        let r = rollout(model, tok, &ids(&ps), n, sampling, seed.wrapping_add(b as u64))?;
+        let r = rollout(model, tok, &ids(&ps), n, sampling, seed.wrapping_add(b as u64), 0)?;
         let samples: Vec<Sample> = (0..r.len())
             .map(|i| Sample {
                 prompt: &ps[r.prompt[i]].text,

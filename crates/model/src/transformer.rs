@@ -159,7 +159,8 @@ impl<B: FusedOps> Proj<B> {
         match &self.adapter {
             Some(ad) if ad.enabled && !ad.merged => {
                 let [b, t, d] = x.dims();
-                let low = ad.dropout.forward(x.reshape([b * t, d])).matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale;
+                let dropped = crate::rng::dropout::apply(x.reshape([b * t, d]), ad.dropout.prob);
+                let low = dropped.matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale;
                 let n = low.dims()[1];
                 y + low.reshape([b, t, n])
             }

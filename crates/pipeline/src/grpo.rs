@@ -40,7 +40,7 @@ fn sampling(s: &GrpoSettings, temperature: f32) -> Generation {
 
 /// Run (or resume) the GRPO stage on backend `B`; returns `final/`.
 pub fn run_grpo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Grpo { cfg, resume }, device)
+    on_autodiff::<B, _>(cfg, Grpo { cfg, resume }, device)
 }
 
 /// GRPO as a [`Stage`]: a round samples one generation batch of `num_generations`
@@ -83,15 +83,17 @@ impl<B: AutodiffFusedOps> GrpoStage<B> {
         policy: &Transformer<B::InnerBackend>,
         reference: Option<&Transformer<B::InnerBackend>>,
         prompts: &[&GenerationPrompt],
-        seed: u64,
-        step: usize,
+        round: Round,
     ) -> Result<(Batch, Vec<serde_json::Value>)> {
         let s = &self.s;
         let sampling = sampling(s, s.temperature);
-        let g =
-            sample_and_score(policy, &self.data.tok, prompts, s.num_generations, &sampling, seed, &self.data.rewards)?;
+        let (seed, first_row) = (round.generation_seed(), (round.first_item * s.num_generations) as u64);
+        let (tok, rewards) = (&self.data.tok, &self.data.rewards);
+        let g = sample_and_score(policy, tok, prompts, s.num_generations, &sampling, seed, first_row, rewards)?;
         let weights: Vec<f64> = self.data.rewards.iter().map(|(_, w)| *w).collect();
-        let adv = grpo_advantages(&g.scored.per_func, &weights, s.num_generations, &self.plan.advantages)
+        // Over the whole batch (every replica's groups): `scale_rewards = "batch"` and the
+        // logged statistics are the batch's, as on one device.
+        let adv = grpo_advantages(&g.view.per_func, &weights, s.num_generations, &self.plan.advantages)
             .map_err(anyhow::Error::msg)?;
         let mut m = g.metrics.clone();
         let total: Vec<f64> = adv.rewards.iter().flatten().copied().collect();
@@ -99,18 +101,23 @@ impl<B: AutodiffFusedOps> GrpoStage<B> {
         m.insert("reward".into(), mean);
         m.insert("reward_std".into(), std);
         m.insert("frac_reward_zero_std".into(), adv.frac_reward_zero_std);
-        let r = &g.rollouts;
-        let refs: Vec<&[u32]> = r.completions.iter().map(Vec::as_slice).collect();
-        let active: f64 = self.mask_of(&refs, &r.truncated, s.max_completion_length).iter().flatten().sum();
+        // DAPO's normaliser: the active completion tokens of the whole batch.
+        let view = &g.view;
+        let active: f64 = (view.lengths.iter().zip(&view.truncated))
+            .filter(|&(_, &t)| !(t && s.mask_truncated_completions))
+            .map(|(&l, _)| l.min(s.max_completion_length) as f64)
+            .sum();
+        let n = g.rollouts.len();
+        let (own_rewards, own_advantages) = (view.own(&adv.rewards, n), view.own(&adv.advantages, n).to_vec());
         let bs = self.data.cfg.training.per_device_train_batch_size;
         let ref_logps = reference
             .filter(|_| s.beta != 0.0)
             .map(|m| g.reference_logps(m, self.data.pad, s.temperature, bs, &self.device));
-        let rows = g.log_rows(step, prompts, &self.data.rewards, &adv.rewards, &adv.advantages);
+        let rows = g.log_rows(round.step + 1, prompts, &self.data.rewards, own_rewards, &own_advantages);
         let batch = Batch {
             prompts: g.prompts,
             rollouts: g.rollouts,
-            advantages: adv.advantages,
+            advantages: own_advantages,
             ref_logps,
             active_tokens: active,
             metrics: m,
@@ -159,7 +166,7 @@ impl<B: AutodiffFusedOps> GroupStage<B> for GrpoStage<B> {
             m
         });
         let reference = self.frozen.as_ref().or(adapters_off.as_ref());
-        let (batch, rows) = self.generate(&policy, reference, &prompts, round.generation_seed(), round.step + 1)?;
+        let (batch, rows) = self.generate(&policy, reference, &prompts, round)?;
         self.data.log(&rows)?;
         Ok(batch)
     }
@@ -239,6 +246,7 @@ impl GroupBatch for Batch {
     }
 }
 
+#[derive(Clone)]
 struct Grpo<'a> {
     cfg: &'a StageConfig,
     resume: bool,

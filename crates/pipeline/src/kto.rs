@@ -167,9 +167,10 @@ impl<B: AutodiffFusedOps> RowStage<B> for KtoStage<B> {
 
 /// Run (or resume) the KTO stage on backend `B`; returns `final/`.
 pub fn run_kto<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    crate::stage::on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Kto { cfg, resume }, device)
+    crate::stage::on_autodiff::<B, _>(cfg, Kto { cfg, resume }, device)
 }
 
+#[derive(Clone)]
 struct Kto<'a> {
     cfg: &'a StageConfig,
     resume: bool,

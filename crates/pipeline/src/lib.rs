@@ -10,6 +10,7 @@
 //! - [`score`]: completion log-probs, comparable with the reference harness.
 
 pub mod config;
+pub mod distributed;
 pub mod grpo;
 pub mod kto;
 pub mod logfmt;

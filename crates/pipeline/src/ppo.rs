@@ -42,7 +42,9 @@ use crate::rl::{
     rows_tensor, sample_and_score,
 };
 use crate::stage::{StageMain, frozen_copy, on_autodiff, starting_model, train_in_full};
-use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable, train};
+use crate::train::{
+    Evaluation, MicroLoss, Round, Shape, Split, Stage, export_policy, load_trainable, save_trainable, train,
+};
 
 /// The trained networks: the policy and, unless the value head sits on its trunk, the
 /// critic.
@@ -145,7 +147,7 @@ fn sampling(s: &PpoSettings, temperature: f32) -> Generation {
 
 /// Run (or resume) the PPO stage on backend `B`; returns `final/`.
 pub fn run_ppo<B: FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Ppo { cfg, resume }, device)
+    on_autodiff::<B, _>(cfg, Ppo { cfg, resume }, device)
 }
 
 /// Padding of response rows for align-losses' helpers: not a token id, so a completion's
@@ -199,12 +201,28 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
         let s = &self.s;
         let seed = round.generation_seed();
         let tok = &self.data.tok;
-        let g =
-            sample_and_score(&model.policy, tok, prompts, 1, &sampling(s, s.temperature), seed, &self.data.rewards)?;
+        let sampling = sampling(s, s.temperature);
+        let first_row = round.first_item as u64;
+        let g = sample_and_score(&model.policy, tok, prompts, 1, &sampling, seed, first_row, &self.data.rewards)?;
         let (r, prompt_ids) = (&g.rollouts, &g.prompts);
         let scored = self.score(&g)?;
-        let (width, seq_lengths) = (scored.width, &scored.seq_lengths);
         let (ref_logps, values) = self.reference_and_values(model, prompt_ids, &scored.completions);
+        let sampled: Vec<Vec<f64>> = r.logps.iter().map(|l| l.iter().map(|&x| x as f64).collect()).collect();
+        // From here on, the whole batch (every replica's completions, in rank order): the
+        // whitening, the KL control and the minibatches are one device's.
+        let local = Completions {
+            prompts: prompt_ids.clone(),
+            responses: scored.completions.clone(),
+            seq_lengths: scored.seq_lengths.clone(),
+            scores: scored.scores.clone(),
+            has_eos: scored.has_eos.clone(),
+            sampled,
+            ref_logps,
+            values,
+        };
+        let all = local.gather::<B::InnerBackend>(&self.device)?;
+        let width = all.sampled.iter().map(Vec::len).max().unwrap_or(1).max(1);
+        let seq_lengths = &all.seq_lengths;
         let pad_rows = |rows: Vec<Vec<f64>>| -> Vec<Vec<f64>> {
             rows.into_iter()
                 .map(|mut v| {
@@ -213,12 +231,11 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
                 })
                 .collect()
         };
-        let logps: Vec<Vec<f64>> = pad_rows(r.logps.iter().map(|l| l.iter().map(|&x| x as f64).collect()).collect());
-        let logps = mask_after(&logps, seq_lengths, 0, INVALID_LOGPROB);
-        let ref_logps = mask_after(&pad_rows(ref_logps), seq_lengths, 0, INVALID_LOGPROB);
-        let values = mask_after(&pad_rows(values), seq_lengths, 1, 0.0);
+        let logps = mask_after(&pad_rows(all.sampled.clone()), seq_lengths, 0, INVALID_LOGPROB);
+        let ref_logps = mask_after(&pad_rows(all.ref_logps.clone()), seq_lengths, 0, INVALID_LOGPROB);
+        let values = mask_after(&pad_rows(all.values.clone()), seq_lengths, 1, 0.0);
         let token_rewards =
-            ppo_token_rewards(&logps, &ref_logps, &scored.scores, seq_lengths, self.kl.value, s.kl_estimator);
+            ppo_token_rewards(&logps, &ref_logps, &all.scores, seq_lengths, self.kl.value, s.kl_estimator);
         let mut per_token = token_rewards.rewards.clone();
         if s.whiten_rewards {
             per_token =
@@ -231,7 +248,8 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
             .context("a rollout batch needs at least two completion tokens to whiten advantages")?;
         let advantages = mask_after(&advantages, seq_lengths, 0, 0.0);
         let kl_sums: Vec<f64> = token_rewards.kl.iter().map(|k| k.iter().sum()).collect();
-        let metrics = self.metrics(&g, &scored, &kl_sums, &token_rewards.non_score_reward);
+        let metrics = self.metrics(&g, &all, &kl_sums, &token_rewards.non_score_reward);
+        let offset = g.view.offset;
         let log_rows = (0..r.len())
             .map(|i| {
                 let mut row = json!({
@@ -239,7 +257,7 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
                     "prompt": prompts[r.prompt[i]].text,
                     "completion": r.texts[i],
                     "score": scored.scores[i],
-                    "kl": kl_sums[i],
+                    "kl": kl_sums[offset + i],
                     "tokens": scored.completions[i].len(),
                 });
                 for (k, (f, _)) in self.data.rewards.iter().enumerate() {
@@ -249,10 +267,10 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
             })
             .collect();
         let batch = Batch {
-            prompts: g.prompts.clone(),
-            minibatches: self.minibatches(r.len(), round),
-            completions: scored.completions,
-            seq_lengths: scored.seq_lengths,
+            minibatches: self.minibatches(all.prompts.len(), round),
+            prompts: all.prompts,
+            completions: all.responses,
+            seq_lengths: all.seq_lengths,
             logprobs: logps,
             values,
             advantages,
@@ -297,7 +315,6 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
                 .iter()
                 .map(|row| row.iter().take_while(|&&t| t != NO_TOKEN).map(|&t| t as u32).collect())
                 .collect(),
-            width,
         })
     }
 
@@ -333,7 +350,7 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
     fn metrics(
         &self,
         g: &ScoredGeneration,
-        scored: &ScoredResponses,
+        all: &Completions,
         kl_sums: &[f64],
         non_score_reward: &[Vec<f64>],
     ) -> BTreeMap<String, f64> {
@@ -342,22 +359,25 @@ impl<B: AutodiffFusedOps> PpoStage<B> {
         // Lengths, speed and each reward function's mean and std come with the batch.
         let mut m = g.metrics.clone();
         m.insert("objective/kl".into(), mean(kl_sums));
-        let entropy: Vec<f64> = g.rollouts.logps.iter().map(|l| -l.iter().map(|&x| x as f64).sum::<f64>()).collect();
+        let entropy: Vec<f64> = all.sampled.iter().map(|l| -l.iter().sum::<f64>()).collect();
         m.insert("objective/entropy".into(), mean(&entropy));
         m.insert("objective/non_score_reward".into(), mean(&nsr_sums));
-        let rlhf: Vec<f64> = scored.scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect();
+        let rlhf: Vec<f64> = all.scores.iter().zip(&nsr_sums).map(|(a, b)| a + b).collect();
         m.insert("objective/rlhf_reward".into(), mean(&rlhf));
-        m.insert("objective/scores".into(), mean(&scored.scores));
+        m.insert("objective/scores".into(), mean(&all.scores));
         m.insert("kl_coef".into(), self.kl.value);
-        let eos = scored.has_eos.iter().filter(|&&e| e).count();
-        m.insert("completions/eos_ratio".into(), eos as f64 / g.rollouts.len().max(1) as f64);
+        let eos = all.has_eos.iter().filter(|&&e| e).count();
+        m.insert("completions/eos_ratio".into(), eos as f64 / all.scores.len().max(1) as f64);
         m
     }
 
     /// The minibatches of each update: `num_ppo_epochs` shuffles of the batch (align-data's
     /// loader), `num_mini_batches` each (a short last batch leaves later slots empty).
     fn minibatches(&self, n: usize, round: Round) -> Vec<Vec<usize>> {
-        let mut order = Loader::new(n, self.mini_batch(), round.generation_seed(), true);
+        // A data-parallel run's minibatch is the replicas' together: one device's, over the
+        // whole (gathered) batch.
+        let size = self.mini_batch() * crate::distributed::Replica::current().world;
+        let mut order = Loader::new(n, size, round.generation_seed(), true);
         let mut out = vec![];
         for _ in 0..self.s.num_ppo_epochs {
             let drawn = order.batches_per_epoch();
@@ -375,7 +395,64 @@ struct ScoredResponses {
     seq_lengths: Vec<usize>,
     has_eos: Vec<bool>,
     completions: Vec<Vec<u32>>,
-    width: usize,
+}
+
+/// What post-processing reads of each completion of a rollout batch.
+struct Completions {
+    prompts: Vec<Vec<u32>>,
+    /// The completions cut after their stop token.
+    responses: Vec<Vec<u32>>,
+    seq_lengths: Vec<usize>,
+    scores: Vec<f64>,
+    has_eos: Vec<bool>,
+    /// The sampler's log-probs, reference log-probs and values, a row per completion.
+    sampled: Vec<Vec<f64>>,
+    ref_logps: Vec<Vec<f64>>,
+    values: Vec<Vec<f64>>,
+}
+
+impl Completions {
+    /// Every replica's completions in rank order (this replica's alone on one device).
+    fn gather<B: Backend>(self, device: &B::Device) -> Result<Completions> {
+        let replica = crate::distributed::Replica::current();
+        if replica.world == 1 {
+            return Ok(self);
+        }
+        let ids = |v: &[u32]| v.iter().map(|&t| t as f64).collect::<Vec<f64>>();
+        let mut rows = vec![];
+        for i in 0..self.scores.len() {
+            rows.push(ids(&self.prompts[i]));
+            rows.push(ids(&self.responses[i]));
+            rows.push(vec![self.seq_lengths[i] as f64, self.scores[i], self.has_eos[i] as u8 as f64]);
+            rows.extend([self.sampled[i].clone(), self.ref_logps[i].clone(), self.values[i].clone()]);
+        }
+        let all = replica.gather_rows::<B>(device, &rows, "gathering the rollout batch")?;
+        let tokens = |v: &[f64]| v.iter().map(|&t| t as u32).collect::<Vec<u32>>();
+        let mut out = Completions {
+            prompts: vec![],
+            responses: vec![],
+            seq_lengths: vec![],
+            scores: vec![],
+            has_eos: vec![],
+            sampled: vec![],
+            ref_logps: vec![],
+            values: vec![],
+        };
+        for c in all.chunks(6) {
+            let [prompt, response, head, sampled, reference, values] = c else {
+                bail!("gathering the rollout batch: a replica sent a cut record");
+            };
+            out.prompts.push(tokens(prompt));
+            out.responses.push(tokens(response));
+            out.seq_lengths.push(head[0] as usize);
+            out.scores.push(head[1]);
+            out.has_eos.push(head[2] != 0.0);
+            out.sampled.push(sampled.clone());
+            out.ref_logps.push(reference.clone());
+            out.values.push(values.clone());
+        }
+        Ok(out)
+    }
 }
 
 impl<B: AutodiffFusedOps> Stage<B> for PpoStage<B> {
@@ -388,6 +465,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<B> {
             draw_size: self.mini_batch() * self.s.num_mini_batches,
             draws_per_round: 1,
             steps_per_round: 1,
+            split: Split::Generation,
             updates_per_step: self.s.num_ppo_epochs * self.s.num_mini_batches,
         }
     }
@@ -480,6 +558,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<B> {
     }
 }
 
+#[derive(Clone)]
 struct Ppo<'a> {
     cfg: &'a StageConfig,
     resume: bool,

@@ -348,9 +348,10 @@ pub fn run_preference<B: FusedOps>(
     resume: bool,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Preference { cfg, stage, resume }, device)
+    on_autodiff::<B, _>(cfg, Preference { cfg, stage, resume }, device)
 }
 
+#[derive(Clone)]
 struct Preference<'a> {
     cfg: &'a PreferenceConfig,
     stage: PairwiseStage,

@@ -13,6 +13,7 @@ use std::path::Path;
 use align_data::{GenerationPrompt, generation_prompts};
 use align_data::{LossPositions, TokenizedSequence, pad_right};
 use align_model::burn::module::AutodiffModule;
+use align_model::burn::module::Module;
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Int, Tensor, TensorData};
 use align_model::{
@@ -28,7 +29,7 @@ use align_reward::{Scored, score_rollouts};
 use align_rollout::{Generation, Rollouts, rollout};
 
 use crate::config::StageConfig;
-use crate::train::{Evaluation, MicroLoss, Round, Shape, Stage, export_policy, load_trainable, save_trainable};
+use crate::train::{Evaluation, MicroLoss, Round, Shape, Split, Stage, export_policy, load_trainable, save_trainable};
 
 /// `[b, width]` float tensor from host rows (zero-padded).
 pub fn rows_tensor<B: Backend>(rows: &[Vec<f64>], width: usize, device: &B::Device) -> Tensor<B, 2> {
@@ -185,11 +186,17 @@ pub struct ScoredGeneration {
     pub prompts: Vec<Vec<u32>>,
     pub rollouts: Rollouts,
     pub scored: Scored,
-    /// Per function `rewards/<name>/{mean,std}`, components, lengths and sampling speed.
+    /// The whole batch's rewards and lengths (every replica's, in a data-parallel run).
+    pub view: BatchView,
+    /// Per function `rewards/<name>/{mean,std}`, components, lengths and sampling speed, over
+    /// the whole batch.
     pub metrics: BTreeMap<String, f64>,
 }
 
-/// Sample `group` completions of each prompt from `policy` and score them.
+/// Sample `group` completions of each prompt from `policy` and score them. `first_row` is
+/// the index of this call's first completion in the whole generation batch (a data-parallel
+/// replica's share starts past the others'), which keys each completion's sampling stream.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_and_score<B: FusedOps>(
     policy: &Transformer<B>,
     tok: &Tokenizer,
@@ -197,23 +204,131 @@ pub fn sample_and_score<B: FusedOps>(
     group: usize,
     sampling: &Generation,
     seed: u64,
+    first_row: u64,
     rewards: &[(Box<dyn Reward>, f64)],
 ) -> Result<ScoredGeneration> {
     let ids: Vec<&[u32]> = prompts.iter().map(|p| p.ids.as_slice()).collect();
-    let r = rollout(policy, tok, &ids, group, sampling, seed)?;
+    let r = rollout(policy, tok, &ids, group, sampling, seed, first_row)?;
     let scored = score_rollouts(rewards, prompts, &r)?;
-    let mut metrics = r.length_metrics();
-    for (k, (f, _)) in rewards.iter().enumerate() {
-        let v: Vec<f64> = scored.per_func.iter().filter_map(|x| x[k]).collect();
-        let (mean, std) = mean_std(&v);
-        metrics.insert(format!("rewards/{}/mean", f.name()), mean);
-        metrics.insert(format!("rewards/{}/std", f.name()), std);
-    }
-    for (c, v) in &scored.components {
-        metrics.insert(format!("rewards/{c}"), mean_std(v).0);
-    }
+    let device = policy.devices().first().cloned().context("the policy has no device")?;
+    let view = BatchView::gather::<B>(&r, &scored, rewards.len(), &device)?;
+    let metrics = view.metrics(rewards);
     let prompt_ids = r.prompt.iter().map(|&p| prompts[p].ids.clone()).collect();
-    Ok(ScoredGeneration { prompts: prompt_ids, rollouts: r, scored, metrics })
+    Ok(ScoredGeneration { prompts: prompt_ids, rollouts: r, scored, view, metrics })
+}
+
+/// What the statistics of a generation batch read, for the whole batch: on one device this
+/// replica's completions; in a data-parallel run every replica's, in rank order (the batch
+/// one device would have sampled), so batch-level statistics (`scale_rewards = "batch"`,
+/// whitening, DAPO's token count, the logged metrics) equal one device's.
+pub struct BatchView {
+    /// This replica's first completion in the batch.
+    pub offset: usize,
+    /// `[completion][function]`
+    pub per_func: Vec<Vec<Option<f64>>>,
+    pub components: BTreeMap<String, Vec<f64>>,
+    pub lengths: Vec<usize>,
+    pub truncated: Vec<bool>,
+    /// Sampling time (the slowest replica's).
+    pub seconds: f64,
+}
+
+impl BatchView {
+    fn gather<B: Backend>(r: &Rollouts, s: &Scored, functions: usize, device: &B::Device) -> Result<Self> {
+        let replica = crate::distributed::Replica::current();
+        let local = BatchView {
+            offset: 0,
+            per_func: s.per_func.clone(),
+            components: s.components.clone(),
+            lengths: r.completions.iter().map(Vec::len).collect(),
+            truncated: r.truncated.clone(),
+            seconds: r.seconds,
+        };
+        if replica.world == 1 {
+            return Ok(local);
+        }
+        // [seconds, n, then per completion: length, truncated, per function (present, value),
+        // then each component's n values in name order]
+        let n = local.lengths.len();
+        let mut v = vec![local.seconds, n as f64];
+        for i in 0..n {
+            v.extend([local.lengths[i] as f64, local.truncated[i] as u8 as f64]);
+            for f in &local.per_func[i] {
+                v.extend([f.is_some() as u8 as f64, f.unwrap_or(0.0)]);
+            }
+        }
+        for values in local.components.values() {
+            v.extend(values);
+        }
+        let all = replica.gather::<B>(device, &v, "gathering the rewards")?;
+        let names: Vec<String> = local.components.keys().cloned().collect();
+        let mut view = BatchView {
+            offset: 0,
+            per_func: vec![],
+            components: names.iter().map(|k| (k.clone(), vec![])).collect(),
+            lengths: vec![],
+            truncated: vec![],
+            seconds: 0.0,
+        };
+        for (rank, v) in all.iter().enumerate() {
+            let k = v.get(1).copied().unwrap_or(0.0) as usize;
+            let per_completion = 2 + 2 * functions;
+            if v.len() != 2 + k * per_completion + k * names.len() {
+                anyhow::bail!(
+                    "rank {rank} scored its completions with other reward functions than rank {}",
+                    replica.rank
+                );
+            }
+            if rank == replica.rank {
+                view.offset = view.lengths.len();
+            }
+            view.seconds = view.seconds.max(v[0]);
+            for i in 0..k {
+                let row = &v[2 + i * per_completion..2 + (i + 1) * per_completion];
+                view.lengths.push(row[0] as usize);
+                view.truncated.push(row[1] != 0.0);
+                view.per_func.push(row[2..].chunks(2).map(|p| (p[0] != 0.0).then_some(p[1])).collect());
+            }
+            let mut at = 2 + k * per_completion;
+            for name in &names {
+                if let Some(c) = view.components.get_mut(name) {
+                    c.extend(&v[at..at + k]);
+                }
+                at += k;
+            }
+        }
+        Ok(view)
+    }
+
+    /// Completions in the whole batch.
+    pub fn len(&self) -> usize {
+        self.lengths.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lengths.is_empty()
+    }
+
+    /// This replica's part of per-completion values computed over the whole batch.
+    pub fn own<'a, T>(&self, all: &'a [T], local: usize) -> &'a [T] {
+        &all[self.offset..self.offset + local]
+    }
+
+    /// The batch's metrics as TRL logs them: lengths, sampling speed, each function's
+    /// reward mean and std, components.
+    pub fn metrics(&self, rewards: &[(Box<dyn Reward>, f64)]) -> BTreeMap<String, f64> {
+        let mut m = align_rollout::length_metrics(&self.lengths, &self.truncated, self.seconds);
+        for (k, (f, _)) in rewards.iter().enumerate() {
+            let v: Vec<f64> = self.per_func.iter().filter_map(|x| x[k]).collect();
+            let (mean, std) = mean_std(&v);
+            m.insert(format!("rewards/{}/mean", f.name()), mean);
+            m.insert(format!("rewards/{}/std", f.name()), std);
+        }
+        for (c, v) in &self.components {
+            m.insert(format!("rewards/{c}"), mean_std(v).0);
+        }
+        m
+    }
 }
 
 impl ScoredGeneration {
@@ -316,6 +431,7 @@ impl OnlineData {
             draw_size: t.per_device_train_batch_size * t.gradient_accumulation_steps / group.max(1),
             draws_per_round: 1,
             steps_per_round: iterations,
+            split: Split::Draws,
             updates_per_step: 1,
         }
     }

@@ -93,16 +93,9 @@ impl<B: AutodiffFusedOps> GroupStage<B> for RlooStage<B> {
         let (s, policy) = (&self.s, model.valid());
         let prompts = self.data.prompts(draws);
         let sampling = sampling(s, s.temperature);
-        let seed = round.generation_seed();
-        let g = sample_and_score(
-            &policy,
-            &self.data.tok,
-            &prompts,
-            s.num_generations,
-            &sampling,
-            seed,
-            &self.data.rewards,
-        )?;
+        let (seed, first_row) = (round.generation_seed(), (round.first_item * s.num_generations) as u64);
+        let (tok, rewards) = (&self.data.tok, &self.data.rewards);
+        let g = sample_and_score(&policy, tok, &prompts, s.num_generations, &sampling, seed, first_row, rewards)?;
         let all: Vec<usize> = (0..g.rollouts.len()).collect();
         let kl = (s.beta != 0.0).then(|| {
             let reference = self.frozen.clone().unwrap_or_else(|| {
@@ -117,10 +110,19 @@ impl<B: AutodiffFusedOps> GroupStage<B> for RlooStage<B> {
             let ref_sums = ref_logps.iter().zip(&mask).map(|(r, m)| r.iter().zip(m).map(|(x, w)| x * w).sum::<f64>());
             sampled.iter().zip(ref_sums).map(|(p, r)| p - r).collect::<Vec<f64>>()
         });
+        // Over the whole batch (every replica's groups), as on one device: the KL of every
+        // completion, then advantages normalised over the batch and its statistics.
+        let kl = match kl {
+            Some(local) => {
+                let replica = crate::distributed::Replica::current();
+                Some(replica.gather::<B::InnerBackend>(&self.device, &local, "gathering the KL")?.concat())
+            }
+            None => None,
+        };
         let weights: Vec<f64> = self.data.rewards.iter().map(|(_, w)| *w).collect();
         let clip = s.reward_clip_range.map(|[lo, hi]| (lo, hi));
         let adv = rloo_advantages(
-            &g.scored.per_func,
+            &g.view.per_func,
             &weights,
             kl.as_deref(),
             s.beta,
@@ -137,10 +139,12 @@ impl<B: AutodiffFusedOps> GroupStage<B> for RlooStage<B> {
             metrics.insert("kl".into(), mean_std(kl).0);
         }
         let total: Vec<Option<f64>> = adv.rewards.iter().map(|r| (!r.is_nan()).then_some(*r)).collect();
-        let rows = g.log_rows(round.step + 1, &prompts, &self.data.rewards, &total, &adv.advantages);
+        let n = g.rollouts.len();
+        let advantages = g.view.own(&adv.advantages, n).to_vec();
+        let rows = g.log_rows(round.step + 1, &prompts, &self.data.rewards, g.view.own(&total, n), &advantages);
         drop(prompts);
         self.data.log(&rows)?;
-        Ok(Batch { prompts: g.prompts, rollouts: g.rollouts, advantages: adv.advantages, metrics })
+        Ok(Batch { prompts: g.prompts, rollouts: g.rollouts, advantages, metrics })
     }
 
     fn group_loss(
@@ -208,9 +212,10 @@ fn sampling(s: &RlooSettings, temperature: f32) -> Generation {
 
 /// Run (or resume) the RLOO stage on backend `B`; returns `final/`.
 pub fn run_rloo<B: align_model::FusedOps>(cfg: &StageConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    crate::stage::on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Rloo { cfg, resume }, device)
+    crate::stage::on_autodiff::<B, _>(cfg, Rloo { cfg, resume }, device)
 }
 
+#[derive(Clone)]
 struct Rloo<'a> {
     cfg: &'a StageConfig,
     resume: bool,

@@ -122,9 +122,10 @@ impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
 /// Run (or resume) an SFT stage on backend `B` (autodiff is added here, with Burn's
 /// balanced activation checkpointing when `gradient_checkpointing` is on); returns `final/`.
 pub fn run_sft<B: FusedOps>(cfg: &SftConfig, resume: bool, device: &B::Device) -> Result<PathBuf> {
-    on_autodiff::<B, _>(cfg.training.gradient_checkpointing, Sft { cfg, resume }, device)
+    on_autodiff::<B, _>(cfg, Sft { cfg, resume }, device)
 }
 
+#[derive(Clone)]
 struct Sft<'a> {
     cfg: &'a SftConfig,
     resume: bool,

@@ -21,17 +21,48 @@ pub trait StageMain {
 }
 
 /// Run `stage` on `Autodiff<B>`, with Burn's balanced activation checkpointing when
-/// `gradient_checkpointing` is on (less memory, more compute).
-pub fn on_autodiff<B: FusedOps, S: StageMain>(
-    gradient_checkpointing: bool,
+/// `gradient_checkpointing` is on (less memory, more compute), as every replica of
+/// `[distributed]` this process holds (one per device, from `device`'s index on).
+pub fn on_autodiff<B: FusedOps, S: StageMain + Clone + Sync>(
+    cfg: &StageConfig,
     stage: S,
     device: &B::Device,
 ) -> Result<PathBuf> {
-    if gradient_checkpointing {
-        stage.run::<Autodiff<B, BalancedCheckpointing>>(device)
-    } else {
-        stage.run::<Autodiff<B>>(device)
+    let devices = replica_devices::<B>(device, cfg.distributed.devices)?;
+    crate::distributed::launch(&cfg.distributed, &cfg.output_dir.display().to_string(), &devices, |device| {
+        if cfg.training.gradient_checkpointing {
+            stage.clone().run::<Autodiff<B, BalancedCheckpointing>>(device)
+        } else {
+            stage.clone().run::<Autodiff<B>>(device)
+        }
+    })
+}
+
+/// The devices of `n` local replicas: `device` and the next `n − 1` of its kind
+/// (`cuda:0..n`). The CPU is one device: its replicas share it, each on its own thread.
+pub fn replica_devices<B: Backend>(device: &B::Device, n: usize) -> Result<Vec<B::Device>> {
+    use align_model::burn::tensor::backend::DeviceOps;
+    if n <= 1 {
+        return Ok(vec![device.clone()]);
     }
+    let id = device.id();
+    if align_model::backend::DeviceKind::of::<B>() == Some(align_model::backend::DeviceKind::Cpu) {
+        return Ok(vec![device.clone(); n]);
+    }
+    let available = B::device_count(id.type_id);
+    if id.index_id as usize + n > available {
+        anyhow::bail!(
+            "[distributed] devices = {n} from device index {}: this machine has {available} device(s) of this kind",
+            id.index_id
+        );
+    }
+    Ok((0..n)
+        .map(|i| {
+            let mut d = id;
+            d.index_id += i as u16;
+            <B::Device as align_model::burn::tensor::backend::Device>::from_id(d)
+        })
+        .collect())
 }
 
 /// The starting model of a stage, with LoRA attached when configured.
@@ -60,8 +91,10 @@ pub fn starting_model<B: FusedOps>(cfg: &StageConfig, heads: Heads, device: &B::
         model = m;
     }
     std::fs::create_dir_all(&cfg.output_dir).with_context(|| cfg.output_dir.display().to_string())?;
-    let written = cfg.output_dir.join("config.toml");
-    std::fs::write(&written, toml::to_string(cfg)?).with_context(|| written.display().to_string())?;
+    if crate::distributed::Replica::current().is_main() {
+        let written = cfg.output_dir.join("config.toml");
+        std::fs::write(&written, toml::to_string(cfg)?).with_context(|| written.display().to_string())?;
+    }
     let tokenize = fit_to_context(&cfg.tokenize, model.config.max_position_embeddings);
     Ok(StartingModel { model, tokenizer, pad_id, tokenize })
 }

@@ -61,16 +61,8 @@ pub struct Rollouts {
 impl Rollouts {
     /// Length and speed metrics of the batch, by TRL's names.
     pub fn length_metrics(&self) -> BTreeMap<String, f64> {
-        let lens: Vec<f64> = self.completions.iter().map(|c| c.len() as f64).collect();
-        let mut m = BTreeMap::new();
-        m.insert("completions/mean_length".into(), lens.iter().sum::<f64>() / lens.len().max(1) as f64);
-        m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
-        m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
-        let truncated = self.truncated.iter().filter(|&&t| t).count();
-        m.insert("completions/clipped_ratio".into(), truncated as f64 / self.len().max(1) as f64);
-        m.insert("rollout_tokens_per_second".into(), self.tokens() as f64 / self.seconds.max(1e-9));
-        m.insert("rollout_seconds".into(), self.seconds);
-        m
+        let lengths: Vec<usize> = self.completions.iter().map(Vec::len).collect();
+        length_metrics(&lengths, &self.truncated, self.seconds)
     }
 
     pub fn len(&self) -> usize {
@@ -84,7 +76,24 @@ impl Rollouts {
     }
 }
 
-/// Sample `group` completions of each prompt (token ids) from `model`, seeded by `seed`.
+/// Length and speed metrics, by TRL's names, of completions of `lengths` tokens (`truncated`
+/// where cut at the limit) sampled in `seconds`.
+pub fn length_metrics(lengths: &[usize], truncated: &[bool], seconds: f64) -> BTreeMap<String, f64> {
+    let lens: Vec<f64> = lengths.iter().map(|&l| l as f64).collect();
+    let mut m = BTreeMap::new();
+    m.insert("completions/mean_length".into(), lens.iter().sum::<f64>() / lens.len().max(1) as f64);
+    m.insert("completions/max_length".into(), lens.iter().copied().fold(0.0, f64::max));
+    m.insert("completions/min_length".into(), lens.iter().copied().fold(f64::INFINITY, f64::min));
+    let cut = truncated.iter().filter(|&&t| t).count();
+    m.insert("completions/clipped_ratio".into(), cut as f64 / lens.len().max(1) as f64);
+    m.insert("rollout_tokens_per_second".into(), lens.iter().sum::<f64>() / seconds.max(1e-9));
+    m.insert("rollout_seconds".into(), seconds);
+    m
+}
+
+/// Sample `group` completions of each prompt (token ids) from `model`, seeded by `seed`;
+/// `first_row` is the first completion's index in the whole batch this is a share of
+/// ([`crate::SamplingConfig::first_row`]).
 pub fn rollout<B: FusedOps>(
     model: &Transformer<B>,
     tok: &Tokenizer,
@@ -92,6 +101,7 @@ pub fn rollout<B: FusedOps>(
     group: usize,
     sampling: &Generation,
     seed: u64,
+    first_row: u64,
 ) -> crate::Result<Rollouts> {
     let t0 = Instant::now();
     let pad = tok.pad_token_id.or(tok.eos_token_id).unwrap_or(0);
@@ -103,6 +113,7 @@ pub fn rollout<B: FusedOps>(
         min_new_tokens: sampling.min_new_tokens,
         stop_token_ids: tok.eos_token_id.into_iter().collect(),
         seed,
+        first_row,
     };
     let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.to_vec()).collect();
     let outs = generate_text_groups(

@@ -12,8 +12,8 @@
 mod batch;
 mod sampling;
 
-pub use batch::{Generation, Rollouts, rollout};
-pub use sampling::{Rng, SamplingConfig, sample_token};
+pub use batch::{Generation, Rollouts, length_metrics, rollout};
+pub use sampling::{Rng, SamplingConfig, row_rng, sample_token};
 
 use align_model::FusedOps;
 use align_model::{TokenBatch, Tokenizer, Transformer};
@@ -113,7 +113,7 @@ pub fn generate_groups_until<B: FusedOps>(
     if n == 0 || cfg.max_new_tokens == 0 {
         return Ok(out);
     }
-    let mut rng = Rng::new(cfg.seed);
+    let mut rngs: Vec<Rng> = (0..n as u64).map(|i| row_rng(cfg.seed, cfg.first_row + i)).collect();
     let mut cache = model.new_cache();
     let batch = TokenBatch::<B>::left_padded(prompts, pad_id, &device);
     let hidden = model.forward_hidden(&batch, Some(&mut cache));
@@ -130,10 +130,13 @@ pub fn generate_groups_until<B: FusedOps>(
     for step in 0..cfg.max_new_tokens {
         let logits = model.logits(last.unsqueeze_dim(1)).reshape([n as i32, -1]);
         let allow_stop = step >= cfg.min_new_tokens;
-        // One uniform number per live row, drawn in batch order: the device picks the
+        // One uniform number per live row, from the row's own stream: the device picks the
         // tokens and only ids and log-probs come back.
         let uniforms: Vec<f32> = (0..n)
-            .map(|r| if out[slot(r)].stopped || cfg.temperature <= 0.0 { 0.0 } else { rng.uniform() as f32 })
+            .map(|r| {
+                let i = slot(r);
+                if out[i].stopped || cfg.temperature <= 0.0 { 0.0 } else { rngs[i].uniform() as f32 }
+            })
             .collect();
         let picked = B::sample_tokens(logits.into_primitive().tensor(), &uniforms, &cfg.token_sampling(allow_stop));
         let mut next = Vec::with_capacity(n);

@@ -23,6 +23,11 @@ pub struct SamplingConfig {
     pub stop_token_ids: Vec<u32>,
     /// Seed of the sampler. Default 0.
     pub seed: u64,
+    /// Index of the first output row in the whole batch this call is a share of: each row
+    /// draws from its own stream, keyed by the seed and its index there, so a batch split
+    /// between data-parallel replicas samples what one device would. Not a config key.
+    #[serde(skip)]
+    pub first_row: u64,
 }
 
 impl Default for SamplingConfig {
@@ -35,12 +40,20 @@ impl Default for SamplingConfig {
             min_new_tokens: 0,
             stop_token_ids: vec![],
             seed: 0,
+            first_row: 0,
         }
     }
 }
 
 /// The sampler's generator.
 pub use align_model::SplitMix64 as Rng;
+
+/// The generator of output row `row` under `seed`: independent streams per row, so what a
+/// row samples depends on neither the batch size nor the other rows.
+pub fn row_rng(seed: u64, row: u64) -> Rng {
+    let mut key = Rng::new(row ^ 0x5851_F42D_4C95_7F2D);
+    Rng::new(seed ^ key.next_u64())
+}
 
 impl SamplingConfig {
     /// Refuse values that would otherwise be reinterpreted: a negative or non-finite

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use align_data::{DatasetConfig, TokenizeConfig};
 use align_lora::LoraConfig;
+
+pub use crate::distributed::DistributedConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +86,13 @@ pub struct StageConfig {
     /// `align rloo` settings (with its reward functions). Default none.
     #[serde(default)]
     pub rloo: Option<RlooSettings>,
+    /// Data-parallel replicas (devices, nodes). Default: one device.
+    #[serde(default, skip_serializing_if = "is_single_device")]
+    pub distributed: DistributedConfig,
+}
+
+fn is_single_device(d: &DistributedConfig) -> bool {
+    *d == DistributedConfig::default()
 }
 
 impl StageConfig {
@@ -101,6 +110,7 @@ impl StageConfig {
             bail!("output_dir: must not be empty (it would write into the current directory)");
         }
         self.training.validate()?;
+        self.distributed.validate()?;
         for (field, v) in
             [("max_length", self.tokenize.max_length), ("max_prompt_length", self.tokenize.max_prompt_length)]
         {

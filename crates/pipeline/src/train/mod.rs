@@ -27,13 +27,14 @@ use align_data::{Loader, LoaderState};
 use align_model::burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::backend::AutodiffBackend;
-use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor};
+use align_model::burn::tensor::{ElementConversion, FloatDType, Tensor, TensorData};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{checkpoints, export_policy, load_trainable, save_trainable};
 
 use crate::config::TrainingArguments;
+use crate::distributed::Replica;
 use crate::logfmt::{Sig, opt};
 use crate::optim::{AdamW, grad_norm, learning_rate};
 
@@ -50,6 +51,24 @@ pub struct Shape {
     pub steps_per_round: usize,
     /// Optimizer updates per step.
     pub updates_per_step: usize,
+    /// How a data-parallel run divides a round among the replicas.
+    pub split: Split,
+}
+
+/// How the replicas of a data-parallel run share a round: the global round draws
+/// `draws_per_round × world` batches, as one device with that many would.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// Every replica holds the whole round (dataset rows) and takes every `world`-th
+    /// micro-batch of each update.
+    MicroBatches,
+    /// Each replica builds its batch from its own `draws_per_round` draws (the prompts it
+    /// generates for) and trains on all of it.
+    Draws,
+    /// Each replica generates for its own draws, then the stage gathers the whole batch (so
+    /// its statistics and minibatches are one device's), and each replica takes every
+    /// `world`-th micro-batch of each update, as for rows.
+    Generation,
 }
 
 /// Where the loop is when it asks for a batch.
@@ -61,6 +80,9 @@ pub struct Round {
     pub step: usize,
     /// The run's seed.
     pub seed: u64,
+    /// Items of the round before this replica's share of it (data-parallel runs split by
+    /// draws; 0 otherwise): a generation keys its sampling by its place in the whole round.
+    pub first_item: usize,
 }
 
 impl Round {
@@ -220,7 +242,14 @@ impl<B: AutodiffBackend, S: RowStage<B>> Stage<B> for Rows<S> {
 
     fn shape(&self) -> Shape {
         let (items, batch_size, accumulation) = self.0.rows();
-        Shape { items, draw_size: batch_size, draws_per_round: accumulation, steps_per_round: 1, updates_per_step: 1 }
+        Shape {
+            items,
+            draw_size: batch_size,
+            draws_per_round: accumulation,
+            steps_per_round: 1,
+            updates_per_step: 1,
+            split: Split::MicroBatches,
+        }
     }
 
     fn next_batch(&mut self, _model: &S::Model, draws: Vec<Vec<usize>>, round: Round) -> Result<RowBatch> {
@@ -315,6 +344,9 @@ pub(crate) struct LoopState {
     /// empty updates make fewer than `step × updates_per_step`.
     #[serde(default)]
     optimizer_steps: Option<u64>,
+    /// Replicas of a data-parallel run (absent: 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    world: Option<usize>,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -338,6 +370,9 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     }
     let updates = shape.updates_per_step.max(1);
     let device = model.devices().first().cloned().context("the model has no device")?;
+    let replica = Replica::current();
+    replica.join::<B::InnerBackend>(&device)?;
+    let (main, world) = (replica.is_main(), replica.world);
     // Vulkan (wgpu) has no bf16: refused here, not as a shader error mid-step.
     if args.bf16 && !B::supports_dtype(&device, align_model::burn::tensor::DType::BF16) {
         bail!("[training] bf16 = true: this backend has no bf16 (wgpu on Vulkan is f32 only); set bf16 = false");
@@ -347,7 +382,9 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     model = align_model::cast_float(model, dtype);
     std::fs::create_dir_all(output_dir.join("checkpoints")).with_context(|| output_dir.display().to_string())?;
     let mut loader = Loader::new(shape.items, shape.draw_size, args.seed, true);
-    let rounds_per_epoch = loader.batches_per_epoch().div_ceil(shape.draws_per_round.max(1));
+    // A round of a data-parallel run is the round of one device with `world` times the draws.
+    let draws_per_round = shape.draws_per_round.max(1) * world;
+    let rounds_per_epoch = loader.batches_per_epoch().div_ceil(draws_per_round);
     let total = args.total_steps(rounds_per_epoch, shape.steps_per_round.max(1));
     let schedule_len = total * updates;
     let warmup = args.warmup(schedule_len);
@@ -357,24 +394,41 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let resumed = checkpoint::resume_point(output_dir, resume)?;
     if let Some((at, dir)) = &resumed {
         let state = checkpoint::read_state(dir, args.seed, total)?;
+        if state.world.unwrap_or(1) != world {
+            bail!(
+                "{}: the checkpoint was made by {} replicas and this run has {world}: resume with the same [distributed] devices × nodes",
+                dir.display(),
+                state.world.unwrap_or(1)
+            );
+        }
         model = align_model::cast_float(stage.load_weights(model, dir)?, dtype);
         checkpoint::load_optimizer::<B>(&mut optimizer, &dir.join("optimizer.safetensors"), &device)?;
         optimizer.step = state.optimizer_steps.unwrap_or((at * updates) as u64);
         loader.restore(state.loader);
         stage.restore(state.stage)?;
         (step, rounds, skipped) = (*at, state.rounds, state.skipped_updates);
-        tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
+        if main {
+            tracing::info!(step = at, checkpoint = %dir.display(), "resumed");
+        }
     }
+    check_same_start::<B, _>(&replica, &model, &device)?;
     let resumed_at = resumed.map(|(at, _)| at);
-    let mut log = MetricsLog::open(output_dir, resumed_at)?;
-    stage.open_logs(output_dir, resumed_at)?;
-    let progress = indicatif::ProgressBar::new(total as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
-    );
+    let mut log = MetricsLog::open(output_dir, resumed_at, main)?;
+    if main {
+        stage.open_logs(output_dir, resumed_at)?;
+    }
+    let progress = if main {
+        indicatif::ProgressBar::new(total as u64).with_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        )
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     progress.set_position(step as u64);
     if args.eval_on_start
         && step == 0
+        && main
         && let Some(e) = stage.evaluate(&model, 0)?
     {
         tracing::info!(eval_loss = %opt(e.loss), metrics = %crate::logfmt::map(&e.metrics), "eval before training");
@@ -386,8 +440,16 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let mut last_saved = step;
     let mut t0 = Instant::now();
     while step < total {
-        let draws: Vec<Vec<usize>> = (0..shape.draws_per_round.max(1)).map(|_| loader.next_batch()).collect();
-        let batch = stage.next_batch(&model, draws, Round { index: rounds, step, seed: args.seed })?;
+        let mut draws: Vec<Vec<usize>> = (0..draws_per_round).map(|_| loader.next_batch()).collect();
+        let mut first_item = 0;
+        if shape.split != Split::MicroBatches {
+            let own = shape.draws_per_round.max(1);
+            let rest = draws.split_off(replica.rank * own);
+            first_item = draws.iter().map(Vec::len).sum();
+            draws = rest.into_iter().take(own).collect();
+        }
+        let round = Round { index: rounds, step, seed: args.seed, first_item };
+        let batch = stage.next_batch(&model, draws, round)?;
         rounds += 1;
         for pass in 0..shape.steps_per_round.max(1) {
             if step >= total {
@@ -408,14 +470,28 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     schedule_len,
                     args.num_cycles,
                 );
-                // Dropout draws from the backend RNG: seeded per update, a resumed run draws the same.
-                B::seed(&device, args.seed.wrapping_add(at as u64));
+                // Dropout draws from the backend RNG: seeded per update (and replica), a
+                // resumed run draws the same.
+                let update_seed = replica.seed(args.seed).wrapping_add(at as u64);
+                B::seed(&device, update_seed);
+                align_model::rng::dropout::seed(update_seed);
                 let micro = stage.micro_batches(&batch, pass, u);
                 if micro.is_empty() {
                     continue;
                 }
-                let done =
-                    update(stage, model, &mut optimizer, &batch, pass, &micro, lr, args.max_grad_norm, &mut window)?;
+                let work = Work { replica: &replica, split: shape.split, device: &device };
+                let done = update(
+                    stage,
+                    model,
+                    &mut optimizer,
+                    &batch,
+                    pass,
+                    &micro,
+                    lr,
+                    args.max_grad_norm,
+                    &mut window,
+                    &work,
+                )?;
                 model = done.model;
                 fed += done.fed_tokens;
                 if done.applied {
@@ -425,7 +501,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     skipped += 1;
                     health.nonfinite_in_a_row += 1;
                     if health.nonfinite_in_a_row > args.skip_nonfinite_steps {
-                        return Err(nonfinite_stop(output_dir, step + 1, done.loss, done.grad_norm));
+                        return Err(nonfinite_stop(output_dir, step + 1, done.loss, done.grad_norm, main));
                     }
                     tracing::warn!(
                         step = step + 1,
@@ -442,7 +518,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
             let step_loss = step_loss / applied.max(1) as f64;
             if applied > 0 {
                 // A step whose every update was skipped has no loss to log.
-                health.check(step, step_loss, norm);
+                health.check(step, step_loss, norm, main);
                 window.step(step_loss, fed);
             }
             window.add("train_tokens_per_second", fed as f64 / t_train.elapsed().as_secs_f64().max(1e-9), 1.0);
@@ -455,8 +531,11 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                 stage.progress(&batch)
             ));
 
+            // Rank 0 evaluates; the others wait for it at the next update's all-reduce.
             let eval = match args.eval_steps {
-                Some(e) if e > 0 && (step.is_multiple_of(e) || step == total) => stage.evaluate(&model, step)?,
+                Some(e) if main && e > 0 && (step.is_multiple_of(e) || step == total) => {
+                    stage.evaluate(&model, step)?
+                }
                 _ => None,
             };
             if step.is_multiple_of(args.logging_steps.max(1)) || step == total || eval.is_some() {
@@ -479,12 +558,14 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     eval_loss: eval.as_ref().and_then(|e| e.loss),
                     extra,
                 };
-                log_line(&row, stage.headline());
+                if main {
+                    log_line(&row, stage.headline());
+                }
                 log.push(row)?;
             }
             let round_done = pass + 1 == shape.steps_per_round.max(1);
             let due = args.save_steps > 0 && step / args.save_steps > last_saved / args.save_steps;
-            if round_done && due && step < total {
+            if round_done && due && step < total && main {
                 last_saved = step;
                 let state = LoopState {
                     step,
@@ -495,6 +576,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
                     stage: stage.state(),
                     skipped_updates: skipped,
                     optimizer_steps: Some(optimizer.step),
+                    world: (world > 1).then_some(world),
                 };
                 let save = |dir: &Path| stage.save_weights(&model, dir);
                 let state = serde_json::to_value(&state)?;
@@ -513,6 +595,9 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     }
     progress.finish_and_clear();
     let model = if args.bf16 { optimizer.model_with_masters(model) } else { model };
+    if !main {
+        return Ok(TrainOutcome { model, steps: step, metrics: log.rows });
+    }
     let final_dir = output_dir.join("final");
     // Written beside and renamed into place: a `final/` that exists is complete.
     let tmp = output_dir.join("final.tmp");
@@ -541,10 +626,22 @@ struct Updated<M> {
     applied: bool,
 }
 
+/// Where an update runs: this replica, how the round is split among the replicas, and the
+/// device of the collective operations.
+struct Work<'a, B: AutodiffBackend> {
+    replica: &'a Replica,
+    split: Split,
+    device: &'a B::Device,
+}
+
 /// One optimizer update on `micro`: each micro-batch's loss backpropagated and its
 /// gradients accumulated, then clipping and the AdamW step, unless the loss or the
 /// gradient norm is not finite (checked before the step, so a non-finite update never
 /// reaches the weights, a checkpoint or `final/`).
+///
+/// In a data-parallel run this replica backpropagates its share of the micro-batches; the
+/// gradients are summed over the replicas, and the loss and metrics gathered, so every
+/// replica takes the step one device would take on all of them.
 #[allow(clippy::too_many_arguments)]
 fn update<B: AutodiffBackend, S: Stage<B>>(
     stage: &S,
@@ -556,22 +653,62 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
     lr: f64,
     max_grad_norm: f64,
     window: &mut Window,
+    work: &Work<B>,
 ) -> Result<Updated<S::Model>> {
-    let (mut grads, mut loss, mut fed_tokens, mut metrics) = (None, 0.0f64, 0usize, vec![]);
-    for mb in micro {
-        let m = stage.loss(&model, batch, pass, mb, micro.len())?;
-        metrics.extend(m.metrics.into_iter().map(|(k, v)| (k, v, m.units)));
+    let Work { replica, split, device } = *work;
+    // The micro-batches this replica runs, and how many the whole update has (a loss that
+    // averages over micro-batches divides by that).
+    let (own, count): (Vec<&Vec<usize>>, usize) = match split {
+        Split::MicroBatches | Split::Generation => {
+            (micro.iter().skip(replica.rank).step_by(replica.world).collect(), micro.len())
+        }
+        Split::Draws => {
+            let counts = replica.gather::<B::InnerBackend>(device, &[micro.len() as f64], "counting micro-batches")?;
+            (micro.iter().collect(), counts.iter().map(|c| c[0] as usize).sum())
+        }
+    };
+    let (mut grads, mut loss, mut fed_tokens) = (None, 0.0f64, 0usize);
+    let mut metrics: BTreeMap<&'static str, (f64, f64)> = BTreeMap::new();
+    for mb in own {
+        let m = stage.loss(&model, batch, pass, mb, count)?;
+        for (k, v) in m.metrics {
+            let e = metrics.entry(k).or_default();
+            (e.0, e.1) = (e.0 + v, e.1 + m.units);
+        }
         loss += m.loss.clone().into_scalar().elem::<f64>();
         fed_tokens += m.fed_tokens;
         grads = Some(accumulate(&model, m.loss, grads));
     }
-    let grads = grads.context("an update with no micro-batches")?;
+    let grads = if replica.world > 1 {
+        let local: Vec<f64> =
+            [loss, fed_tokens as f64].into_iter().chain(metrics.values().flat_map(|&(v, u)| [v, u])).collect();
+        let all = replica.gather::<B::InnerBackend>(device, &local, "gathering the losses")?;
+        let keys = replica.gather::<B::InnerBackend>(device, &[key_hash(metrics.keys())], "gathering the losses")?;
+        (loss, fed_tokens) = (all.iter().map(|v| v[0]).sum(), all.iter().map(|v| v[1] as usize).sum());
+        for (r, v) in all.iter().enumerate() {
+            if r == replica.rank || v.len() <= 2 {
+                continue;
+            }
+            if keys[r][0] != key_hash(metrics.keys()) && !metrics.is_empty() {
+                bail!(
+                    "rank {r} logged other metrics than rank {}: the replicas do not run the same stage",
+                    replica.rank
+                );
+            }
+            for ((_, e), pair) in metrics.iter_mut().zip(v[2..].chunks(2)) {
+                (e.0, e.1) = (e.0 + pair[0], e.1 + pair[1]);
+            }
+        }
+        all_reduce_grads::<B, _>(replica, &model, grads)?
+    } else {
+        grads.context("an update with no micro-batches")?
+    };
     let grad_norm = grad_norm::<B, _>(&model, &grads);
     if !(loss.is_finite() && grad_norm.is_finite()) {
         return Ok(Updated { model, loss, grad_norm, fed_tokens, applied: false });
     }
     // Only an applied update's metrics are logged (a skipped one's may be NaN).
-    for (k, v, units) in metrics {
+    for (k, (v, units)) in metrics {
         window.add(k, v, units);
     }
     let scale = if max_grad_norm > 0.0 && grad_norm > max_grad_norm { max_grad_norm / (grad_norm + 1e-6) } else { 1.0 };
@@ -579,14 +716,23 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
     Ok(Updated { model, loss, grad_norm, fed_tokens, applied: true })
 }
 
+/// A fingerprint of metric names (the replicas must log the same ones), exact as an f64.
+fn key_hash<'a>(keys: impl Iterator<Item = &'a &'static str>) -> f64 {
+    let h = keys.fold(0xcbf2_9ce4_8422_2325u64, |h, k| {
+        k.bytes().chain([0]).fold(h, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    });
+    // 52 bits: an integer an f64 holds exactly.
+    (h >> 12) as f64
+}
+
 /// The error of a run stopped by non-finite updates. The checkpoint written at the step
 /// before holds the weights that produced them: it is set aside (renamed
 /// `step-N.nonfinite`, so `--resume` passes over it) and the error names the newest
 /// checkpoint whose weights gave a finite loss.
-fn nonfinite_stop(output_dir: &Path, step: usize, loss: f64, grad_norm: f64) -> anyhow::Error {
+fn nonfinite_stop(output_dir: &Path, step: usize, loss: f64, grad_norm: f64, main: bool) -> anyhow::Error {
     let mut note = String::new();
     let all = checkpoint::checkpoints(output_dir);
-    if let Some((at, dir)) = all.last().filter(|(at, _)| *at + 1 == step) {
+    if let Some((at, dir)) = all.last().filter(|(at, _)| *at + 1 == step && main) {
         let aside = dir.with_file_name(format!("step-{at}.nonfinite"));
         match std::fs::rename(dir, &aside) {
             Ok(()) => note = format!(" Checkpoint step-{at} produced it and is set aside as {}.", aside.display()),
@@ -620,10 +766,10 @@ struct Health {
 }
 
 impl Health {
-    fn check(&mut self, step: usize, loss: f64, grad_norm: f64) {
+    fn check(&mut self, step: usize, loss: f64, grad_norm: f64, main: bool) {
         let first = *self.first_loss.get_or_insert(loss);
         if grad_norm == 0.0 && loss.is_finite() {
-            if self.zero_grad_steps == 0 {
+            if self.zero_grad_steps == 0 && main {
                 tracing::warn!(
                     step,
                     loss,
@@ -634,7 +780,7 @@ impl Health {
         }
         // 10× the first step's loss (and beyond its noise): a divergence to report.
         if loss.is_finite() && first.is_finite() && loss > 10.0 * first.abs().max(1e-3) {
-            if self.diverged_steps == 0 {
+            if self.diverged_steps == 0 && main {
                 tracing::warn!(
                     step,
                     loss,
@@ -716,14 +862,17 @@ impl Window {
 }
 
 /// `metrics.jsonl`, fresh or, on resume, cut back to the checkpoint's step (what followed
-/// is rewritten).
+/// is rewritten). Replicas other than rank 0 keep no log (`file` none).
 struct MetricsLog {
     rows: Vec<StepMetrics>,
-    file: std::fs::File,
+    file: Option<std::fs::File>,
 }
 
 impl MetricsLog {
-    fn open(output_dir: &Path, resumed_at: Option<usize>) -> Result<Self> {
+    fn open(output_dir: &Path, resumed_at: Option<usize>, write: bool) -> Result<Self> {
+        if !write {
+            return Ok(MetricsLog { rows: vec![], file: None });
+        }
         let path = output_dir.join("metrics.jsonl");
         let rows = match resumed_at {
             Some(at) => truncate_jsonl_after(&path, at)?
@@ -736,15 +885,16 @@ impl MetricsLog {
             }
         };
         let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| path.display().to_string())?;
-        Ok(MetricsLog { rows, file })
+        Ok(MetricsLog { rows, file: Some(file) })
     }
 
     /// Append a row (one write, flushed) and keep it.
     fn push(&mut self, row: StepMetrics) -> Result<()> {
+        let Some(file) = self.file.as_mut() else { return Ok(()) };
         let mut line = serde_json::to_string(&row)?;
         line.push('\n');
-        self.file.write_all(line.as_bytes())?;
-        self.file.flush()?;
+        file.write_all(line.as_bytes())?;
+        file.flush()?;
         self.rows.push(row);
         Ok(())
     }
@@ -814,4 +964,131 @@ fn add_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut adder = Add::<B> { a, b: &mut b, _b: std::marker::PhantomData };
     model.visit(&mut adder);
     adder.a
+}
+
+/// Largest all-reduce of gradients, in values (64 MiB of f32): big enough to amortise each
+/// operation's latency, small enough to bound the extra memory of the flattened copy.
+const GRADIENT_BUCKET: usize = 1 << 24;
+
+/// The sum over the replicas of every gradient. Each replica visits the parameters in module
+/// order (parameter ids differ between processes; the order does not) and flattens their
+/// gradients into buckets, one all-reduce each. A parameter with a gradient on some replicas
+/// only (a head no micro-batch of this replica reached) counts zeros on the others.
+fn all_reduce_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    replica: &Replica,
+    model: &M,
+    grads: Option<GradientsParams>,
+) -> Result<GradientsParams> {
+    /// Pass 1: each float parameter's local gradient, flattened, and its size.
+    struct Take<B: AutodiffBackend> {
+        grads: GradientsParams,
+        taken: Vec<(Option<Tensor<B::InnerBackend, 1>>, usize)>,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Take<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let g = self.grads.remove::<B::InnerBackend, D>(param.id).map(|g| g.flatten::<1>(0, D - 1));
+            self.taken.push((g, param.shape().num_elements()));
+        }
+    }
+    /// Pass 2: the summed gradients back under their parameters' ids and shapes.
+    struct Put<B: AutodiffBackend> {
+        summed: std::vec::IntoIter<Option<Tensor<B::InnerBackend, 1>>>,
+        grads: GradientsParams,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Put<B> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(Some(g)) = self.summed.next() {
+                self.grads.register::<B::InnerBackend, D>(param.id, g.reshape(param.shape()));
+            }
+        }
+    }
+    let device = model.devices().first().cloned().context("the model has no device")?;
+    let mut take = Take::<B> { grads: grads.unwrap_or_default(), taken: vec![] };
+    model.visit(&mut take);
+    let presence: Vec<f32> = take.taken.iter().map(|(g, _)| if g.is_some() { 1.0 } else { 0.0 }).collect();
+    let n = presence.len();
+    let presence = Tensor::<B::InnerBackend, 1>::from_data(TensorData::new(presence, [n]), &device);
+    let presence: Vec<f32> = replica
+        .sum(presence, "summing the gradients")?
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    // The gradients some replica has, in order; buckets of consecutive ones.
+    let dtype = take.taken.iter().find_map(|(g, _)| g.as_ref().map(|g| g.dtype()));
+    let mut summed: Vec<Option<Tensor<B::InnerBackend, 1>>> = Vec::with_capacity(n);
+    let mut bucket: Vec<Tensor<B::InnerBackend, 1>> = vec![];
+    let mut sizes: Vec<usize> = vec![];
+    let flush = |bucket: &mut Vec<Tensor<B::InnerBackend, 1>>,
+                 sizes: &mut Vec<usize>,
+                 summed: &mut Vec<Option<Tensor<B::InnerBackend, 1>>>|
+     -> Result<()> {
+        if bucket.is_empty() {
+            return Ok(());
+        }
+        let flat = replica.sum(Tensor::cat(std::mem::take(bucket), 0), "summing the gradients")?;
+        let mut at = 0;
+        for size in sizes.drain(..) {
+            summed.push(Some(flat.clone().narrow(0, at, size)));
+            at += size;
+        }
+        Ok(())
+    };
+    for ((local, size), count) in take.taken.into_iter().zip(presence) {
+        if count == 0.0 {
+            flush(&mut bucket, &mut sizes, &mut summed)?;
+            summed.push(None);
+            continue;
+        }
+        if sizes.iter().sum::<usize>() + size > GRADIENT_BUCKET {
+            flush(&mut bucket, &mut sizes, &mut summed)?;
+        }
+        let g = local.unwrap_or_else(|| {
+            let zeros = Tensor::<B::InnerBackend, 1>::zeros([size], &device);
+            match dtype {
+                Some(d) => zeros.cast(d),
+                None => zeros,
+            }
+        });
+        bucket.push(g);
+        sizes.push(size);
+    }
+    flush(&mut bucket, &mut sizes, &mut summed)?;
+    let mut put = Put::<B> { summed: summed.into_iter(), grads: GradientsParams::new() };
+    model.visit(&mut put);
+    Ok(put.grads)
+}
+
+/// Refuse replicas that start from different trainable weights (a seed or a checkpoint
+/// that differs between them): their steps would not be one model's. Compares, bit for
+/// bit, each trainable parameter's sum.
+fn check_same_start<B: AutodiffBackend, M: AutodiffModule<B>>(
+    replica: &Replica,
+    model: &M,
+    device: &B::Device,
+) -> Result<()> {
+    if replica.world == 1 {
+        return Ok(());
+    }
+    struct Sums(Vec<f64>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Sums {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.is_require_grad() {
+                self.0.push(param.val().inner().sum().into_scalar().elem::<f64>());
+            }
+        }
+    }
+    let mut sums = Sums(vec![]);
+    model.visit(&mut sums);
+    let all = replica.gather::<B::InnerBackend>(device, &sums.0, "comparing the starting weights")?;
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+    if let Some(r) = (0..all.len()).find(|&r| bits(&all[r]) != bits(&all[0])) {
+        bail!(
+            "rank {r} starts from other trainable weights than rank 0 ({} against {} parameters, or other values): \
+             every replica must load the same model and LoRA seed",
+            all[r].len(),
+            all[0].len()
+        );
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@ mod common;
 
 mod best_of_n;
 mod devices;
+mod distributed;
 mod grpo;
 mod kto;
 mod packing;

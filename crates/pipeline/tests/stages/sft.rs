@@ -2,7 +2,7 @@
 //! SIGKILL mid-way resumes and logs exactly the losses of an uninterrupted run; LoRA SFT
 //! saves a PEFT adapter that reloads.
 
-use crate::common::{metrics, root, tmp};
+use crate::common::{metrics, root, stage_head, tmp};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -11,23 +11,8 @@ use align_model::backend::Cpu;
 use align_pipeline::sft::{SftConfig, run_sft};
 
 fn config(out: &Path, extra: &str) -> String {
-    let r = root();
-    format!(
-        r#"output_dir = "{out}"
-[model]
-path = "{model}"
-[data]
-path = "{data}"
-adapter = "gsm8k_sft"
-limit = 8
-[tokenize]
-max_length = 192
-max_prompt_length = 96
-{extra}"#,
-        out = out.display(),
-        model = r.join("fixtures/models/llama-tied").display(),
-        data = r.join("fixtures/data/gsm8k_train_head.jsonl").display(),
-    )
+    let head = stage_head(out, "fixtures/data/gsm8k_train_head.jsonl", "gsm8k_sft", 8);
+    format!("{head}[tokenize]\nmax_length = 192\nmax_prompt_length = 96\n{extra}")
 }
 
 #[test]

@@ -57,8 +57,16 @@ pub struct GenerateArgs {
 
 pub fn generate<B: FusedOps>(a: GenerateArgs, device: &B::Device) -> Result<()> {
     let GenerateArgs { model, adapter, prompt, chat, system, temperature, top_k, top_p, max_new_tokens, seed } = a;
-    let mut cfg =
-        SamplingConfig { temperature, top_k, top_p, max_new_tokens, min_new_tokens: 0, stop_token_ids: vec![], seed };
+    let mut cfg = SamplingConfig {
+        temperature,
+        top_k,
+        top_p,
+        max_new_tokens,
+        min_new_tokens: 0,
+        stop_token_ids: vec![],
+        seed,
+        first_row: 0,
+    };
     // Before loading the model: a bad flag fails at once.
     cfg.validate()?;
     let m = load_with_adapter::<B>(&model, adapter.as_deref(), device)?;

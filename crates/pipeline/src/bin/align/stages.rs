@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use align_model::FusedOps;
 use align_pipeline::config::StageConfig;
 use align_pipeline::preference::{PairwiseStage, run_preference};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::model::load_with_adapter;
@@ -20,6 +20,39 @@ pub struct StageArgs {
     /// Continue from the newest complete checkpoint in output_dir
     #[arg(long)]
     pub resume: bool,
+    #[command(flatten)]
+    pub distributed: DistributedArgs,
+}
+
+/// Data-parallel flags: each overrides its `[distributed]` setting.
+#[derive(Args)]
+pub struct DistributedArgs {
+    /// Replicas in this process, one per device (cuda:0..N; CPU: threads)
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// Processes (nodes) taking part
+    #[arg(long)]
+    pub nodes: Option<usize>,
+    /// This process's index among the nodes
+    #[arg(long)]
+    pub node_rank: Option<usize>,
+    /// host:port of node 0, where the other nodes connect
+    #[arg(long, value_name = "HOST:PORT")]
+    pub coordinator: Option<String>,
+}
+
+impl DistributedArgs {
+    /// `cfg`'s `[distributed]` with these flags applied.
+    pub fn apply(&self, cfg: &mut StageConfig) -> Result<()> {
+        let d = &mut cfg.distributed;
+        d.devices = self.devices.unwrap_or(d.devices);
+        d.nodes = self.nodes.unwrap_or(d.nodes);
+        d.node_rank = self.node_rank.unwrap_or(d.node_rank);
+        if let Some(c) = &self.coordinator {
+            d.coordinator = Some(c.clone());
+        }
+        d.validate()
+    }
 }
 
 /// Which training stage a command runs.
@@ -35,7 +68,8 @@ pub enum Trainer {
 
 /// Run a training stage from its config; prints `final/`.
 pub fn train<B: FusedOps>(trainer: Trainer, a: StageArgs, device: &B::Device) -> Result<()> {
-    let cfg = StageConfig::from_file(&a.config)?;
+    let mut cfg = StageConfig::from_file(&a.config)?;
+    a.distributed.apply(&mut cfg).with_context(|| a.config.display().to_string())?;
     let out = match trainer {
         Trainer::Sft => align_pipeline::sft::run_sft::<B>(&cfg, a.resume, device)?,
         Trainer::Pairwise(stage) => run_preference::<B>(&cfg, stage, a.resume, device)?,

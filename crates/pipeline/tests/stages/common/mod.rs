@@ -29,6 +29,17 @@ pub fn metrics(dir: &Path) -> Vec<StepMetrics> {
         .collect()
 }
 
+/// The head of a stage config on the tiny `llama-tied` checkpoint: `output_dir`, `[model]`
+/// and `[data]` with its repository-relative `data` file, `adapter` and `limit`.
+pub fn stage_head(out: &Path, data: &str, adapter: &str, limit: usize) -> String {
+    format!(
+        "output_dir = \"{out}\"\n[model]\npath = \"{model}\"\n[data]\npath = \"{data}\"\nadapter = \"{adapter}\"\nlimit = {limit}\n",
+        out = out.display(),
+        model = root().join("fixtures/models/llama-tied").display(),
+        data = root().join(data).display(),
+    )
+}
+
 /// An RL stage config on the tiny `llama-tied` checkpoint: `data` for training and its first
 /// 4 rows held out, `training` lines, the stage's `[section]` body, then `extra` sections.
 pub fn rl_config(
