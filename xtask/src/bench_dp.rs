@@ -1,6 +1,7 @@
 //! `cargo xtask bench-dp`: data-parallel scaling on this machine. SmolLM2-135M LoRA SFT (r=16,
 //! GSM8K rows cut to 256 tokens, 8 rows per optimizer step) with one global batch, run as
 //! - one process on every core, one replica (the baseline);
+//! - one process on one core (for the scaling efficiency: N replicas against N × its speed);
 //! - one process per core, each a replica with a single thread (`--nodes`);
 //! - one process with one replica per core (`--devices`), sharing the CPU's thread pool.
 //!
@@ -77,6 +78,7 @@ pub fn run(a: &BenchDpArgs) -> Result<()> {
     }
     let layouts = [
         Layout { name: "1 process × {n} threads", processes: 1, devices: 1, threads: n, accumulation: 4 },
+        Layout { name: "1 process × 1 thread", processes: 1, devices: 1, threads: 1, accumulation: 4 },
         Layout { name: "{n} processes × 1 thread", processes: n, devices: 1, threads: 1, accumulation: 4 / n },
         Layout { name: "1 process, {n} replicas", processes: 1, devices: n, threads: n, accumulation: 4 / n },
     ];
@@ -134,15 +136,21 @@ pub fn run(a: &BenchDpArgs) -> Result<()> {
         rows.push(serde_json::json!({"layout": name, "tokens_per_s": tps, "step_seconds": step, "peak_rss_mib": rss}));
     }
     let base = rows[0]["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+    let one_core = rows[1]["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
     println!(
-        "| layout (SmolLM2-135M LoRA SFT, 8 × ≤256 tokens per step) | tokens/s | × baseline | s/step | peak RSS (MiB, all processes) |"
+        "| layout (SmolLM2-135M LoRA SFT, 8 × ≤256 tokens per step) | tokens/s | × baseline | scaling efficiency | s/step | peak RSS (MiB, all processes) |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for r in &rows {
         let tps = r["tokens_per_s"].as_f64().unwrap_or(f64::NAN);
+        // Against every core running at the one-core speed.
+        let layout = r["layout"].as_str().unwrap_or("");
+        let efficiency = match layout.contains("1 thread") && !layout.contains("processes") {
+            true => "—".to_string(),
+            false => format!("{:.0} %", 100.0 * tps / (n as f64 * one_core)),
+        };
         println!(
-            "| {} | {tps:.1} | {:.2} | {:.2} | {:.0} |",
-            r["layout"].as_str().unwrap_or(""),
+            "| {layout} | {tps:.1} | {:.2} | {efficiency} | {:.2} | {:.0} |",
             tps / base,
             r["step_seconds"].as_f64().unwrap_or(f64::NAN),
             r["peak_rss_mib"].as_f64().unwrap_or(f64::NAN)

@@ -583,7 +583,7 @@ impl Star {
             match &mut *links {
                 Links::Spoke(hub) => {
                     within(timeout, hub.send(Message::new(encode(op, &values)))).await?.map_err(|e| {
-                        anyhow!("node {}: sending to node 0 failed ({e:?}): node 0 left the run", self.node)
+                        anyhow!("node {}: node 0 left the run (sending to it failed: {e:?})", self.node)
                     })?;
                     let reply = receive(hub.as_mut(), timeout).await.map_err(|e| anyhow!("node 0 {e}"))?;
                     decode(&reply, op, values.len()).context("node 0's sum")
@@ -601,7 +601,7 @@ impl Star {
                     for (i, peer) in peers.iter_mut().enumerate() {
                         within(timeout, peer.send(Message::new(reply.clone())))
                             .await?
-                            .map_err(|e| anyhow!("sending to node {} failed ({e:?}): it left the run", i + 1))?;
+                            .map_err(|e| anyhow!("node {} left the run (sending to it failed: {e:?})", i + 1))?;
                     }
                     Ok(sum)
                 }

@@ -248,6 +248,15 @@ fn validate(kind: StageKind, config: &toml::Table) -> Result<()> {
                 k => Some(k.name()),
             };
             cfg.check_sections(kind.name(), own)?;
+            // Every process would run the whole pipeline and write its run directory.
+            if cfg.distributed.nodes > 1 {
+                bail!(
+                    "[distributed] nodes = {}: a pipeline runs in one process; use `devices` for replicas \
+                     here, or run the stage across nodes with `align {} --config`",
+                    cfg.distributed.nodes,
+                    kind.name()
+                );
+            }
         }
     }
     Ok(())

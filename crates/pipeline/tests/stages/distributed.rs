@@ -305,3 +305,26 @@ fn dropout_on_thread_replicas_is_reproducible() {
     assert!(weight_gap(&a, &none) > 1e-4, "dropout changed nothing");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// A pipeline runs in one process: replicas on its devices, never nodes (each would write the
+/// run's directory).
+#[test]
+fn pipelines_refuse_nodes() {
+    let d = tmp("dp-pipeline");
+    let file = d.join("p.toml");
+    let text = |section: &str| {
+        format!(
+            "name = \"p\"\n[base]\npath = \"{model}\"\n{section}\n[[stages]]\nname = \"sft\"\nkind = \"sft\"\n\
+             model = \"@base\"\ndata = {{ path = \"{data}\", adapter = \"gsm8k_sft\" }}\n",
+            model = root().join("fixtures/models/llama-tied").display(),
+            data = root().join("fixtures/data/gsm8k_train_head.jsonl").display(),
+        )
+    };
+    let opts = align_pipeline::recipe::Options { sets: vec![], smoke: false, fetch: None };
+    std::fs::write(&file, text("[defaults.distributed]\nnodes = 2\ncoordinator = \"127.0.0.1:1\"")).unwrap();
+    let err = format!("{:#}", align_pipeline::recipe::load(&file, &opts).expect_err("nodes refused"));
+    assert!(err.contains("a pipeline runs in one process"), "{err}");
+    std::fs::write(&file, text("[defaults.distributed]\ndevices = 2")).unwrap();
+    align_pipeline::recipe::load(&file, &opts).unwrap();
+    std::fs::remove_dir_all(&d).ok();
+}
