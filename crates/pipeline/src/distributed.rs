@@ -419,7 +419,11 @@ pub fn launch<D: Sync, T: Send>(
         let span = tracing::info_span!("replica", rank = replica.rank);
         let _entered = span.enter();
         CURRENT.with(|c| *c.borrow_mut() = replica.clone());
-        let out = body(device);
+        // A panic is this replica's failure too: the others must not wait for it.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| body(device))).unwrap_or_else(|p| {
+            let what = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned());
+            Err(anyhow!("rank {}: the replica panicked: {}", replica.rank, what.unwrap_or_default()))
+        });
         CURRENT.with(|c| *c.borrow_mut() = Replica::single());
         match &out {
             Ok(_) => replica.finish(),
