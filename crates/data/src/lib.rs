@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod batch;
+pub mod curriculum;
 pub mod dataset;
 pub mod error;
 pub mod loader;
@@ -25,7 +26,7 @@ pub use batch::{
 };
 pub use dataset::{DatasetConfig, SkipReport, examples, examples_as, load_examples, load_examples_as};
 pub use error::{DataError, Location, Result};
-pub use loader::{Loader, LoaderState};
+pub use loader::{Curriculum, Loader, LoaderState};
 pub use schema::{ColumnMap, Content, Example, SchemaKind};
 pub use source::{Record, RecordReader};
 pub use stage_rows::{

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::curriculum::{Pacing, competence};
+
 /// Where a loader is; saved in checkpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LoaderState {
@@ -23,6 +25,23 @@ pub struct Loader {
     lengths: Option<Vec<usize>>,
     n: usize,
     batches: Vec<Vec<usize>>,
+    curriculum: Option<Curriculum>,
+}
+
+/// A curriculum over a loader's examples ([`crate::curriculum`]): batch t is drawn uniformly
+/// from the easiest `competence(t)` fraction, seeded by (seed, t), so a resumed run draws the
+/// same batches. Steps and epochs are counted as without it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Curriculum {
+    /// Example indices, easiest first.
+    pub order: Vec<usize>,
+    pub pacing: Pacing,
+    /// The fraction admitted at the first batch (c0).
+    pub initial: f64,
+    /// Stages of step pacing.
+    pub stages: usize,
+    /// Batches until every example is admitted (T).
+    pub horizon: usize,
 }
 
 /// The generator of (seed, epoch): the same order on every platform.
@@ -48,6 +67,7 @@ impl Loader {
             lengths: None,
             n,
             batches: vec![],
+            curriculum: None,
         };
         l.plan();
         l
@@ -60,6 +80,24 @@ impl Loader {
         self.lengths = Some(lengths);
         self.plan();
         self
+    }
+
+    /// Draw batches by `curriculum` instead of epoch permutations.
+    pub fn with_curriculum(mut self, curriculum: Curriculum) -> Self {
+        assert_eq!(curriculum.order.len(), self.n, "one difficulty rank per example");
+        self.curriculum = Some(curriculum);
+        self
+    }
+
+    /// The fraction of the data the next batch may draw from (1 without a curriculum).
+    pub fn competence(&self) -> f64 {
+        match &self.curriculum {
+            Some(c) => {
+                let t = self.state.epoch * self.batches.len() + self.state.batch;
+                competence(c.pacing, t, c.horizon, c.initial, c.stages)
+            }
+            None => 1.0,
+        }
     }
 
     fn plan(&mut self) {
@@ -106,7 +144,23 @@ impl Loader {
             self.state.batch = 0;
             self.plan();
         }
-        let b = self.batches[self.state.batch].clone();
+        let b = match &self.curriculum {
+            Some(c) => {
+                // Distinct examples, uniform among the admitted ones: a partial shuffle of them.
+                let admitted = ((self.competence() * self.n as f64).ceil() as usize).clamp(1, self.n);
+                let mut pool: Vec<usize> = c.order[..admitted.max(self.batch_size.min(self.n))].to_vec();
+                let t = self.state.epoch * self.batches.len() + self.state.batch;
+                let mut next = rng(self.state.seed ^ 0x6375_7272_6963_756C, t);
+                let take = self.batch_size.min(pool.len());
+                for i in 0..take {
+                    let j = i + (next() % (pool.len() - i) as u64) as usize;
+                    pool.swap(i, j);
+                }
+                pool.truncate(take);
+                pool
+            }
+            None => self.batches[self.state.batch].clone(),
+        };
         self.state.batch += 1;
         b
     }
@@ -137,6 +191,40 @@ mod tests {
         let mut d = Loader::new(23, 4, 7, true);
         d.restore(saved);
         assert_eq!((3..10).map(|_| d.next_batch()).collect::<Vec<_>>(), first[3..].to_vec());
+    }
+
+    #[test]
+    fn a_curriculum_starts_easy_widens_and_resumes() {
+        let n = 100;
+        // Difficulty = index reversed: example 99 is the easiest.
+        let difficulty: Vec<f64> = (0..n).map(|i| (n - i) as f64).collect();
+        let curriculum = Curriculum {
+            order: crate::curriculum::easiest_first(&difficulty),
+            pacing: Pacing::Competence,
+            initial: 0.1,
+            stages: 0,
+            horizon: 20,
+        };
+        let mut l = Loader::new(n, 5, 3, true).with_curriculum(curriculum.clone());
+        let batches: Vec<Vec<usize>> = (0..40).map(|_| l.next_batch()).collect();
+        // Batch 0 draws from the easiest 10 % (indices 90..100), distinct within a batch.
+        assert!(batches[0].iter().all(|&i| i >= 90), "{:?}", batches[0]);
+        let mut b0 = batches[0].clone();
+        b0.sort();
+        b0.dedup();
+        assert_eq!(b0.len(), 5);
+        // Batch 5: c = sqrt(0.25·0.99 + 0.01) ≈ 0.51, so nothing harder than rank 51.
+        assert!(batches[5].iter().all(|&i| i >= n - 51), "{:?}", batches[5]);
+        // After the horizon the hardest examples appear.
+        assert!(batches[20..].iter().flatten().any(|&i| i < 20));
+        // Resumed from a saved state: the same batches.
+        let mut a = Loader::new(n, 5, 3, true).with_curriculum(curriculum.clone());
+        for _ in 0..7 {
+            a.next_batch();
+        }
+        let mut b = Loader::new(n, 5, 3, true).with_curriculum(curriculum);
+        b.restore(a.state());
+        assert_eq!((7..40).map(|_| b.next_batch()).collect::<Vec<_>>(), batches[7..].to_vec());
     }
 
     #[test]
