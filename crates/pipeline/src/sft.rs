@@ -14,6 +14,7 @@ use align_model::{AutodiffFusedOps, FusedOps, Heads, HfHead, ModelConfig, Tokeni
 use anyhow::{Context, Result, bail};
 
 use crate::config::StageConfig;
+use crate::config::curriculum::{CurriculumConfig, Measure};
 use crate::stage::{StageMain, on_autodiff, starting_model};
 use crate::train::{Evaluation, MicroLoss, RowStage, Rows, export_policy, load_trainable, save_trainable, train};
 
@@ -33,6 +34,7 @@ pub struct SftStage<B: AutodiffFusedOps> {
     pub tokenizer: Tokenizer,
     pub base: PathBuf,
     pub device: B::Device,
+    pub curriculum: Option<CurriculumConfig>,
 }
 
 impl<B: AutodiffFusedOps> SftStage<B> {
@@ -106,6 +108,15 @@ impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
         Ok(Some(Evaluation { loss: Some(sum / n.max(1) as f64), metrics: Default::default() }))
     }
 
+    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        Ok(self.curriculum.clone().map(|c| {
+            let difficulty = match c.measure {
+                Measure::Length => self.train.iter().map(|s| s.len() as f64).collect(),
+            };
+            (c, difficulty)
+        }))
+    }
+
     fn save(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {
         save_trainable(model, self.lora.as_ref(), HfHead::CausalLm, dir)
     }
@@ -159,6 +170,7 @@ impl StageMain for Sft<'_> {
             tokenizer: tok,
             base: cfg.model.path.clone(),
             device: device.clone(),
+            curriculum: cfg.curriculum.clone(),
         };
         train(&mut Rows(stage), start.model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))

@@ -16,6 +16,7 @@ pub use crate::distributed::DistributedConfig;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
+pub mod curriculum;
 pub mod grpo;
 pub mod kto;
 pub mod ppo;
@@ -23,6 +24,7 @@ pub mod preference;
 pub mod rloo;
 mod training;
 
+pub use curriculum::CurriculumConfig;
 pub use grpo::GrpoSettings;
 pub use kto::KtoSettings;
 pub use ppo::PpoSettings;
@@ -86,6 +88,9 @@ pub struct StageConfig {
     /// `align rloo` settings (with its reward functions). Default none.
     #[serde(default)]
     pub rloo: Option<RlooSettings>,
+    /// Easier examples first (SFT). Default none.
+    #[serde(default)]
+    pub curriculum: Option<CurriculumConfig>,
     /// Data-parallel replicas (devices, nodes). Default: one device.
     #[serde(default, skip_serializing_if = "is_single_device")]
     pub distributed: DistributedConfig,
@@ -111,6 +116,9 @@ impl StageConfig {
         }
         self.training.validate()?;
         self.distributed.validate()?;
+        if let Some(c) = &self.curriculum {
+            c.validate()?;
+        }
         for (field, v) in
             [("max_length", self.tokenize.max_length), ("max_prompt_length", self.tokenize.max_prompt_length)]
         {
@@ -148,6 +156,9 @@ impl StageConfig {
         ];
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");
+        }
+        if self.curriculum.is_some() && stage != "sft" {
+            bail!("[curriculum]: only the sft stage draws its data by a curriculum so far; this is the {stage} stage");
         }
         Ok(())
     }

@@ -23,7 +23,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Instant;
 
-use align_data::{Loader, LoaderState};
+use align_data::{Curriculum, Loader, LoaderState};
 use align_model::burn::module::{AutodiffModule, Module, ModuleVisitor, Param};
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::backend::AutodiffBackend;
@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{checkpoints, export_policy, load_trainable, save_trainable};
 
-use crate::config::TrainingArguments;
+use crate::config::{CurriculumConfig, TrainingArguments};
 use crate::distributed::Replica;
 use crate::logfmt::{Sig, opt};
 use crate::optim::{AdamW, grad_norm, learning_rate};
@@ -161,6 +161,11 @@ pub trait Stage<B: AutodiffBackend> {
         vec![]
     }
 
+    /// `[curriculum]` and each item's difficulty under its measure, when the stage has one.
+    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        Ok(None)
+    }
+
     /// After each step (adaptive KL control).
     fn after_step(&mut self, _batch: &Self::Batch) {}
 
@@ -228,6 +233,11 @@ pub trait RowStage<B: AutodiffBackend> {
     ) -> Result<MicroLoss<B>>;
 
     fn evaluate_rows(&mut self, model: &Self::Model) -> Result<Option<Evaluation>>;
+
+    /// `[curriculum]` and each row's difficulty, when the stage has one.
+    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        Ok(None)
+    }
     fn save(&self, model: &Self::Model, dir: &Path) -> Result<()>;
     fn load(&self, model: Self::Model, dir: &Path) -> Result<Self::Model>;
     fn export_final(&self, model: &Self::Model, final_dir: &Path) -> Result<()>;
@@ -266,6 +276,10 @@ impl<B: AutodiffBackend, S: RowStage<B>> Stage<B> for Rows<S> {
 
     fn evaluate(&mut self, model: &S::Model, _step: usize) -> Result<Option<Evaluation>> {
         self.0.evaluate_rows(model)
+    }
+
+    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        self.0.curriculum()
     }
 
     fn save_weights(&self, model: &S::Model, dir: &Path) -> Result<()> {
@@ -386,6 +400,21 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let draws_per_round = shape.draws_per_round.max(1) * world;
     let rounds_per_epoch = loader.batches_per_epoch().div_ceil(draws_per_round);
     let total = args.total_steps(rounds_per_epoch, shape.steps_per_round.max(1));
+    // Easier items first: every example is admitted after `duration` of the run's rounds.
+    let curriculum = stage.curriculum()?;
+    if let Some((c, difficulty)) = &curriculum {
+        if difficulty.len() != shape.items {
+            bail!("[curriculum]: {} difficulties for {} examples", difficulty.len(), shape.items);
+        }
+        let rounds = (c.duration * total.div_ceil(shape.steps_per_round.max(1)) as f64).ceil() as usize;
+        loader = loader.with_curriculum(Curriculum {
+            order: align_data::curriculum::easiest_first(difficulty),
+            pacing: c.pacing,
+            initial: c.initial,
+            stages: c.stages,
+            horizon: rounds.max(1) * draws_per_round,
+        });
+    }
     let schedule_len = total * updates;
     let warmup = args.warmup(schedule_len);
     let mut optimizer = AdamW::<B>::new(args.adamw());
@@ -440,7 +469,15 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let mut last_saved = step;
     let mut t0 = Instant::now();
     while step < total {
+        let competence = loader.competence();
         let mut draws: Vec<Vec<usize>> = (0..draws_per_round).map(|_| loader.next_batch()).collect();
+        if let Some((_, difficulty)) = &curriculum {
+            // What the curriculum admitted, and how hard the round's items are on average.
+            let drawn: Vec<f64> = draws.iter().flatten().map(|&i| difficulty[i]).collect();
+            let (sum, n) = (drawn.iter().sum::<f64>(), drawn.len());
+            window.add("curriculum/competence", competence, 1.0);
+            window.add("curriculum/difficulty", sum, n as f64);
+        }
         let mut first_item = 0;
         if shape.split != Split::MicroBatches {
             let own = shape.draws_per_round.max(1);

@@ -192,3 +192,40 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
     align_model::load_pretrained::<Cpu>(&final_dir, align_model::Heads::LM, &Default::default()).unwrap();
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `[curriculum]` by length: the first steps train on the shortest rows, the admitted
+/// fraction grows from `initial` to 1 by `duration` of the run, and the rows drawn get
+/// longer; other stages refuse the section.
+#[test]
+fn a_length_curriculum_trains_short_rows_first() {
+    let d = tmp("sft-curriculum");
+    let training = "[training]\nper_device_train_batch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-3\nmax_steps = 16\nlogging_steps = 1\nsave_steps = 0\n";
+    let curriculum = "[curriculum]\nmeasure = \"length\"\npacing = \"competence\"\ninitial = 0.2\nduration = 0.5\n";
+    // All 32 rows, none cut: their lengths differ (about 70 to 330 tokens).
+    let text = config(&d.join("run"), &format!("{training}{curriculum}"))
+        .replace("limit = 8", "limit = 32")
+        .replace("max_length = 192", "max_length = 512");
+    let cfg: SftConfig = toml::from_str(&text).unwrap();
+    run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
+    let m = metrics(&d.join("run"));
+    let (competence, difficulty): (Vec<f64>, Vec<f64>) =
+        m.iter().map(|r| (r.extra["curriculum/competence"], r.extra["curriculum/difficulty"])).unzip();
+    eprintln!("competence {competence:?}\nmean length drawn {difficulty:?}");
+    assert!((competence[0] - 0.2).abs() < 1e-12);
+    assert!(competence.windows(2).all(|w| w[1] >= w[0]));
+    assert_eq!(competence[8..], [1.0; 8]);
+    // The first step draws from the shortest 20 %: shorter than any later half's average.
+    let late = difficulty[8..].iter().sum::<f64>() / 8.0;
+    assert!(difficulty[0] < 0.8 * late, "first step's rows average {} tokens, the second half's {late}", difficulty[0]);
+
+    let dpo: align_pipeline::config::StageConfig = toml::from_str(&format!("{text}[dpo]\n")).unwrap();
+    let err = align_pipeline::preference::run_preference::<Cpu>(
+        &dpo,
+        align_pipeline::preference::PairwiseStage::Dpo,
+        false,
+        &Default::default(),
+    )
+    .expect_err("[curriculum] refused by DPO");
+    assert!(format!("{err:#}").contains("only the sft stage"), "{err:#}");
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -1,0 +1,59 @@
+//! `[curriculum]`: train on easier examples first (align-data's curriculum pacing).
+
+use align_data::curriculum::Pacing;
+use anyhow::{Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// What makes an example hard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Measure {
+    /// Its tokens: shorter first.
+    Length,
+}
+
+/// `[curriculum]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CurriculumConfig {
+    /// Default "length".
+    pub measure: Measure,
+    /// competence (Platanios et al. 2019) | linear | step. Default competence.
+    pub pacing: Pacing,
+    /// The fraction of the data (easiest first) the first step draws from, c0. Default 0.1.
+    pub initial: f64,
+    /// The fraction of the run's steps after which every example is admitted. Default 0.5.
+    pub duration: f64,
+    /// Stages of `step` pacing. Default 4.
+    pub stages: usize,
+}
+
+impl Default for CurriculumConfig {
+    fn default() -> Self {
+        CurriculumConfig {
+            measure: Measure::Length,
+            pacing: Pacing::Competence,
+            initial: 0.1,
+            duration: 0.5,
+            stages: 4,
+        }
+    }
+}
+
+impl CurriculumConfig {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.initial > 0.0 && self.initial <= 1.0) {
+            bail!(
+                "[curriculum] initial: must be in (0, 1] (the fraction the first step draws from), found {}",
+                self.initial
+            );
+        }
+        if !(self.duration > 0.0 && self.duration <= 1.0) {
+            bail!("[curriculum] duration: must be in (0, 1] (a fraction of the run's steps), found {}", self.duration);
+        }
+        if self.pacing == Pacing::Step && self.stages < 2 {
+            bail!("[curriculum] stages: step pacing needs at least 2, found {}", self.stages);
+        }
+        Ok(())
+    }
+}
