@@ -45,6 +45,26 @@ impl<B: AutodiffFusedOps> SftStage<B> {
         })
     }
 
+    /// Each training row's mean loss per loss token under `model` (0 for a row without
+    /// any), one row per forward pass, with a progress bar.
+    fn row_losses(&self, model: &Transformer<B::InnerBackend>) -> Vec<f64> {
+        let bar = indicatif::ProgressBar::new(self.train.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "curriculum: loss of each row {bar:30} {pos}/{len} [{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        let losses = (self.train.iter())
+            .map(|row| {
+                let (sum, n) = nll_sum(model, &pad_right(&[row], self.pad_id), &self.device);
+                bar.inc(1);
+                if n == 0 { 0.0 } else { sum.into_scalar().elem::<f64>() / n as f64 }
+            })
+            .collect();
+        bar.finish_and_clear();
+        losses
+    }
+
     /// Loss tokens of a micro-batch: every loss token but a sequence's first (nothing
     /// predicts it).
     fn loss_tokens(&self, batch: &[usize]) -> usize {
@@ -108,13 +128,13 @@ impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
         Ok(Some(Evaluation { loss: Some(sum / n.max(1) as f64), metrics: Default::default() }))
     }
 
-    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
-        Ok(self.curriculum.clone().map(|c| {
-            let difficulty = match c.measure {
-                Measure::Length => self.train.iter().map(|s| s.len() as f64).collect(),
-            };
-            (c, difficulty)
-        }))
+    fn curriculum(&self, model: &Transformer<B>) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        let Some(c) = self.curriculum.clone() else { return Ok(None) };
+        let difficulty = match c.measure {
+            Measure::Length => self.train.iter().map(|s| s.len() as f64).collect(),
+            Measure::Loss => self.row_losses(&model.valid()),
+        };
+        Ok(Some((c, difficulty)))
     }
 
     fn save(&self, model: &Transformer<B>, dir: &Path) -> Result<()> {

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub enum Measure {
     /// Its tokens: shorter first.
     Length,
+    /// The starting model's mean loss per loss token on it (computed once, before the first
+    /// step): what the model already predicts well first.
+    Loss,
 }
 
 /// `[curriculum]`

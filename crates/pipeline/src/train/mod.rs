@@ -161,8 +161,9 @@ pub trait Stage<B: AutodiffBackend> {
         vec![]
     }
 
-    /// `[curriculum]` and each item's difficulty under its measure, when the stage has one.
-    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+    /// `[curriculum]` and each item's difficulty under its measure, when the stage has one
+    /// (`model` is the starting model, before any resume).
+    fn curriculum(&self, _model: &Self::Model) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
         Ok(None)
     }
 
@@ -234,8 +235,9 @@ pub trait RowStage<B: AutodiffBackend> {
 
     fn evaluate_rows(&mut self, model: &Self::Model) -> Result<Option<Evaluation>>;
 
-    /// `[curriculum]` and each row's difficulty, when the stage has one.
-    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+    /// `[curriculum]` and each row's difficulty, when the stage has one (`model`: the
+    /// starting model).
+    fn curriculum(&self, _model: &Self::Model) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
         Ok(None)
     }
     fn save(&self, model: &Self::Model, dir: &Path) -> Result<()>;
@@ -278,8 +280,8 @@ impl<B: AutodiffBackend, S: RowStage<B>> Stage<B> for Rows<S> {
         self.0.evaluate_rows(model)
     }
 
-    fn curriculum(&self) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
-        self.0.curriculum()
+    fn curriculum(&self, model: &S::Model) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        self.0.curriculum(model)
     }
 
     fn save_weights(&self, model: &S::Model, dir: &Path) -> Result<()> {
@@ -401,7 +403,8 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     let rounds_per_epoch = loader.batches_per_epoch().div_ceil(draws_per_round);
     let total = args.total_steps(rounds_per_epoch, shape.steps_per_round.max(1));
     // Easier items first: every example is admitted after `duration` of the run's rounds.
-    let curriculum = stage.curriculum()?;
+    // Difficulties from the starting model (a resumed run measures what the first did).
+    let curriculum = stage.curriculum(&model)?;
     if let Some((c, difficulty)) = &curriculum {
         if difficulty.len() != shape.items {
             bail!("[curriculum]: {} difficulties for {} examples", difficulty.len(), shape.items);

@@ -229,3 +229,39 @@ fn a_length_curriculum_trains_short_rows_first() {
     assert!(format!("{err:#}").contains("only the sft stage"), "{err:#}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// `[curriculum] measure = "loss"`: rows the starting model already predicts well come first,
+/// and a run resumed from a checkpoint measures the same difficulties (from the starting
+/// model, not the resumed one), so it logs the uninterrupted run's losses.
+#[test]
+fn a_loss_curriculum_starts_with_what_the_model_knows_and_resumes_exactly() {
+    let d = tmp("sft-curriculum-loss");
+    let training = "[training]\nper_device_train_batch_size = 2\ngradient_accumulation_steps = 2\nlearning_rate = 1e-3\nmax_steps = 12\nlogging_steps = 1\nsave_steps = 6\n";
+    let curriculum = "[curriculum]\nmeasure = \"loss\"\ninitial = 0.2\nduration = 0.5\n";
+    let text = |out: &str| {
+        config(&d.join(out), &format!("{training}{curriculum}"))
+            .replace("limit = 8", "limit = 32")
+            .replace("max_length = 192", "max_length = 512")
+    };
+    let whole: SftConfig = toml::from_str(&text("whole")).unwrap();
+    run_sft::<Cpu>(&whole, false, &Default::default()).unwrap();
+    let m = metrics(&d.join("whole"));
+    let difficulty: Vec<f64> = m.iter().map(|r| r.extra["curriculum/difficulty"]).collect();
+    eprintln!("mean starting loss of the rows drawn {difficulty:?}");
+    let late = difficulty[6..].iter().sum::<f64>() / 6.0;
+    assert!(difficulty[0] < late, "first step's rows {} against the second half's {late}", difficulty[0]);
+
+    let cut: SftConfig = toml::from_str(&text("cut")).unwrap();
+    run_sft::<Cpu>(&cut, false, &Default::default()).unwrap();
+    std::fs::remove_dir_all(d.join("cut/final")).unwrap();
+    let later = d.join("cut/checkpoints/step-12");
+    std::fs::remove_dir_all(&later).ok();
+    run_sft::<Cpu>(&cut, true, &Default::default()).unwrap();
+    let resumed = metrics(&d.join("cut"));
+    assert_eq!(m.len(), resumed.len());
+    for (a, b) in m.iter().zip(&resumed) {
+        assert_eq!((a.step, a.loss), (b.step, b.loss));
+        assert_eq!(a.extra["curriculum/difficulty"], b.extra["curriculum/difficulty"]);
+    }
+    std::fs::remove_dir_all(&d).ok();
+}
