@@ -54,6 +54,7 @@ pub fn align_tokens_per_second<B: AutodiffFusedOps>(path: &Path, pairs: usize, l
         tokenizer: pre.tokenizer,
         base: path.to_path_buf(),
         device,
+        curriculum: None,
     };
     let all: Vec<usize> = (0..pairs).collect();
     let secs = crate::bench_sft::median_step_seconds(model, reps, |m| Ok(stage.row_loss(m, &all, pairs, 1)?.loss))?;

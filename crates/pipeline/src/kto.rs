@@ -116,6 +116,14 @@ impl<B: AutodiffFusedOps> RowStage<B> for KtoStage<B> {
         (self.train.len(), t.per_device_train_batch_size, t.gradient_accumulation_steps)
     }
 
+    /// A row's length: its prompt and completion tokens.
+    fn curriculum(&self, _model: &Transformer<B>) -> Result<Option<(crate::config::CurriculumConfig, Vec<f64>)>> {
+        Ok(self.cfg.curriculum.clone().map(|c| {
+            let lengths = self.train.iter().map(|r| (r.prompt.len() + r.completion.len()) as f64).collect();
+            (c, lengths)
+        }))
+    }
+
     fn row_loss(
         &self,
         model: &Transformer<B>,

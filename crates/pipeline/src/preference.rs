@@ -23,6 +23,7 @@ use align_model::{
 };
 use anyhow::{Result, bail};
 
+use crate::config::CurriculumConfig;
 pub use crate::config::preference::{
     DpoSettings, Objective, OrpoSettings, PairwiseStage, PreferenceConfig, RewardSettings, SimpoSettings,
 };
@@ -127,6 +128,7 @@ pub struct PreferenceStage<B: AutodiffFusedOps> {
     pub tokenizer: Tokenizer,
     pub base: PathBuf,
     pub device: B::Device,
+    pub curriculum: Option<CurriculumConfig>,
 }
 
 /// One micro-batch's loss terms on any backend (training: autodiff; eval: inner).
@@ -267,6 +269,15 @@ impl<B: AutodiffFusedOps> RowStage<B> for PreferenceStage<B> {
         (self.train.len(), self.batch_size, self.accumulation)
     }
 
+    /// A pair's length: its chosen and rejected tokens (the loss measure is SFT's alone,
+    /// refused with the config).
+    fn curriculum(&self, _model: &Transformer<B>) -> Result<Option<(CurriculumConfig, Vec<f64>)>> {
+        Ok(self.curriculum.clone().map(|c| {
+            let lengths = self.train.iter().map(|p| (p.chosen.len() + p.rejected.len()) as f64).collect();
+            (c, lengths)
+        }))
+    }
+
     fn row_loss(
         &self,
         model: &Transformer<B>,
@@ -401,6 +412,7 @@ impl StageMain for Preference<'_> {
             tokenizer: tok,
             base: cfg.model.path.clone(),
             device: device.clone(),
+            curriculum: cfg.curriculum.clone(),
         };
         if let Objective::Dpo(s) = &objective {
             stage.reference = if s.precompute_ref_log_probs {

@@ -88,7 +88,7 @@ pub struct StageConfig {
     /// `align rloo` settings (with its reward functions). Default none.
     #[serde(default)]
     pub rloo: Option<RlooSettings>,
-    /// Easier examples first (SFT). Default none.
+    /// Easier examples first (the dataset stages). Default none.
     #[serde(default)]
     pub curriculum: Option<CurriculumConfig>,
     /// Data-parallel replicas (devices, nodes). Default: one device.
@@ -157,8 +157,17 @@ impl StageConfig {
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");
         }
-        if self.curriculum.is_some() && stage != "sft" {
-            bail!("[curriculum]: only the sft stage draws its data by a curriculum so far; this is the {stage} stage");
+        if let Some(c) = &self.curriculum {
+            if matches!(stage, "grpo" | "rloo" | "ppo") {
+                bail!(
+                    "[curriculum]: the {stage} stage draws prompts to generate from; only the dataset stages (sft, reward, dpo, orpo, simpo, kto) draw by a curriculum"
+                );
+            }
+            if c.measure == curriculum::Measure::Loss && stage != "sft" {
+                bail!(
+                    "[curriculum] measure = \"loss\": only the sft stage measures its rows' starting loss; use measure = \"length\" for {stage}"
+                );
+            }
         }
         Ok(())
     }

@@ -184,3 +184,20 @@ fn score_positions_follow_transformers() {
     assert_eq!(align_pipeline::preference::score_positions(&batch, None), vec![3, 1]);
     assert_eq!(align_pipeline::preference::score_positions(&batch, Some(9)), vec![3, 1]);
 }
+
+/// `[curriculum]` on DPO: pairs by their chosen + rejected tokens, the shortest first.
+#[test]
+fn dpo_draws_short_pairs_first_under_a_curriculum() {
+    let d = tmp("dpo-curriculum");
+    let training = "per_device_train_batch_size = 2\nlearning_rate = 1e-3\nmax_steps = 8";
+    let extra = "[dpo]\n[curriculum]\nmeasure = \"length\"\ninitial = 0.25\nduration = 0.5\n";
+    let cfg = config(&d.join("run"), training, extra);
+    run_preference::<Cpu>(&cfg, PairwiseStage::Dpo, false, &Default::default()).unwrap();
+    let m: Vec<_> = metrics(&d.join("run")).into_iter().filter(|r| r.step > 0).collect();
+    let lengths: Vec<f64> = m.iter().map(|r| r.extra["curriculum/difficulty"]).collect();
+    eprintln!("mean pair length drawn {lengths:?}");
+    let late = lengths[4..].iter().sum::<f64>() / 4.0;
+    assert!(lengths[0] < late, "first step's pairs {} tokens, the second half's {late}", lengths[0]);
+    assert_eq!(m[0].extra["curriculum/competence"], 0.25);
+    std::fs::remove_dir_all(&d).ok();
+}

@@ -218,15 +218,16 @@ fn a_length_curriculum_trains_short_rows_first() {
     let late = difficulty[8..].iter().sum::<f64>() / 8.0;
     assert!(difficulty[0] < 0.8 * late, "first step's rows average {} tokens, the second half's {late}", difficulty[0]);
 
-    let dpo: align_pipeline::config::StageConfig = toml::from_str(&format!("{text}[dpo]\n")).unwrap();
+    let dpo: align_pipeline::config::StageConfig =
+        toml::from_str(&format!("{}[dpo]\n", text.replace("\"length\"", "\"loss\""))).unwrap();
     let err = align_pipeline::preference::run_preference::<Cpu>(
         &dpo,
         align_pipeline::preference::PairwiseStage::Dpo,
         false,
         &Default::default(),
     )
-    .expect_err("[curriculum] refused by DPO");
-    assert!(format!("{err:#}").contains("only the sft stage"), "{err:#}");
+    .expect_err("the loss measure refused by DPO");
+    assert!(format!("{err:#}").contains("only the sft stage measures"), "{err:#}");
     std::fs::remove_dir_all(&d).ok();
 }
 
