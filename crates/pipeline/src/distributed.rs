@@ -182,7 +182,7 @@ impl Replica {
         if self.rank == 0 {
             run_seed
         } else {
-            splitmix(run_seed ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            align_model::SplitMix64::new(run_seed ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_u64()
         }
     }
 
@@ -289,8 +289,8 @@ impl Replica {
         Ok(out)
     }
 
-    /// [`Replica::gather`] of one length on every replica.
-    fn gather_fixed<B: Backend>(&self, device: &B::Device, local: &[f64], what: &str) -> Result<Vec<Vec<f64>>> {
+    /// [`Replica::gather`] of one length on every replica (one all-reduce, not two).
+    pub fn gather_fixed<B: Backend>(&self, device: &B::Device, local: &[f64], what: &str) -> Result<Vec<Vec<f64>>> {
         let k = local.len();
         let mut slots = vec![0f32; (self.world * k * 4).max(1)];
         for (i, x) in local.iter().enumerate() {
@@ -358,14 +358,6 @@ impl Replica {
 
 /// What a replica reports when it stops because another failed.
 const OTHER_FAILED: &str = "another replica failed";
-
-/// SplitMix64: the rank seeds' mixing (well spread from consecutive inputs).
-fn splitmix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
 
 /// Run `body` as each replica of this process, the i-th on `devices[i]` (its own thread when
 /// there are several), and return the first replica's result. `tag` names the run (its

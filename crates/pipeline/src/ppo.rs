@@ -442,11 +442,14 @@ impl Completions {
             let [prompt, response, head, sampled, reference, values] = c else {
                 bail!("gathering the rollout batch: a replica sent a cut record");
             };
+            let [seq_length, score, has_eos] = head[..] else {
+                bail!("gathering the rollout batch: a replica sent a cut record");
+            };
             out.prompts.push(tokens(prompt));
             out.responses.push(tokens(response));
-            out.seq_lengths.push(head[0] as usize);
-            out.scores.push(head[1]);
-            out.has_eos.push(head[2] != 0.0);
+            out.seq_lengths.push(seq_length as usize);
+            out.scores.push(score);
+            out.has_eos.push(has_eos != 0.0);
             out.sampled.push(sampled.clone());
             out.ref_logps.push(reference.clone());
             out.values.push(values.clone());

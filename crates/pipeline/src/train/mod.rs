@@ -703,7 +703,8 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
             (micro.iter().skip(replica.rank).step_by(replica.world).collect(), micro.len())
         }
         Split::Draws => {
-            let counts = replica.gather::<B::InnerBackend>(device, &[micro.len() as f64], "counting micro-batches")?;
+            let counts =
+                replica.gather_fixed::<B::InnerBackend>(device, &[micro.len() as f64], "counting micro-batches")?;
             (micro.iter().collect(), counts.iter().map(|c| c[0] as usize).sum())
         }
     };
@@ -720,22 +721,27 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
         grads = Some(accumulate(&model, m.loss, grads));
     }
     let grads = if replica.world > 1 {
+        // [metric names' fingerprint, loss, fed tokens, (sum, units) per metric in name order]
+        let keys = key_hash(metrics.keys());
         let local: Vec<f64> =
-            [loss, fed_tokens as f64].into_iter().chain(metrics.values().flat_map(|&(v, u)| [v, u])).collect();
+            [keys, loss, fed_tokens as f64].into_iter().chain(metrics.values().flat_map(|&(v, u)| [v, u])).collect();
         let all = replica.gather::<B::InnerBackend>(device, &local, "gathering the losses")?;
-        let keys = replica.gather::<B::InnerBackend>(device, &[key_hash(metrics.keys())], "gathering the losses")?;
-        (loss, fed_tokens) = (all.iter().map(|v| v[0]).sum(), all.iter().map(|v| v[1] as usize).sum());
+        (loss, fed_tokens) = (0.0, 0);
         for (r, v) in all.iter().enumerate() {
-            if r == replica.rank || v.len() <= 2 {
+            let [hash, their_loss, their_tokens, sums @ ..] = &v[..] else {
+                bail!("rank {r} sent no losses: the replicas do not run the same stage");
+            };
+            (loss, fed_tokens) = (loss + their_loss, fed_tokens + *their_tokens as usize);
+            if r == replica.rank || sums.is_empty() {
                 continue;
             }
-            if keys[r][0] != key_hash(metrics.keys()) && !metrics.is_empty() {
+            if *hash != keys && !metrics.is_empty() {
                 bail!(
                     "rank {r} logged other metrics than rank {}: the replicas do not run the same stage",
                     replica.rank
                 );
             }
-            for ((_, e), pair) in metrics.iter_mut().zip(v[2..].chunks(2)) {
+            for ((_, e), pair) in metrics.iter_mut().zip(sums.chunks_exact(2)) {
                 (e.0, e.1) = (e.0 + pair[0], e.1 + pair[1]);
             }
         }
