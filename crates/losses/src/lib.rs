@@ -1,7 +1,8 @@
 //! Pure tensor math of every alignment objective: functions of tensors in, tensors out, no
 //! I/O and no model. Each function names the paper it implements and the TRL (1.16) code
-//! it matches; `tests/reference.rs` checks every case of `fixtures/reference/losses/*.json`
-//! (TRL's own outputs) to 1e-6 relative in f64 and 1e-4 in f32.
+//! it matches (for an objective TRL lacks, the reference code it follows);
+//! `tests/reference.rs` checks every case of `fixtures/reference/losses/*.json` (TRL's own
+//! outputs; torch's for [`contrastive`]) to 1e-6 relative in f64 and 1e-4 in f32.
 //!
 //! Conventions (`docs/conventions.md`): a sequence log-prob is the *sum* of its
 //! completion tokens' log-probs unless a function says "averaged"; masks are float tensors
@@ -19,7 +20,12 @@
 //! - [`rloo`]: leave-one-out advantages and the sequence-level clipped surrogate.
 //! - [`ppo`]: RLHF rewards with a KL penalty, GAE, whitening, clipped policy and value
 //!   losses, the adaptive KL controller.
+//! - [`contrastive`]: InfoNCE with in-batch negatives on pooled (prompt, response)
+//!   representations, CLIP's symmetric loss or the one-directional one, and its retrieval
+//!   accuracy (SFT's auxiliary `--use_contrastive`); checked against torch's loss and
+//!   autograd gradients.
 
+pub mod contrastive;
 pub mod grpo;
 pub mod kl;
 pub mod kto;

@@ -1,13 +1,16 @@
-//! Every case of every `fixtures/reference/losses/*.json` (TRL's own outputs, float64),
-//! checked twice: on `NdArray<f64>` to 1e-6 relative and on the default f32 CPU backend to
-//! 1e-4 (`|got − want| ≤ tol · max(1, |want|)`). A section, config key or output this test
-//! does not know fails it, so a new file or case cannot be silently skipped.
+//! Every case of every `fixtures/reference/losses/*.json` (TRL's own outputs, float64; torch's
+//! for `contrastive`), checked twice: on `NdArray<f64>` to 1e-6 relative and on the default f32
+//! CPU backend to 1e-4 (`|got − want| ≤ tol · max(1, |want|)`). Gradients (torch autograd's,
+//! in `contrastive`) are checked on `Autodiff` of the same two backends at the same
+//! tolerances. A section, config key or output this test does not know fails it, so a new
+//! file or case cannot be silently skipped.
 
 use std::path::{Path, PathBuf};
 
-use align_losses::burn::backend::{Flex, NdArray};
+use align_losses::burn::backend::{Autodiff, Flex, NdArray};
 use align_losses::burn::tensor::backend::Backend;
 use align_losses::burn::tensor::{Int, Tensor, TensorData};
+use align_losses::contrastive::{ContrastiveDirection, info_nce_loss};
 use align_losses::grpo::{
     AdvantageConfig, GrpoLossType, GrpoObjective, MultiObjective, ScaleRewards, grpo_advantages, grpo_aggregate,
     grpo_clip_metrics, grpo_per_token_loss,
@@ -687,6 +690,50 @@ fn rloo_loss_section<B: Backend>(c: &mut Checker, s: &Value) {
     }
 }
 
+/// InfoNCE on each case's own inputs, on `Autodiff<B>` so that torch's gradients of the loss
+/// with respect to both inputs are checked along with the values.
+fn contrastive<B: Backend>(c: &mut Checker, s: &Value) {
+    for (i, case) in s["cases"].as_array().unwrap().iter().enumerate() {
+        let what = format!("contrastive.cases[{i}]");
+        let cfg = &case["config"];
+        config_keys(c, &what, cfg, &["direction", "temperature"]);
+        let direction = match cfg["direction"].as_str() {
+            Some("symmetric") => ContrastiveDirection::Symmetric,
+            Some("prompt_to_response") => ContrastiveDirection::PromptToResponse,
+            other => {
+                c.unknown(format!("{what}: direction {other:?}"));
+                continue;
+            }
+        };
+        let inp = &case["inputs"];
+        let prompt = t2::<Autodiff<B>>(&v2(&inp["prompt"])).require_grad();
+        let response = t2::<Autodiff<B>>(&v2(&inp["response"])).require_grad();
+        let out = info_nce_loss(prompt.clone(), response.clone(), f(&cfg["temperature"]), direction);
+        let metrics = out.metrics();
+        let grads = out.loss.backward();
+        let grad_prompt = prompt.grad(&grads).map(h2);
+        let grad_response = response.grad(&grads).map(h2);
+        let (loss, logits) = (h0(out.loss), h2(out.logits));
+        outputs(c, &what, &case["outputs"], |c, k, v| {
+            let w = format!("{what}.{k}");
+            match k {
+                "loss" => c.num(&w, loss, f(v)),
+                "logits" => c.mat(&w, &logits, &v2(v)),
+                "accuracy" => c.num(&w, metrics.accuracy, f(v)),
+                "accuracy_response_to_prompt" => c.num(&w, metrics.accuracy_response_to_prompt, f(v)),
+                "grad_prompt" | "grad_response" => {
+                    match if k == "grad_prompt" { &grad_prompt } else { &grad_response } {
+                        Some(g) => c.mat(&w, g, &v2(v)),
+                        None => c.failures.push(format!("{w}: no gradient")),
+                    }
+                }
+                _ => return false,
+            }
+            true
+        });
+    }
+}
+
 fn reference_files() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/reference/losses");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -716,6 +763,7 @@ fn check_all<B: Backend>(tol: f64) -> Checker {
                 "kto" => kto::<B>(&mut c, s),
                 "rloo_advantages" => rloo_advantages_section(&mut c, s),
                 "rloo_loss" => rloo_loss_section::<B>(&mut c, s),
+                "contrastive" => contrastive::<B>(&mut c, s),
                 other => c.unknown(format!("section {other}")),
             }
         }
