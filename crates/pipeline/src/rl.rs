@@ -414,7 +414,10 @@ impl OnlineData {
             Some(d) => generation_prompts(&tok, d, &cfg.tokenize, "eval")?,
             None => vec![],
         };
-        let rewards = build_terms::<B>(rewards, device)?;
+        // `{ kind = "fluency" }` without a path scores under this stage's reference model.
+        let mut rewards = rewards.to_vec();
+        align_reward::fill_reference_model(&mut rewards, &cfg.model.path);
+        let rewards = build_terms::<B>(&rewards, device)?;
         Ok(OnlineData { cfg: cfg.clone(), tok, pad, rewards, train, eval, log: None })
     }
 

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Result, Reward, RewardError, RewardOutput, Sample};
+use crate::{Result, Reward, RewardOutput, Sample, example_number, unit_interval};
 
 /// `Σ wᵢ·rᵢ`; each function's score is a component under its name, and its own
 /// components under `name/component`.
@@ -47,12 +47,7 @@ pub struct Adlf {
 
 impl Adlf {
     fn external(&self, example: &serde_json::Value) -> Result<f64> {
-        let v = example.get(&self.external_field).and_then(|v| v.as_f64()).ok_or_else(|| RewardError::Input {
-            reward: "adlf".into(),
-            message: format!("example has no numeric field `{}`", self.external_field),
-        })?;
-        let (lo, hi) = self.external_range;
-        Ok(((v - lo) / (hi - lo)).clamp(0.0, 1.0))
+        Ok(unit_interval(example_number("adlf", example, &self.external_field)?, self.external_range))
     }
 }
 

@@ -3,7 +3,19 @@
 //! ```toml
 //! [[grpo.rewards]]
 //! kind = "r1_zero"        # r1_zero | r1_zero_format | gsm8k | length | coherence | model | adlf
+//!                         # | faithfulness | quality | fluency
 //! weight = 1.0            # default 1.0
+//! ```
+//!
+//! The multi-objective terms of a scored-conversations stage, each in [0, 1]:
+//!
+//! ```toml
+//! rewards = [
+//!   { kind = "fluency", weight = 0.2 },                         # the reference model's 1/perplexity
+//!   { kind = "faithfulness", against = "both", weight = 0.3 },  # ROUGE-L F1 vs reply and context
+//!   { kind = "quality", field = "score", range = [0, 5], weight = 0.5 },  # the row's score
+//! ]
+//! # quality from a reward model instead: { kind = "quality", model = "runs/rm/final" }
 //! ```
 
 use std::path::PathBuf;
@@ -12,7 +24,10 @@ use align_model::FusedOps;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::combine::{Adlf, WeightedSum};
+use crate::faithfulness::{Faithfulness, FaithfulnessAgainst};
+use crate::fluency::Fluency;
 use crate::model::RewardModelScorer;
+use crate::quality::{Quality, QualitySource};
 use crate::rules::{Coherence, Gsm8kMatch, Gsm8kMatchMode, R1Zero, R1ZeroFormat, SoftOverlong};
 use crate::{Result, Reward, RewardError};
 
@@ -33,6 +48,10 @@ fn score_field() -> String {
 }
 fn unit() -> (f64, f64) {
     (0.0, 1.0)
+}
+/// A scored conversation's `meta_eval_score` scale.
+fn judge_scale() -> (f64, f64) {
+    (0.0, 5.0)
 }
 
 /// One reward function.
@@ -94,6 +113,47 @@ pub enum RewardSpec {
         #[serde(default = "unit")]
         external_range: (f64, f64),
         internal: Vec<RewardTerm>,
+    },
+    /// ROUGE-L F1 of the completion against the row's reference reply (its last assistant
+    /// turn, completion or answer) and/or its context (the turns before, or the prompt), in
+    /// [0, 1]; components rouge_l_reference, rouge_l_context.
+    Faithfulness {
+        /// reference | context | both (the mean). Default both.
+        #[serde(default)]
+        against: FaithfulnessAgainst,
+    },
+    /// A quality score in [0, 1]: the row's external score by default
+    /// (`{ kind = "quality", field = "score", range = [0, 5] }`), or a reward model's when
+    /// `model` is given (`{ kind = "quality", model = "dir", batch_size = 8 }`); the two
+    /// sets of fields do not mix. Component raw.
+    Quality {
+        /// The example's numeric field. Default "score" (a scored conversation's
+        /// `meta_eval_score`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        field: Option<String>,
+        /// The field's scale, mapped to [0, 1] (values outside clamped). Default [0, 5].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        range: Option<(f64, f64)>,
+        /// A reward model (HF sequence-classification directory): σ(its score) instead.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        model: Option<PathBuf>,
+        /// With `model`: sequences per forward. Default 8.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        batch_size: Option<usize>,
+        /// With `model`: append EOS after the completion. Default true.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        append_eos: Option<bool>,
+    },
+    /// exp(mean log-prob of the completion tokens given the prompt) under a causal LM, in
+    /// [0, 1]; component mean_logprob.
+    Fluency {
+        /// An HF causal-LM directory (or GGUF). None: the stage's reference (starting)
+        /// model, which the stage fills in before building.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<PathBuf>,
+        /// Sequences per forward. Default 8.
+        #[serde(default = "eight")]
+        batch_size: usize,
     },
 }
 
@@ -162,7 +222,74 @@ pub fn build_reward<B: FusedOps>(spec: &RewardSpec, device: &B::Device) -> Resul
                 internal: Box::new(WeightedSum { name: "internal".into(), terms: build_terms::<B>(internal, device)? }),
             })
         }
+        RewardSpec::Faithfulness { against } => Box::new(Faithfulness { against: *against }),
+        RewardSpec::Quality { field, range, model, batch_size, append_eos } => {
+            Box::new(Quality { source: quality_source::<B>(field, range, model, *batch_size, *append_eos, device)? })
+        }
+        RewardSpec::Fluency { path, batch_size } => {
+            let path = path.as_ref().ok_or_else(|| {
+                RewardError::Config(
+                    "fluency has no model `path`: give one, or let the stage fill in its reference model".into(),
+                )
+            })?;
+            Box::new(Fluency::<B>::load(path, *batch_size, device)?)
+        }
     })
+}
+
+/// Give every `fluency` term without a `path` (in `terms`, and inside ADLF's internal
+/// terms) the stage's reference model, `path`: a stage calls this before [`build_terms`],
+/// so `{ kind = "fluency" }` means "the model this stage starts from".
+pub fn fill_reference_model(terms: &mut [RewardTerm], path: &std::path::Path) {
+    for t in terms {
+        match &mut t.spec {
+            RewardSpec::Fluency { path: p @ None, .. } => *p = Some(path.to_path_buf()),
+            RewardSpec::Adlf { internal, .. } => fill_reference_model(internal, path),
+            _ => {}
+        }
+    }
+}
+
+/// The quality reward's source: the row's score unless `model` is given; fields of the
+/// other source are refused rather than ignored.
+fn quality_source<B: FusedOps>(
+    field: &Option<String>,
+    range: &Option<(f64, f64)>,
+    model: &Option<PathBuf>,
+    batch_size: Option<usize>,
+    append_eos: Option<bool>,
+    device: &B::Device,
+) -> Result<QualitySource> {
+    match model {
+        Some(path) => {
+            if field.is_some() || range.is_some() {
+                return Err(RewardError::Config(
+                    "quality: `field`/`range` read the row's score, `model` scores with a reward model; give one"
+                        .into(),
+                ));
+            }
+            let mut m =
+                RewardModelScorer::<B>::load(path, batch_size.unwrap_or_else(eight), device).map_err(|e| match e {
+                    RewardError::Model { source, .. } => RewardError::Model { reward: "quality".into(), source },
+                    e => e,
+                })?;
+            m.append_eos = append_eos.unwrap_or(true);
+            m.name = "quality".into();
+            Ok(QualitySource::Model(Box::new(m)))
+        }
+        None => {
+            if batch_size.is_some() || append_eos.is_some() {
+                return Err(RewardError::Config(
+                    "quality: `batch_size`/`append_eos` apply to a reward `model`, and none is given".into(),
+                ));
+            }
+            let range = range.unwrap_or_else(judge_scale);
+            if !(range.0.is_finite() && range.1.is_finite() && range.1 > range.0) {
+                return Err(RewardError::Config(format!("quality range {range:?} is empty")));
+            }
+            Ok(QualitySource::External { field: field.clone().unwrap_or_else(score_field), range })
+        }
+    }
 }
 
 /// Build weighted terms; two functions of one kind must differ in name, so the second of
