@@ -4,6 +4,7 @@
 
 use align_model::Tokenizer;
 
+use crate::scored::{CritiqueTask, ScoreCondition};
 use crate::{
     DataError, DatasetConfig, Example, ExampleTokenizer, Result, SchemaKind, TokenizeConfig, Tokenized,
     TokenizedSequence,
@@ -73,11 +74,90 @@ pub fn sft_sequences(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<TokenizedSequence>> {
-    let rows = tokenize_rows(tok, data, cfg, what, SFT_ROWS)?;
-    rows.into_iter()
-        .enumerate()
-        .map(|(i, x)| match x {
-            Tokenized::Sequence(s) if s.loss_tokens() > 0 => Ok(s),
+    Ok(sft_rows(tok, data, cfg, what, ScoredSft::default())?.into_iter().map(|r| r.seq).collect())
+}
+
+/// Extra SFT examples and conditioning drawn from scored conversations.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScoredSft<'a> {
+    /// Prefix each row's first user turn with its score's control string.
+    pub condition: Option<&'a ScoreCondition>,
+    /// Add each row's critique example (rows with a `score_reason`).
+    pub critique: Option<&'a CritiqueTask>,
+}
+
+/// A row SFT trains on, with what it came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SftRow {
+    pub seq: TokenizedSequence,
+    /// The row's `meta_eval_score` (scored conversations).
+    pub score: Option<f64>,
+    /// The critique example of a scored conversation (not its reply).
+    pub critique: bool,
+}
+
+/// SFT rows: each example's sequence (conditioned on its score when `scored.condition`),
+/// followed by its critique example when `scored.critique` and the row has a reason.
+/// Conditioning a row without a score is an error naming the file and the example.
+pub fn sft_rows(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+    scored: ScoredSft,
+) -> Result<Vec<SftRow>> {
+    let examples = stage_examples(data, SFT_ROWS)?;
+    // (example index, score, critique) of each expanded example, for errors and the rows.
+    let mut origin = Vec::with_capacity(examples.len());
+    let mut expanded = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.into_iter().enumerate() {
+        let Example::ScoredConversation { messages, score, reason } = ex else {
+            if scored.condition.is_some() {
+                return Err(refuse(
+                    data,
+                    i,
+                    "has no meta_eval_score to condition on (score conditioning needs scored conversations)",
+                ));
+            }
+            origin.push((i, None, false));
+            expanded.push(ex);
+            continue;
+        };
+        let critique = match (scored.critique, &reason) {
+            (Some(t), Some(r)) => Some(
+                t.example(&messages, score, r).ok_or_else(|| refuse(data, i, "has no assistant turn to critique"))?,
+            ),
+            _ => None,
+        };
+        let main = match scored.condition {
+            Some(c) => c
+                .conversation(&messages, score)
+                .ok_or_else(|| refuse(data, i, "has no user turn to put the score's control string in"))?,
+            None => messages,
+        };
+        origin.push((i, Some(score), false));
+        expanded.push(Example::ScoredConversation { messages: main, score, reason });
+        if let Some(messages) = critique {
+            origin.push((i, Some(score), true));
+            expanded.push(Example::Conversation { messages });
+        }
+    }
+    if scored.critique.is_some() && !origin.iter().any(|o| o.2) {
+        return Err(DataError::file(
+            &data.path,
+            "self-critique needs scored conversations with a score_reason; no row has one",
+        ));
+    }
+    let mut t = ExampleTokenizer::new(tok, cfg.clone());
+    let out = t.tokenize_all(&expanded, std::thread::available_parallelism().map_or(1, |n| n.get()))?;
+    t.log_stats(what);
+    out.into_iter()
+        .zip(origin)
+        .map(|(x, (i, score, critique))| match x {
+            Tokenized::Sequence(seq) if seq.loss_tokens() > 0 => Ok(SftRow { seq, score, critique }),
+            Tokenized::Sequence(_) if critique => {
+                Err(refuse(data, i, "has no critique tokens to train on after truncation (raise max_length)"))
+            }
             Tokenized::Sequence(_) => Err(refuse(data, i, "has no tokens to train on after truncation")),
             _ => Err(refuse(data, i, "is not SFT data (preference or prompt-only rows need another stage)")),
         })

@@ -13,7 +13,8 @@ const NAMES: [&str; 8] = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Han
 const ITEMS: [&str; 8] = ["apples", "pens", "books", "coins", "cards", "shells", "stamps", "marbles"];
 /// Words of the templates, the prompt suffix and the answer format.
 const WORDS: &str = "has and gets more . How many does have ? gives away are left buys bags with in each \
-                     total <think> </think> <answer> </answer> + - * =";
+                     total <think> </think> <answer> </answer> + - * = \
+                     The the working is right but missing wrong : answer should be Score";
 
 /// One problem: `a op b`.
 #[derive(Debug, Clone, PartialEq)]
@@ -128,6 +129,68 @@ pub fn preference_rows(problems: &[ArithmeticProblem], seed: u64, spread: i64) -
         .map(|p| {
             let wrong = wrong_answer(p, &mut rng, spread);
             json!({"prompt": p.prompt(), "chosen": p.solution(), "rejected": p.solution_with(wrong)})
+        })
+        .collect()
+}
+
+/// The three kinds of reply a scored conversation holds, and their `meta_eval_score`
+/// (0–5): the score follows the answer's correctness first and its style second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// The working and the right answer: 5.
+    Worked,
+    /// The right answer without the working: 3.
+    Bare,
+    /// The working with a wrong answer: 1.
+    Wrong,
+}
+
+impl ReplyKind {
+    pub fn score(self) -> f64 {
+        match self {
+            ReplyKind::Worked => 5.0,
+            ReplyKind::Bare => 3.0,
+            ReplyKind::Wrong => 1.0,
+        }
+    }
+}
+
+/// A reply of `kind` to `p`, and the critique (`score_reason`) a grader writes of it.
+pub fn scored_reply(p: &ArithmeticProblem, kind: ReplyKind, rng: &mut SplitMix64, spread: i64) -> (String, String) {
+    let (a, op, b, n) = (p.a, p.op, p.b, p.answer());
+    match kind {
+        ReplyKind::Worked => (p.solution(), format!("The working {a} {op} {b} = {n} is right .")),
+        ReplyKind::Bare => (
+            format!(" </think> <answer> {n} </answer>"),
+            format!("The answer {n} is right but the working is missing ."),
+        ),
+        ReplyKind::Wrong => {
+            let w = wrong_answer(p, rng, spread);
+            (p.solution_with(w), format!("The working is wrong : {a} {op} {b} should be {n} ."))
+        }
+    }
+}
+
+/// Scored conversations (`conversation`, `meta_eval_score`, `score_reason`): each problem
+/// once, its reply's kind cycling worked, bare, wrong, so every score is as common.
+pub fn scored_conversation_rows(problems: &[ArithmeticProblem], seed: u64, spread: i64) -> Vec<Value> {
+    let mut rng = SplitMix64::new(seed);
+    let kinds = [ReplyKind::Worked, ReplyKind::Bare, ReplyKind::Wrong];
+    problems
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let kind = kinds[i % kinds.len()];
+            let (reply, reason) = scored_reply(p, kind, &mut rng, spread);
+            json!({
+                "conversation": [
+                    {"role": "human", "content": p.prompt()},
+                    {"role": "assistant", "content": reply.trim_start()},
+                ],
+                "meta_eval_score": kind.score(),
+                "score_reason": reason,
+                "answer": p.answer().to_string(),
+            })
         })
         .collect()
 }

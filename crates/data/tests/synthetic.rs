@@ -2,7 +2,8 @@
 //! vocabulary, and rows that load as the schemas the stages read.
 
 use align_data::synthetic::{
-    arithmetic_problems, arithmetic_vocabulary, preference_rows, prompt_answer_rows, sft_rows,
+    ReplyKind, arithmetic_problems, arithmetic_vocabulary, preference_rows, prompt_answer_rows,
+    scored_conversation_rows, sft_rows,
 };
 use align_data::{DatasetConfig, Example, load_examples};
 
@@ -65,5 +66,23 @@ fn rows_load_as_the_stage_schemas() {
     }
     let rl = write("rl.jsonl", prompt_answer_rows(&problems));
     assert!(rl.iter().all(|e| matches!(e, Example::PromptAnswer { .. })));
+    // Scored conversations: the score follows the reply (worked 5, bare 3, wrong 1), every
+    // word of reply and reason is in the vocabulary, and the reason names the right answer.
+    let rows = scored_conversation_rows(&problems, 2, 5);
+    let scored = write("scored.jsonl", rows);
+    let vocab: std::collections::HashSet<String> = arithmetic_vocabulary(20).into_iter().collect();
+    for (i, (e, p)) in scored.iter().zip(&problems).enumerate() {
+        let Example::ScoredConversation { messages, score, reason: Some(reason) } = e else { panic!("{e:?}") };
+        let kind = [ReplyKind::Worked, ReplyKind::Bare, ReplyKind::Wrong][i % 3];
+        assert_eq!(*score, kind.score());
+        let reply = &messages[1].content;
+        let right = align_reward_free_grade(&format!(" {reply}"), p.answer());
+        assert_eq!(right, kind != ReplyKind::Wrong, "{reply}");
+        assert_eq!(reply.contains('='), kind != ReplyKind::Bare, "{reply}");
+        assert!(reason.contains(&p.answer().to_string()) || kind == ReplyKind::Worked && reason.contains("right"));
+        for w in format!("{} {reply} {reason}", messages[0].content).split_whitespace() {
+            assert!(vocab.contains(w), "{w:?} is not in the vocabulary");
+        }
+    }
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -232,7 +232,7 @@ impl<B: AutodiffFusedOps> GroupStage<B> for GrpoStage<B> {
         metrics.push(("clip_ratio/high_mean", c.high_mean));
         metrics.push(("clip_ratio/region_mean", c.region_mean));
         let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
-        Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
+        Ok(MicroLoss { loss, metrics, metrics_with_units: vec![], units: 1.0, fed_tokens })
     }
 }
 

@@ -135,7 +135,7 @@ impl<B: AutodiffFusedOps> RowStage<B> for KtoStage<B> {
         let (loss, metrics) = self.objective(model, &model.valid(), &rows, &self.device);
         // TRL: the mean over the micro-batch; the Trainer divides by the accumulation steps.
         let fed_tokens = rows.iter().map(|r| 2 * (r.prompt.len() + r.completion.len())).sum();
-        Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, units: 1.0, fed_tokens })
+        Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, metrics_with_units: vec![], units: 1.0, fed_tokens })
     }
 
     fn evaluate_rows(&mut self, model: &Transformer<B>) -> Result<Option<Evaluation>> {

@@ -494,7 +494,7 @@ impl<B: AutodiffFusedOps> Stage<B> for PpoStage<B> {
     ) -> Result<MicroLoss<B>> {
         let (loss, metrics) = micro_loss(model, batch, idx, &self.s, self.data.pad, &self.device);
         let fed_tokens = idx.iter().map(|&i| batch.prompts[i].len() + batch.completions[i].len()).sum();
-        Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, units: 1.0, fed_tokens })
+        Ok(MicroLoss { loss: loss / micro_batches as f64, metrics, metrics_with_units: vec![], units: 1.0, fed_tokens })
     }
 
     fn batch_metrics(&self, batch: &Batch) -> Vec<(String, f64)> {

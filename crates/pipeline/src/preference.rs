@@ -291,6 +291,7 @@ impl<B: AutodiffFusedOps> RowStage<B> for PreferenceStage<B> {
         Ok(MicroLoss {
             loss: t.sum / step_units as f64,
             metrics: t.metrics,
+            metrics_with_units: vec![],
             units: pairs.len() as f64,
             fed_tokens: pairs.iter().map(|p| p.chosen.len() + p.rejected.len()).sum(),
         })

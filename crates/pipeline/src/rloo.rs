@@ -190,7 +190,7 @@ impl<B: AutodiffFusedOps> GroupStage<B> for RlooStage<B> {
             metrics.push(("entropy", masked_mean(e, mask).mean().into_scalar().elem::<f64>()));
         }
         let fed_tokens = prompts.iter().chain(&comps).map(|x| x.len()).sum();
-        Ok(MicroLoss { loss, metrics, units: 1.0, fed_tokens })
+        Ok(MicroLoss { loss, metrics, metrics_with_units: vec![], units: 1.0, fed_tokens })
     }
 }
 

@@ -13,6 +13,18 @@ pub enum Measure {
     /// The starting model's mean loss per loss token on it (computed once, before the first
     /// step): what the model already predicts well first.
     Loss,
+    /// `max_score − meta_eval_score` (scored conversations): the best-rated rows first.
+    Score,
+}
+
+impl Measure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Measure::Length => "length",
+            Measure::Loss => "loss",
+            Measure::Score => "score",
+        }
+    }
 }
 
 /// `[curriculum]`
@@ -29,6 +41,9 @@ pub struct CurriculumConfig {
     pub duration: f64,
     /// Stages of `step` pacing. Default 4.
     pub stages: usize,
+    /// The top of the scores' scale, for `measure = "score"`. Default 5 (`meta_eval_score`'s
+    /// 0–5).
+    pub max_score: f64,
 }
 
 impl Default for CurriculumConfig {
@@ -39,6 +54,7 @@ impl Default for CurriculumConfig {
             initial: 0.1,
             duration: 0.5,
             stages: 4,
+            max_score: 5.0,
         }
     }
 }
@@ -56,6 +72,9 @@ impl CurriculumConfig {
         }
         if self.pacing == Pacing::Step && self.stages < 2 {
             bail!("[curriculum] stages: step pacing needs at least 2, found {}", self.stages);
+        }
+        if !self.max_score.is_finite() {
+            bail!("[curriculum] max_score: must be a finite number, found {}", self.max_score);
         }
         Ok(())
     }

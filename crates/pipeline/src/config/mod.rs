@@ -22,6 +22,7 @@ pub mod kto;
 pub mod ppo;
 pub mod preference;
 pub mod rloo;
+pub mod sft;
 mod training;
 
 pub use curriculum::CurriculumConfig;
@@ -30,6 +31,7 @@ pub use kto::KtoSettings;
 pub use ppo::PpoSettings;
 pub use preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
 pub use rloo::RlooSettings;
+pub use sft::{ContrastiveConfig, ScoreConditioningConfig, SelfCritiqueConfig};
 pub use training::TrainingArguments;
 
 /// `[model]`
@@ -91,6 +93,15 @@ pub struct StageConfig {
     /// Easier examples first (the dataset stages). Default none.
     #[serde(default)]
     pub curriculum: Option<CurriculumConfig>,
+    /// SFT: condition each scored conversation on its score. Default none.
+    #[serde(default)]
+    pub score_conditioning: Option<ScoreConditioningConfig>,
+    /// SFT: train on scored conversations' critiques too. Default none.
+    #[serde(default)]
+    pub self_critique: Option<SelfCritiqueConfig>,
+    /// SFT: an auxiliary prompt–reply contrastive loss. Default none.
+    #[serde(default)]
+    pub contrastive: Option<ContrastiveConfig>,
     /// Data-parallel replicas (devices, nodes). Default: one device.
     #[serde(default, skip_serializing_if = "is_single_device")]
     pub distributed: DistributedConfig,
@@ -117,6 +128,15 @@ impl StageConfig {
         self.training.validate()?;
         self.distributed.validate()?;
         if let Some(c) = &self.curriculum {
+            c.validate()?;
+        }
+        if let Some(c) = &self.score_conditioning {
+            c.condition()?;
+        }
+        if let Some(c) = &self.self_critique {
+            c.task()?;
+        }
+        if let Some(c) = &self.contrastive {
             c.validate()?;
         }
         for (field, v) in
@@ -157,15 +177,31 @@ impl StageConfig {
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");
         }
+        let sft_only = [
+            ("score_conditioning", self.score_conditioning.is_some()),
+            ("self_critique", self.self_critique.is_some()),
+            ("contrastive", self.contrastive.is_some()),
+        ];
+        if let Some((section, _)) = sft_only.iter().find(|(_, p)| *p && stage != "sft") {
+            bail!("[{section}] is an SFT section, but this is the {stage} stage");
+        }
+        if self.packing
+            && let Some((section, _)) = sft_only[1..].iter().find(|(_, p)| *p)
+        {
+            bail!(
+                "[{section}] reads each row on its own (its weights or pooled states), so it cannot run with packing = true"
+            );
+        }
         if let Some(c) = &self.curriculum {
             if matches!(stage, "grpo" | "rloo" | "ppo") {
                 bail!(
                     "[curriculum]: the {stage} stage draws prompts to generate from; only the dataset stages (sft, reward, dpo, orpo, simpo, kto) draw by a curriculum"
                 );
             }
-            if c.measure == curriculum::Measure::Loss && stage != "sft" {
+            if c.measure != curriculum::Measure::Length && stage != "sft" {
                 bail!(
-                    "[curriculum] measure = \"loss\": only the sft stage measures its rows' starting loss; use measure = \"length\" for {stage}"
+                    "[curriculum] measure = \"{}\": only the sft stage measures its rows' starting loss or score; use measure = \"length\" for {stage}",
+                    c.measure.name()
                 );
             }
         }

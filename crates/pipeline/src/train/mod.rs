@@ -111,6 +111,9 @@ impl RowBatch {
     }
 }
 
+/// A metric with its own units: `(name, sum, units)`, logged as Σ sums / Σ units.
+pub type UnitMetric = (&'static str, f64, f64);
+
 /// One micro-batch's contribution to an update.
 pub struct MicroLoss<B: AutodiffBackend> {
     /// Its share of the update's loss: the update minimises the sum over its micro-batches.
@@ -118,6 +121,9 @@ pub struct MicroLoss<B: AutodiffBackend> {
     /// Stage metrics as sums over `units` (pairs, tokens, or 1 for a mean); a logged value
     /// is Σ sums / Σ units over its window.
     pub metrics: Vec<(&'static str, f64)>,
+    /// Metrics with their own units, `(name, sum, units)`: a mean over part of the batch
+    /// (critique tokens) or over micro-batches.
+    pub metrics_with_units: Vec<UnitMetric>,
     pub units: f64,
     /// Non-padding tokens fed to the model (for tokens/s).
     pub fed_tokens: usize,
@@ -712,9 +718,10 @@ fn update<B: AutodiffBackend, S: Stage<B>>(
     let mut metrics: BTreeMap<&'static str, (f64, f64)> = BTreeMap::new();
     for mb in own {
         let m = stage.loss(&model, batch, pass, mb, count)?;
-        for (k, v) in m.metrics {
+        let units = m.units;
+        for (k, v, u) in m.metrics.into_iter().map(|(k, v)| (k, v, units)).chain(m.metrics_with_units) {
             let e = metrics.entry(k).or_default();
-            (e.0, e.1) = (e.0 + v, e.1 + m.units);
+            (e.0, e.1) = (e.0 + v, e.1 + u);
         }
         loss += m.loss.clone().into_scalar().elem::<f64>();
         fed_tokens += m.fed_tokens;

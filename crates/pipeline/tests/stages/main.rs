@@ -16,4 +16,5 @@ mod resume;
 mod rloo;
 mod robustness;
 mod score;
+mod scored;
 mod sft;
