@@ -31,8 +31,8 @@ pub use loader::{Curriculum, Loader, LoaderState};
 pub use schema::{ColumnMap, Content, Example, SchemaKind};
 pub use source::{Record, RecordReader};
 pub use stage_rows::{
-    GenerationPrompt, LabelledCompletion, PreferencePair, ScoredSft, SftRow, generation_prompts, labelled_completions,
-    preference_pairs, sft_rows, sft_sequences,
+    GenerationPrompt, LabelledCompletion, PreferencePair, ScoredSft, SftRow, generation_prompts,
+    generation_prompts_conditioned, labelled_completions, preference_pairs, sft_rows, sft_sequences,
 };
 pub use tokenize::{
     ChatFormat, ExampleTokenizer, Formatter, TokenizeConfig, Tokenized, TokenizedSequence, Truncation, TruncationStats,

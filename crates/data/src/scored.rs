@@ -13,6 +13,7 @@
 use align_model::ChatMessage;
 
 use crate::error::{DataError, Result};
+use crate::schema::{Content, Example};
 
 /// The default control string: `<score>9</score>` and a newline before the prompt.
 pub const DEFAULT_SCORE_FORMAT: &str = "<score>{score}</score>\n";
@@ -62,6 +63,29 @@ impl ScoreCondition {
         let first = messages.iter().position(|m| m.role == "user")?;
         let mut out = messages.to_vec();
         out[first].content = self.prompt(&messages[first].content, score);
+        Some(out)
+    }
+
+    /// `ex` with its prompt conditioned on `score` (a text prompt prefixed, a conversation's
+    /// first user turn prefixed); `None` for plain text or a conversation without a user
+    /// turn.
+    pub fn example(&self, ex: &Example, score: f64) -> Option<Example> {
+        let content = |c: &Content| match c {
+            Content::Text(t) => Some(Content::Text(self.prompt(t, score))),
+            Content::Messages(m) => self.conversation(m, score).map(Content::Messages),
+        };
+        let mut out = ex.clone();
+        match &mut out {
+            Example::Text { .. } => return None,
+            Example::PromptCompletion { prompt, .. }
+            | Example::Preference { prompt, .. }
+            | Example::UnpairedPreference { prompt, .. }
+            | Example::PromptAnswer { prompt, .. }
+            | Example::PromptOnly { prompt } => *prompt = content(prompt)?,
+            Example::Conversation { messages } | Example::ScoredConversation { messages, .. } => {
+                *messages = self.conversation(messages, score)?
+            }
+        }
         Some(out)
     }
 }
@@ -167,6 +191,14 @@ mod tests {
         assert_eq!(out[2], conv()[2]);
         assert_eq!(c.prompt("hi", 1.0), "<score>1</score>\nhi");
         assert!(c.conversation(&[ChatMessage::new("assistant", "x")], 1.0).is_none());
+        // Any prompt: text prefixed, messages' first user turn prefixed, plain text refused.
+        let text = Example::PromptAnswer { prompt: Content::Text("2 + 2?".into()), answer: "4".into() };
+        let Some(Example::PromptAnswer { prompt: Content::Text(t), answer }) = c.example(&text, 9.0) else { panic!() };
+        assert_eq!((t.as_str(), answer.as_str()), ("<score>9</score>\n2 + 2?", "4"));
+        let chat = Example::PromptOnly { prompt: Content::Messages(conv()[..2].to_vec()) };
+        let Some(Example::PromptOnly { prompt: Content::Messages(m) }) = c.example(&chat, 2.0) else { panic!() };
+        assert_eq!(m[1].content, "<score>2</score>\nWhat is 2 + 2?");
+        assert!(c.example(&Example::Text { text: "x".into() }, 1.0).is_none());
         for bad in ["no placeholder", "{score} twice {score}"] {
             let e = ScoreCondition::new(bad).unwrap_err().to_string();
             assert!(e.contains("exactly once"), "{e}");

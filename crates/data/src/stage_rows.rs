@@ -255,12 +255,31 @@ pub fn generation_prompts(
     cfg: &TokenizeConfig,
     what: &str,
 ) -> Result<Vec<GenerationPrompt>> {
+    generation_prompts_conditioned(tok, data, cfg, what, None)
+}
+
+/// [`generation_prompts`], each prompt conditioned on `condition`'s score when given (the
+/// row itself is kept as it is, for the rewards).
+pub fn generation_prompts_conditioned(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    cfg: &TokenizeConfig,
+    what: &str,
+    condition: Option<(&ScoreCondition, f64)>,
+) -> Result<Vec<GenerationPrompt>> {
     let examples = stage_examples(data, PROMPT_ROWS)?;
     let mut t = ExampleTokenizer::new(tok, cfg.clone());
     let mut out = Vec::with_capacity(examples.len());
     for (i, ex) in examples.iter().enumerate() {
+        let conditioned = match condition {
+            Some((c, score)) => Some(
+                c.example(ex, score)
+                    .ok_or_else(|| refuse(data, i, "has no prompt to put the score's control string in"))?,
+            ),
+            None => None,
+        };
         let ids = t
-            .generation_prompt(ex)?
+            .generation_prompt(conditioned.as_ref().unwrap_or(ex))?
             .ok_or_else(|| refuse(data, i, "is plain text: it has no prompt to generate from"))?;
         if ids.is_empty() {
             return Err(refuse(data, i, "has an empty prompt (after max_prompt_length)"));

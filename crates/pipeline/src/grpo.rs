@@ -261,7 +261,7 @@ impl StageMain for Grpo<'_> {
         let args = &cfg.training;
         let prompts_per_generation = prompts_per_generation(args, s.num_generations)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
-        let data = OnlineData::load::<A::InnerBackend>(cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
+        let data = OnlineData::load::<A::InnerBackend>("grpo", cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
         tracing::info!(
             prompts = data.train.len(),
             prompts_per_generation,

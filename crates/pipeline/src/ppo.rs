@@ -586,7 +586,7 @@ impl StageMain for Ppo<'_> {
         let args = &cfg.training;
         let shared = s.critic == Critic::Shared;
         let start = starting_model::<A>(cfg, Heads { lm: true, score: false, value: shared }, device)?;
-        let data = OnlineData::load::<A::InnerBackend>(cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
+        let data = OnlineData::load::<A::InnerBackend>("ppo", cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
         let mut policy = start.model;
         let mut critic = None;
         if !shared {

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-use align_data::{GenerationPrompt, generation_prompts};
+use align_data::{GenerationPrompt, generation_prompts_conditioned};
 use align_data::{LossPositions, TokenizedSequence, pad_right};
 use align_model::burn::module::AutodiffModule;
 use align_model::burn::module::Module;
@@ -401,17 +401,21 @@ pub struct OnlineData {
 }
 
 impl OnlineData {
-    /// The prompts of `cfg`'s `[data]` and `[eval_data]`, and its reward functions.
+    /// The prompts of `cfg`'s `[data]` and `[eval_data]` (conditioned on a score under
+    /// `[score_conditioning]`), and its reward functions; `stage` names it in errors.
     pub fn load<B: FusedOps>(
+        stage: &str,
         cfg: &StageConfig,
         tok: Tokenizer,
         pad: u32,
         rewards: &[RewardTerm],
         device: &B::Device,
     ) -> Result<Self> {
-        let train = generation_prompts(&tok, &cfg.data, &cfg.tokenize, "train")?;
+        let condition = cfg.score_conditioning.as_ref().map(|c| c.online(stage)).transpose()?;
+        let condition = condition.as_ref().map(|(c, t)| (c, *t));
+        let train = generation_prompts_conditioned(&tok, &cfg.data, &cfg.tokenize, "train", condition)?;
         let eval = match &cfg.eval_data {
-            Some(d) => generation_prompts(&tok, d, &cfg.tokenize, "eval")?,
+            Some(d) => generation_prompts_conditioned(&tok, d, &cfg.tokenize, "eval", condition)?,
             None => vec![],
         };
         // `{ kind = "fluency" }` without a path scores under this stage's reference model.

@@ -234,7 +234,7 @@ impl StageMain for Rloo<'_> {
         }
         let per_generation = prompts_per_generation(&cfg.training, s.num_generations)?;
         let start = starting_model::<A>(cfg, Heads::LM, device)?;
-        let data = OnlineData::load::<A::InnerBackend>(cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
+        let data = OnlineData::load::<A::InnerBackend>("rloo", cfg, start.tokenizer, start.pad_id, &s.rewards, device)?;
         tracing::info!(prompts = data.train.len(), prompts_per_generation = per_generation, "RLOO");
         let model = start.model;
         let frozen = (s.beta != 0.0 && cfg.lora.is_none()).then(|| frozen_copy(&model, cfg.training.bf16));

@@ -177,16 +177,21 @@ impl StageConfig {
         if let Some((other, _)) = present.iter().find(|(n, p)| *p && Some(*n) != own) {
             bail!("the config has a [{other}] section, but this is the {stage} stage");
         }
-        let sft_only = [
-            ("score_conditioning", self.score_conditioning.is_some()),
-            ("self_critique", self.self_critique.is_some()),
-            ("contrastive", self.contrastive.is_some()),
-        ];
+        let sft_only = [("self_critique", self.self_critique.is_some()), ("contrastive", self.contrastive.is_some())];
         if let Some((section, _)) = sft_only.iter().find(|(_, p)| *p && stage != "sft") {
             bail!("[{section}] is an SFT section, but this is the {stage} stage");
         }
+        if let Some(c) = &self.score_conditioning {
+            match (stage, c.target) {
+                ("sft", Some(_)) => bail!(
+                    "[score_conditioning] target: SFT conditions each row on its own meta_eval_score; `target` is for the grpo, rloo and ppo stages' prompts"
+                ),
+                ("sft" | "grpo" | "rloo" | "ppo", _) => {}
+                _ => bail!("[score_conditioning] conditions SFT rows or online prompts, but this is the {stage} stage"),
+            }
+        }
         if self.packing
-            && let Some((section, _)) = sft_only[1..].iter().find(|(_, p)| *p)
+            && let Some((section, _)) = sft_only.iter().find(|(_, p)| *p)
         {
             bail!(
                 "[{section}] reads each row on its own (its weights or pooled states), so it cannot run with packing = true"

@@ -1,31 +1,46 @@
-//! SFT's own sections beyond next-token loss: `[score_conditioning]`, `[self_critique]`
-//! (both read scored conversations) and `[contrastive]` (an auxiliary InfoNCE loss).
+//! The sections beyond next-token loss that scored conversations bring: `[score_conditioning]`
+//! (SFT, and the online stages' prompts), `[self_critique]` and `[contrastive]` (SFT).
 
 use align_data::scored::{CritiqueTask, DEFAULT_CRITIQUE_INSTRUCTION, DEFAULT_SCORE_FORMAT, ScoreCondition};
 use align_losses::contrastive::ContrastiveDirection;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-/// `[score_conditioning]`: each scored conversation's first user turn starts with its
-/// score's control string (Decision Transformer / SteerLM), so generation can ask for a
-/// score (`align generate --target-score 5`).
+/// `[score_conditioning]`: in SFT, each scored conversation's first user turn starts with
+/// its score's control string (Decision Transformer / SteerLM), so generation can ask for a
+/// score (`align generate --target-score 5`); in GRPO, RLOO and PPO, every prompt asks for
+/// `target`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScoreConditioningConfig {
     /// The control string; `{score}` is replaced by the row's `meta_eval_score`.
     /// Default "<score>{score}</score>\n".
     pub format: String,
+    /// The online stages: the score every prompt asks for (required there; SFT conditions
+    /// each row on its own score and refuses it). Default none.
+    pub target: Option<f64>,
 }
 
 impl Default for ScoreConditioningConfig {
     fn default() -> Self {
-        ScoreConditioningConfig { format: DEFAULT_SCORE_FORMAT.into() }
+        ScoreConditioningConfig { format: DEFAULT_SCORE_FORMAT.into(), target: None }
     }
 }
 
 impl ScoreConditioningConfig {
     pub fn condition(&self) -> Result<ScoreCondition> {
+        if self.target.is_some_and(|t| !t.is_finite()) {
+            bail!("[score_conditioning] target: must be a finite number");
+        }
         ScoreCondition::new(&self.format).map_err(|e| anyhow::anyhow!("[score_conditioning] format: {e}"))
+    }
+
+    /// The condition and target of an online stage's prompts.
+    pub fn online(&self, stage: &str) -> Result<(ScoreCondition, f64)> {
+        let target = self.target.with_context(|| {
+            format!("[score_conditioning] target: the {stage} stage needs the score its prompts ask for")
+        })?;
+        Ok((self.condition()?, target))
     }
 }
 

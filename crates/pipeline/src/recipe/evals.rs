@@ -6,12 +6,14 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use align_data::generation_prompts;
-use align_data::{DatasetConfig, TokenizeConfig};
+use align_data::scored::{CritiqueTask, DEFAULT_CRITIQUE_INSTRUCTION, DEFAULT_SCORE_FORMAT, ScoreCondition};
+use align_data::{
+    ChatFormat, Content, DatasetConfig, Example, ExampleTokenizer, GenerationPrompt, TokenizeConfig, generation_prompts,
+};
 use align_eval::write_jsonl;
 use align_model::FusedOps;
-use align_model::{Heads, load_pretrained};
-use align_reward::RewardTerm;
+use align_model::{ChatMessage, Heads, Tokenizer, load_pretrained};
+use align_reward::{Reward, RewardOutput, RewardTerm, Sample};
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
@@ -92,6 +94,73 @@ pub enum EvalSpec {
         #[serde(default = "default_small_batch")]
         batch_size: usize,
     },
+    /// Self-critique: the model critiques each scored conversation's reply (the
+    /// `[self_critique]` task) and its `Score: N` is read back: `score_accuracy` (equal to
+    /// the row's `meta_eval_score`), `parse_rate` (a score given at all) and `score_mae`
+    /// (mean absolute error over the parsed ones).
+    Critique {
+        #[serde(default)]
+        name: Option<String>,
+        /// Scored conversations with a reply to critique.
+        data: DatasetConfig,
+        /// The chat format the model was trained with. Default template.
+        #[serde(default)]
+        chat_format: ChatFormat,
+        /// The critique instruction (`{max_score}` replaced); default as `[self_critique]`.
+        #[serde(default = "critique_instruction")]
+        instruction: String,
+        /// Default 5.
+        #[serde(default = "five")]
+        max_score: f64,
+        /// Default 64.
+        #[serde(default = "default_new_tokens")]
+        max_new_tokens: usize,
+        /// Default 16.
+        #[serde(default = "default_batch")]
+        batch_size: usize,
+    },
+    /// Score conditioning: each conversation's prompt conditioned on `high` and on `low` (the
+    /// `[score_conditioning]` control string), one greedy reply each, scored by `rewards`:
+    /// `reward_high`, `reward_low` and their `gap`, and per function `high/<f>`, `low/<f>`.
+    /// Samples: `<name>.jsonl` (high) and `<name>.low.jsonl`.
+    ScoreConditioning {
+        #[serde(default)]
+        name: Option<String>,
+        /// Conversations (scored or not): the turns before the last reply are the prompt.
+        data: DatasetConfig,
+        /// Default template.
+        #[serde(default)]
+        chat_format: ChatFormat,
+        /// The control string (`{score}` replaced); default as `[score_conditioning]`.
+        #[serde(default = "score_format")]
+        format: String,
+        /// Default 5.
+        #[serde(default = "five")]
+        high: f64,
+        /// Default 1.
+        #[serde(default = "one_f64")]
+        low: f64,
+        rewards: Vec<RewardTerm>,
+        /// Default 64.
+        #[serde(default = "default_new_tokens")]
+        max_new_tokens: usize,
+        /// Default 16.
+        #[serde(default = "default_batch")]
+        batch_size: usize,
+    },
+}
+
+fn critique_instruction() -> String {
+    DEFAULT_CRITIQUE_INSTRUCTION.into()
+}
+fn score_format() -> String {
+    DEFAULT_SCORE_FORMAT.into()
+}
+fn five() -> f64 {
+    5.0
+}
+fn one_f64() -> f64 {
+    1.0
 }
 
 fn default_new_tokens() -> usize {
@@ -119,6 +188,8 @@ impl EvalSpec {
                 Path::new(task).file_stem().map_or(task.clone(), |s| s.to_string_lossy().into_owned())
             }),
             Self::RewardAccuracy { name, .. } => name.clone().unwrap_or_else(|| "reward_accuracy".into()),
+            Self::Critique { name, .. } => name.clone().unwrap_or_else(|| "critique".into()),
+            Self::ScoreConditioning { name, .. } => name.clone().unwrap_or_else(|| "score_conditioning".into()),
         }
     }
 }
@@ -229,6 +300,139 @@ pub fn run_eval<B: FusedOps>(
             m.insert("accuracy".into(), right as f64 / n);
             m.insert("margin".into(), margins.iter().sum::<f64>() / n);
         }
+        EvalSpec::Critique { data, chat_format, instruction, max_score, max_new_tokens, batch_size, .. } => {
+            let pre = load_pretrained::<B>(model, Heads::LM, device)?;
+            let task = CritiqueTask::new(instruction, *max_score)?;
+            let prompts = conversation_prompts(&pre.tokenizer, data, *chat_format, |messages| {
+                Some(vec![task.prompt(messages)?])
+            })?;
+            let grader: Vec<(Box<dyn Reward>, f64)> = vec![(Box::new(CritiqueScore { task }), 1.0)];
+            let all = evaluate_prompts(
+                &pre.model,
+                &pre.tokenizer,
+                &grader,
+                &prompts,
+                &greedy(*max_new_tokens),
+                *batch_size,
+                0,
+                &samples_path,
+            )?;
+            m.insert("score_accuracy".into(), all["reward"]);
+            m.insert("parse_rate".into(), all["rewards/critique_score/parsed"]);
+            // The mean error over parsed critiques: Σ error / parsed.
+            let parsed = all["rewards/critique_score/parsed"];
+            m.insert(
+                "score_mae".into(),
+                if parsed > 0.0 { all["rewards/critique_score/abs_error"] / parsed } else { f64::NAN },
+            );
+        }
+        EvalSpec::ScoreConditioning {
+            data,
+            chat_format,
+            format,
+            high,
+            low,
+            rewards,
+            max_new_tokens,
+            batch_size,
+            ..
+        } => {
+            let pre = load_pretrained::<B>(model, Heads::LM, device)?;
+            let condition = ScoreCondition::new(format)?;
+            let funcs = align_reward::build_terms::<B>(rewards, device)?;
+            let mut reward = BTreeMap::new();
+            for (side, target, path) in
+                [("high", *high, samples_path.clone()), ("low", *low, dir.join(format!("{name}.low.jsonl")))]
+            {
+                let prompts = conversation_prompts(&pre.tokenizer, data, *chat_format, |messages| {
+                    let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
+                    condition.conversation(&messages[..last], target)
+                })?;
+                let all = evaluate_prompts(
+                    &pre.model,
+                    &pre.tokenizer,
+                    &funcs,
+                    &prompts,
+                    &greedy(*max_new_tokens),
+                    *batch_size,
+                    0,
+                    &path,
+                )?;
+                for (f, _) in &funcs {
+                    m.insert(format!("{side}/{}", f.name()), all[&format!("rewards/{}", f.name())]);
+                }
+                reward.insert(side, all["reward"]);
+                m.insert(format!("reward_{side}"), all["reward"]);
+            }
+            m.insert("gap".into(), reward["high"] - reward["low"]);
+        }
     }
     Ok(m)
+}
+
+/// Greedy decoding of up to `max_new_tokens`.
+fn greedy(max_new_tokens: usize) -> Generation {
+    Generation {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        max_new_tokens,
+        min_new_tokens: 0,
+        stop_strings: vec![],
+        include_stop_str_in_output: true,
+    }
+}
+
+/// Generation prompts made from each conversation row of `data` by `prompt(messages)`,
+/// rendered in `format`; the row itself is kept for the rewards. A row that is not a
+/// conversation, or that `prompt` cannot use, is an error naming the file and the row.
+fn conversation_prompts(
+    tok: &Tokenizer,
+    data: &DatasetConfig,
+    format: ChatFormat,
+    prompt: impl Fn(&[ChatMessage]) -> Option<Vec<ChatMessage>>,
+) -> Result<Vec<GenerationPrompt>> {
+    let (examples, _) = align_data::load_examples(data)?;
+    let cfg = TokenizeConfig { chat_format: format, max_length: None, max_prompt_length: None, ..Default::default() };
+    let mut t = ExampleTokenizer::new(tok, cfg);
+    let at = |i: usize, what: &str| {
+        format!("{}: example {} (counting from 1, after skip) {what}", data.path.display(), i + 1)
+    };
+    let mut out = Vec::with_capacity(examples.len());
+    for (i, ex) in examples.iter().enumerate() {
+        let (Example::Conversation { messages } | Example::ScoredConversation { messages, .. }) = ex else {
+            anyhow::bail!(at(i, "is not a conversation"));
+        };
+        let turns = prompt(messages).with_context(|| at(i, "has no turn to build the prompt from"))?;
+        let ids = t.generation_prompt(&Example::PromptOnly { prompt: Content::Messages(turns) })?.unwrap_or_default();
+        let text = tok.decode(&ids, false)?;
+        out.push(GenerationPrompt { ids, text, example: serde_json::to_value(ex)? });
+    }
+    if out.is_empty() {
+        anyhow::bail!("{}: no conversations", data.path.display());
+    }
+    Ok(out)
+}
+
+/// 1 when a critique's `Score: N` equals the row's `score`; components `parsed` (a score
+/// within the scale was given) and `abs_error` (|N − score|, 0 when unparsed).
+struct CritiqueScore {
+    task: CritiqueTask,
+}
+
+impl Reward for CritiqueScore {
+    fn name(&self) -> &str {
+        "critique_score"
+    }
+    fn score(&self, s: &Sample) -> align_reward::Result<RewardOutput> {
+        let want = s.example.get("score").and_then(|v| v.as_f64()).ok_or_else(|| align_reward::RewardError::Input {
+            reward: "critique_score".into(),
+            message: "the row has no `score`: critiques are graded on scored conversations".into(),
+        })?;
+        let got = self.task.parse_score(s.completion);
+        let mut out = RewardOutput::scalar(f64::from(got == Some(want)));
+        out.components.insert("parsed".into(), f64::from(got.is_some()));
+        out.components.insert("abs_error".into(), got.map_or(0.0, |g| (g - want).abs()));
+        Ok(out)
+    }
 }

@@ -179,8 +179,9 @@ pub enum DataSource {
     },
     /// PIQA rows (`goal`, `sol1`, `sol2`, `label`) as scored conversations: each goal twice,
     /// a user turn and one solution as the assistant turn, `meta_eval_score` 9 for the right
-    /// solution and 2 for the other (a 0–10 judge scale). Written as `scored.jsonl`, and
-    /// the right-solution half as `best.jsonl`.
+    /// solution and 2 for the other (a 0–10 judge scale), and a `score_reason` (a wrong
+    /// solution's names the right one). Written as `scored.jsonl`, and the right-solution
+    /// half as `best.jsonl`.
     PiqaScoredConversations {
         path: PathBuf,
         /// Rows to skip first. Default 0.

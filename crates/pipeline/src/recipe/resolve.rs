@@ -411,7 +411,8 @@ fn smoke_eval(t: &mut toml::Table) {
     if let Some(toml::Value::Table(d)) = t.get_mut("data") {
         cap(d, "limit", 4);
     }
-    if matches!(t.get("kind").and_then(|k| k.as_str()), Some("rewards" | "r1_zero")) {
+    if matches!(t.get("kind").and_then(|k| k.as_str()), Some("rewards" | "r1_zero" | "critique" | "score_conditioning"))
+    {
         cap(t, "max_new_tokens", 16);
     }
 }

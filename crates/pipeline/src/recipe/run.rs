@@ -298,6 +298,8 @@ fn run_evals<B: FusedOps>(p: &Pipeline, stage: &StagePlan, device: &B::Device) -
             .with_context(|| format!("stage {:?}: eval {name:?}", stage.name))?;
         let summary: Vec<String> = metrics.iter().map(|(k, v)| format!("{k}={v:.4}")).collect();
         tracing::info!(stage = %stage.name, eval = %name, seconds = format!("{:.1}", start.elapsed().as_secs_f64()), "{}", summary.join(" "));
+        // JSON has no NaN: an undefined metric (a mean over nothing) is left out.
+        let metrics = metrics.into_iter().filter(|(_, v)| v.is_finite()).collect();
         let r = EvalRecord { fingerprint: fp, metrics };
         align_model::weights::write_atomic(&path, serde_json::to_string_pretty(&r)?.as_bytes())?;
     }
@@ -415,12 +417,21 @@ fn prepare_data(dir: &Path, src: &DataSource, fingerprint: &str) -> Result<()> {
                     .as_u64()
                     .filter(|l| *l < 2)
                     .with_context(|| format!("{}: field `label` must be 0 or 1", r.location))?;
-                for (k, sol) in ["sol1", "sol2"].iter().enumerate() {
-                    let sol =
-                        field(sol)?.as_str().with_context(|| format!("{}: field `{sol}` not a string", r.location))?;
+                let sols = ["sol1", "sol2"]
+                    .map(|f| field(f)?.as_str().with_context(|| format!("{}: field `{f}` not a string", r.location)));
+                let [sol1, sol2] = sols;
+                let sols = [sol1?, sol2?];
+                for (k, sol) in sols.iter().enumerate() {
+                    // The critique a grader writes: a wrong solution's names the right one.
+                    let reason = if k as u64 == label {
+                        "The solution achieves the goal.".to_string()
+                    } else {
+                        format!("The solution does not achieve the goal. This one does: {}", sols[1 - k])
+                    };
                     let row = serde_json::json!({
                         "conversation": [{"role": "human", "content": goal}, {"role": "assistant", "content": sol}],
                         "meta_eval_score": if k as u64 == label { 9.0 } else { 2.0 },
+                        "score_reason": reason,
                     });
                     text.push_str(&row.to_string());
                     text.push('\n');

@@ -145,3 +145,28 @@ fn a_killed_pipeline_resumes_to_the_same_report() {
     let resumed = run(&tmp("pipeline-killed"), Some("sft"));
     assert_eq!(whole["rows"], resumed["rows"]);
 }
+
+/// Every recipe in `pipelines/` resolves, full size and `--smoke`: its stage configs parse,
+/// pass their section checks and reference only stages above them (the fetched base stands
+/// in as the tiny checkpoint: nothing is run).
+#[test]
+fn every_recipe_resolves() {
+    let r = at_root();
+    fn tiny(_: &str) -> anyhow::Result<PathBuf> {
+        Ok(root().join("fixtures/models/llama-tied"))
+    }
+    let mut n = 0;
+    for f in std::fs::read_dir(r.join("pipelines")).unwrap() {
+        let f = f.unwrap().path();
+        if f.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        for smoke in [false, true] {
+            let opts = Options { sets: vec![], smoke, fetch: Some(tiny) };
+            let p = load(&f, &opts).unwrap_or_else(|e| panic!("{}: {e:#}", f.display()));
+            assert!(!p.stages.is_empty(), "{}", f.display());
+        }
+        n += 1;
+    }
+    assert!(n >= 7, "{n} recipes");
+}

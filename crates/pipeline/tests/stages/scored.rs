@@ -97,6 +97,16 @@ fn score_conditioning_steers_the_reply_by_the_target_score() {
         );
     }
 
+    // `target` is for the online stages' prompts: SFT refuses it, and they need it.
+    let mut with_target = config(&d.join("target"), &data, "[score_conditioning]\ntarget = 5\n");
+    let err = format!("{:#}", run_sft::<Cpu>(&with_target, false, &Default::default()).unwrap_err());
+    assert!(err.contains("[score_conditioning] target"), "{err}");
+    with_target.score_conditioning = Some(Default::default());
+    with_target.grpo = Some(toml::from_str("rewards = [{ kind = \"coherence\" }]").unwrap());
+    let err =
+        format!("{:#}", align_pipeline::grpo::run_grpo::<Cpu>(&with_target, false, &Default::default()).unwrap_err());
+    assert!(err.contains("the grpo stage needs the score its prompts ask for"), "{err}");
+
     // A row without a score cannot be conditioned: the error names the file and the row.
     let plain = d.join("plain.jsonl");
     std::fs::write(&plain, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
