@@ -135,12 +135,16 @@ impl CritiqueTask {
         Some(vec![self.prompt(messages)?, ChatMessage::new("assistant", Self::target(reason, score))])
     }
 
-    /// The score a generated critique gives: the number on its first line that starts with
-    /// `Score:` (what the critique target ends with; a model that runs on past it does
-    /// not change it), when it is within [0, max_score].
+    /// The score a generated critique gives: the number after `Score:` on its first line
+    /// that starts with it (what the critique target ends with; a model that runs on past
+    /// it does not change it), else after its first `Score:` anywhere (a word-level
+    /// tokenizer decodes without newlines), when it is within [0, max_score].
     pub fn parse_score(&self, critique: &str) -> Option<f64> {
-        let line = critique.lines().map(str::trim_start).find(|l| l.starts_with("Score:"))?;
-        let rest = line["Score:".len()..].trim_start();
+        let at = match critique.lines().map(str::trim_start).find(|l| l.starts_with("Score:")) {
+            Some(line) => line,
+            None => &critique[critique.find("Score:")?..],
+        };
+        let rest = at["Score:".len()..].trim_start();
         let end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
         let x: f64 = rest[..end].trim_end_matches('.').parse().ok()?;
         (0.0..=self.max_score).contains(&x).then_some(x)
@@ -221,11 +225,12 @@ mod tests {
     }
 
     #[test]
-    fn a_critique_score_is_read_from_its_first_score_line() {
+    fn a_critique_score_is_read_from_its_first_score_line_else_its_first_score() {
         let t = CritiqueTask::new(DEFAULT_CRITIQUE_INSTRUCTION, 5.0).unwrap();
         assert_eq!(t.parse_score("Good.\nScore: 4"), Some(4.0));
         assert_eq!(t.parse_score("Fine.\n  Score: 3.5.\nThe working\nScore: 1"), Some(3.5));
         assert_eq!(t.parse_score("The Score: 2 is inline.\nScore: 1"), Some(1.0));
+        assert_eq!(t.parse_score("right . Score: 5 The working"), Some(5.0), "decoded without newlines");
         assert_eq!(t.parse_score("Score: 7"), None, "beyond max_score");
         assert_eq!(t.parse_score("Score: high"), None);
         assert_eq!(t.parse_score("no score"), None);

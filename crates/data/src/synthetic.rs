@@ -11,10 +11,12 @@ use serde_json::{Value, json};
 
 const NAMES: [&str; 8] = ["Ann", "Ben", "Cara", "Dev", "Eli", "Fay", "Gus", "Hana"];
 const ITEMS: [&str; 8] = ["apples", "pens", "books", "coins", "cards", "shells", "stamps", "marbles"];
-/// Words of the templates, the prompt suffix and the answer format.
+/// Words of the templates, the prompt suffix, the answer format, the scored conversations'
+/// critiques, and the critique task and score control string as the demo writes them.
 const WORDS: &str = "has and gets more . How many does have ? gives away are left buys bags with in each \
                      total <think> </think> <answer> </answer> + - * = \
-                     The the working is right but missing wrong : answer should be Score";
+                     The the working is right but missing wrong : answer should be \
+                     Critique reply below , then rate it from to User: Assistant: Score: <score> </score>";
 
 /// One problem: `a op b`.
 #[derive(Debug, Clone, PartialEq)]

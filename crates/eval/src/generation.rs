@@ -103,8 +103,11 @@ pub fn best_of_n<B: FusedOps>(
         let scores = reward.score_batch(&samples)?;
         for (p, prompt) in ps.iter().enumerate() {
             let candidates = (p * n..(p + 1) * n)
-                .map(|i| Candidate { completion: r.texts[i].clone(), reward: scores[i].score })
-                .collect();
+                .map(|i| {
+                    let completion = after_prompt(tok, &prompt.ids, &r.completions[i], &r.texts[i])?;
+                    Ok(Candidate { completion, reward: scores[i].score })
+                })
+                .collect::<Result<_>>()?;
             let row_prompt = prompt.example.get("prompt").cloned().unwrap_or_else(|| prompt.text.clone().into());
             let sel = BestOfN::select(row_prompt, candidates)
                 .with_context(|| format!("prompt {}: every candidate's reward is NaN", out.len() + 1))?;
@@ -114,6 +117,17 @@ pub fn best_of_n<B: FusedOps>(
     }
     bar.finish_and_clear();
     Ok(out)
+}
+
+/// A completion's text as it reads after its prompt: decoded together with the prompt, the
+/// prompt's own decoding cut off. A selection is written as prompt text + completion text,
+/// and a tokenizer that joins words with spaces decodes a completion alone without the
+/// space before its first word ("<think>6" would be one unknown word); `alone` (the text
+/// decoded by itself) when the joint decoding does not start with the prompt's.
+fn after_prompt(tok: &Tokenizer, prompt: &[u32], completion: &[u32], alone: &str) -> Result<String> {
+    let head = tok.decode(prompt, true)?;
+    let full = tok.decode(&[prompt, completion].concat(), true)?;
+    Ok(full.strip_prefix(&head).map_or_else(|| alone.to_string(), str::to_string))
 }
 
 /// Best-of-N selections as the seed recipe prints them: each prompt, then every candidate

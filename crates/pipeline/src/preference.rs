@@ -227,7 +227,14 @@ impl<B: AutodiffFusedOps> PreferenceStage<B> {
                 let mut metrics = metric_sums(m, n);
                 metrics.push(("logps/chosen", lc.iter().sum()));
                 metrics.push(("logps/rejected", lr.iter().sum()));
-                Terms { sum: d.losses.sum(), metrics }
+                let mut sum = d.losses.sum();
+                if s.sft_weight > 0.0 {
+                    // TRL's "sft" loss type: one mean over the batch's chosen completion tokens.
+                    let nll = sft_loss(f.token_logps.narrow(0, 0, n), f.completion.narrow(0, 0, n));
+                    metrics.push(("nll_loss", scalar(nll.clone().detach()) * n as f64));
+                    sum = sum + nll * (s.sft_weight * n as f64);
+                }
+                Terms { sum, metrics }
             }
             Objective::Orpo(s) => {
                 let f = pair_forward(model, &batch, true, !s.completion_only_nll, device);
@@ -382,6 +389,9 @@ impl StageMain for Preference<'_> {
             }
             if s.loss_type == DpoLossType::Robust && !(0.0..0.5).contains(&s.label_smoothing) {
                 bail!("robust DPO needs 0 <= label_smoothing < 0.5, got {}", s.label_smoothing);
+            }
+            if !(s.sft_weight.is_finite() && s.sft_weight >= 0.0) {
+                bail!("[dpo] sft_weight: must be a number >= 0, found {}", s.sft_weight);
             }
         }
         let reward = matches!(objective, Objective::Reward(_));

@@ -1,5 +1,6 @@
 //! Best-of-N (rejection sampling): score N candidates per prompt, keep the best. The
-//! selections are prompt/completion rows the SFT stage trains on.
+//! selections are prompt/completion rows the SFT stage trains on; the best against the
+//! worst is an on-policy preference pair the DPO stage trains on.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +37,37 @@ pub fn best_index(rewards: &[f64]) -> Option<usize> {
         .map(|(i, _)| i)
 }
 
+/// The index of the lowest reward (the first on ties); `None` if empty or all NaN.
+pub fn worst_index(rewards: &[f64]) -> Option<usize> {
+    let negated: Vec<f64> = rewards.iter().map(|r| -r).collect();
+    best_index(&negated)
+}
+
 impl BestOfN {
+    /// The on-policy preference pair of this prompt, as a TRL preference row
+    /// (`prompt`/`chosen`/`rejected`): its best candidate against its worst, when the best
+    /// scores strictly higher (a prompt whose samples all score alike gives none). Pairs
+    /// sampled from the policy being trained are what iterative and online DPO train on
+    /// (Xu et al. 2023, "Some things are more CRINGE than others"; Guo et al. 2024, "Direct
+    /// Language Model Alignment from Online AI Feedback"), rather than pairs another model
+    /// wrote.
+    pub fn pair(&self) -> Option<serde_json::Value> {
+        let rewards: Vec<f64> = self.candidates.iter().map(|c| c.reward).collect();
+        let worst = worst_index(&rewards)?;
+        if rewards[self.best] <= rewards[worst] {
+            return None;
+        }
+        let as_reply = |text: &str| match self.prompt {
+            serde_json::Value::Array(_) => serde_json::json!([{"role": "assistant", "content": text}]),
+            _ => serde_json::Value::String(text.to_string()),
+        };
+        Some(serde_json::json!({
+            "prompt": self.prompt,
+            "chosen": as_reply(&self.candidates[self.best].completion),
+            "rejected": as_reply(&self.candidates[worst].completion),
+        }))
+    }
+
     /// Pick the best of `candidates`; `None` when there is nothing to pick.
     pub fn select(prompt: serde_json::Value, candidates: Vec<Candidate>) -> Option<Self> {
         let rewards: Vec<f64> = candidates.iter().map(|c| c.reward).collect();

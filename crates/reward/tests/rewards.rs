@@ -171,8 +171,13 @@ fn best_of_n_picks_the_highest_and_writes_an_sft_row() {
     ];
     let sel = BestOfN::select(json!("Question: x\nAnswer:"), cands.clone()).unwrap();
     assert_eq!((sel.best, sel.completion.as_str(), sel.reward), (1, Some(" b"), 1.5));
-    let chat = BestOfN::select(json!([{"role": "user", "content": "x?"}]), cands).unwrap();
+    let chat = BestOfN::select(json!([{"role": "user", "content": "x?"}]), cands.clone()).unwrap();
     assert_eq!(chat.completion, json!([{"role": "assistant", "content": " b"}]));
+    // The on-policy pair: best against worst, none when every candidate scores alike.
+    assert_eq!(sel.pair(), Some(json!({"prompt": "Question: x\nAnswer:", "chosen": " b", "rejected": " c"})));
+    assert_eq!(chat.pair().unwrap()["rejected"], json!([{"role": "assistant", "content": " c"}]));
+    let tied: Vec<Candidate> = cands.iter().map(|c| Candidate { reward: 1.0, ..c.clone() }).collect();
+    assert_eq!(BestOfN::select(json!("q"), tied).unwrap().pair(), None);
     // The selections file is a prompt/completion dataset as it stands.
     let dir = std::env::temp_dir().join(format!("align-bon-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -36,6 +36,11 @@ pub struct DpoSettings {
     /// Compute the reference log-probs of every pair once before training and hold no
     /// reference model afterwards. Default false.
     pub precompute_ref_log_probs: bool,
+    /// Weight of an added NLL term, the mean loss per chosen completion token of the batch:
+    /// RPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization"), TRL's
+    /// `loss_type = ["sigmoid", "sft"]` with `loss_weights = [1, sft_weight]`. It keeps
+    /// the chosen answers likely while DPO pushes the pair apart. Default 0 (pure DPO).
+    pub sft_weight: f64,
 }
 
 impl Default for DpoSettings {
@@ -45,6 +50,7 @@ impl Default for DpoSettings {
             loss_type: DpoLossType::Sigmoid,
             label_smoothing: 0.0,
             precompute_ref_log_probs: false,
+            sft_weight: 0.0,
         }
     }
 }

@@ -115,6 +115,9 @@ pub enum EvalSpec {
         /// Default 64.
         #[serde(default = "default_new_tokens")]
         max_new_tokens: usize,
+        /// Default none.
+        #[serde(default)]
+        stop_strings: Vec<String>,
         /// Default 16.
         #[serde(default = "default_batch")]
         batch_size: usize,
@@ -144,6 +147,9 @@ pub enum EvalSpec {
         /// Default 64.
         #[serde(default = "default_new_tokens")]
         max_new_tokens: usize,
+        /// Default none.
+        #[serde(default)]
+        stop_strings: Vec<String>,
         /// Default 16.
         #[serde(default = "default_batch")]
         batch_size: usize,
@@ -300,7 +306,16 @@ pub fn run_eval<B: FusedOps>(
             m.insert("accuracy".into(), right as f64 / n);
             m.insert("margin".into(), margins.iter().sum::<f64>() / n);
         }
-        EvalSpec::Critique { data, chat_format, instruction, max_score, max_new_tokens, batch_size, .. } => {
+        EvalSpec::Critique {
+            data,
+            chat_format,
+            instruction,
+            max_score,
+            max_new_tokens,
+            stop_strings,
+            batch_size,
+            ..
+        } => {
             let pre = load_pretrained::<B>(model, Heads::LM, device)?;
             let task = CritiqueTask::new(instruction, *max_score)?;
             let prompts = conversation_prompts(&pre.tokenizer, data, *chat_format, |messages| {
@@ -312,7 +327,7 @@ pub fn run_eval<B: FusedOps>(
                 &pre.tokenizer,
                 &grader,
                 &prompts,
-                &greedy(*max_new_tokens),
+                &greedy(*max_new_tokens, stop_strings),
                 *batch_size,
                 0,
                 &samples_path,
@@ -334,6 +349,7 @@ pub fn run_eval<B: FusedOps>(
             low,
             rewards,
             max_new_tokens,
+            stop_strings,
             batch_size,
             ..
         } => {
@@ -353,7 +369,7 @@ pub fn run_eval<B: FusedOps>(
                     &pre.tokenizer,
                     &funcs,
                     &prompts,
-                    &greedy(*max_new_tokens),
+                    &greedy(*max_new_tokens, stop_strings),
                     *batch_size,
                     0,
                     &path,
@@ -370,15 +386,15 @@ pub fn run_eval<B: FusedOps>(
     Ok(m)
 }
 
-/// Greedy decoding of up to `max_new_tokens`.
-fn greedy(max_new_tokens: usize) -> Generation {
+/// Greedy decoding of up to `max_new_tokens`, ending at a stop string (kept).
+fn greedy(max_new_tokens: usize, stop_strings: &[String]) -> Generation {
     Generation {
         temperature: 0.0,
         top_k: 0,
         top_p: 1.0,
         max_new_tokens,
         min_new_tokens: 0,
-        stop_strings: vec![],
+        stop_strings: stop_strings.to_vec(),
         include_stop_str_in_output: true,
     }
 }

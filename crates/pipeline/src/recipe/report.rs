@@ -202,7 +202,7 @@ pub fn stage_evals(stage: &StagePlan) -> Result<BTreeMap<String, f64>> {
         let path = stage.dir.join("best_of_n.json");
         if let Ok(text) = std::fs::read_to_string(&path) {
             let v: serde_json::Value = serde_json::from_str(&text).with_context(|| path.display().to_string())?;
-            for k in ["best_reward", "mean_reward"] {
+            for k in ["best_reward", "mean_reward", "pairs"] {
                 if let Some(x) = v[k].as_f64() {
                     out.insert(format!("best_of_n/{k}"), x);
                 }

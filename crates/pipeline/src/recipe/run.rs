@@ -243,7 +243,9 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
     let sel = align_eval::best_of_n(&pre.model, &pre.tokenizer, reward.as_ref(), &prompts, s.n, &sampling, s.seed)?;
     // Printed as the seed recipe shows it: every candidate with its reward, the best marked.
     let text = align_eval::best_of_n_listing(&prompts, &sel);
-    print!("{text}");
+    if s.print {
+        print!("{text}");
+    }
     align_model::weights::write_atomic(&dir.join("best_of_n.txt"), text.as_bytes())?;
     let mut lines = String::new();
     for x in &sel {
@@ -255,7 +257,17 @@ fn best_of_n<B: FusedOps>(s: &BestOfNStage, dir: &Path, device: &B::Device) -> R
     let best = sel.iter().map(|x| x.reward).sum::<f64>() / n;
     let all: Vec<f64> = sel.iter().flat_map(|x| x.candidates.iter().map(|c| c.reward)).collect();
     let mean = all.iter().sum::<f64>() / all.len().max(1) as f64;
-    let metrics = serde_json::json!({"best_reward": best, "mean_reward": mean, "prompts": sel.len(), "n": s.n});
+    let mut metrics = serde_json::json!({"best_reward": best, "mean_reward": mean, "prompts": sel.len(), "n": s.n});
+    if s.pairs {
+        let pairs: Vec<serde_json::Value> = sel.iter().filter_map(|x| x.pair()).collect();
+        if pairs.is_empty() {
+            bail!("pairs = true: no prompt's candidates differ in reward, so there is no pair to write");
+        }
+        let text: String = pairs.iter().map(|p| format!("{p}\n")).collect();
+        align_model::weights::write_atomic(&dir.join("pairs.jsonl"), text.as_bytes())?;
+        tracing::info!(pairs = pairs.len(), prompts = sel.len(), "on-policy pairs written");
+        metrics["pairs"] = pairs.len().into();
+    }
     align_model::weights::write_atomic(
         &dir.join("best_of_n.json"),
         serde_json::to_string_pretty(&metrics)?.as_bytes(),
@@ -390,6 +402,8 @@ fn prepare_data(dir: &Path, src: &DataSource, fingerprint: &str) -> Result<()> {
                 ("rl.jsonl", syn::prompt_answer_rows(&tr)),
                 ("eval.jsonl", syn::prompt_answer_rows(&ev)),
                 ("preference_eval.jsonl", syn::preference_rows(&ev, seed.wrapping_add(2), *wrong_spread)),
+                ("scored.jsonl", syn::scored_conversation_rows(&tr, seed.wrapping_add(3), *wrong_spread)),
+                ("scored_eval.jsonl", syn::scored_conversation_rows(&ev, seed.wrapping_add(4), *wrong_spread)),
             ];
             write_dir_atomic(dir, |tmp| {
                 for (name, rows) in &files {

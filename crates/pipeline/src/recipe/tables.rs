@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelSpec;
 
 /// Bump when a generated dataset's contents change for the same settings.
-pub const DATA_VERSION: &str = "1";
+pub const DATA_VERSION: &str = "2";
 
 /// `best_of_n` stage settings (the stage's table).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +40,17 @@ pub struct BestOfNStage {
     /// Default 0.
     #[serde(default)]
     pub seed: u64,
+    /// Also write `pairs.jsonl`: each prompt's best candidate against its worst, when the
+    /// best scores higher (on-policy preference pairs for DPO). Default false.
+    #[serde(default)]
+    pub pairs: bool,
+    /// Print every prompt with its candidates (as the seed recipe shows them). Default true.
+    #[serde(default = "yes")]
+    pub print: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_n() -> usize {

