@@ -14,7 +14,7 @@ use super::StageKind;
 use super::resolve::{Pipeline, StagePlan};
 
 /// Training metrics shown per stage (the last logged value) and plotted against step.
-const TRAINING_METRICS: [&str; 9] = [
+const TRAINING_METRICS: [&str; 12] = [
     "loss",
     "eval_loss",
     "rewards/accuracies",
@@ -24,10 +24,14 @@ const TRAINING_METRICS: [&str; 9] = [
     "kl",
     "objective/kl",
     "objective/scores",
+    "contrastive/accuracy",
+    "critique/loss",
+    "critique/reply_loss",
 ];
 
-/// Curves drawn when any stage logs them (eval accuracy under r1_zero rewards included).
-const CURVES: [&str; 10] = [
+/// Curves drawn when any stage logs them (eval accuracy under r1_zero rewards included;
+/// a curriculum's difficulty drawn, the order its loader produced).
+const CURVES: [&str; 13] = [
     "loss",
     "eval_loss",
     "reward",
@@ -38,6 +42,9 @@ const CURVES: [&str; 10] = [
     "rewards/accuracies",
     "eval_rewards/accuracies",
     "eval_rewards/r1_zero/answer_reward",
+    "curriculum/difficulty",
+    "contrastive/accuracy",
+    "contrastive/loss",
 ];
 
 /// One stage's row.

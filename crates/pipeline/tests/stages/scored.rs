@@ -271,3 +271,38 @@ fn a_score_curriculum_draws_the_best_rated_rows_first() {
     assert!(err.contains("meta_eval_score") && err.contains("row 1"), "{err}");
     std::fs::remove_dir_all(&d).ok();
 }
+
+/// The multi-objective rewards in an online stage: GRPO on scored conversations, its prompts
+/// asking for a 5, rewarded by fluency (under the stage's reference model, filled in),
+/// faithfulness and quality at the seed's weights. Each component is logged and in [0, 1],
+/// and the reward is their weighted sum.
+#[test]
+fn grpo_trains_on_the_multi_objective_rewards_with_conditioned_prompts() {
+    let d = tmp("scored-multi-objective");
+    let data = scored_file(&d, "train.jsonl", 5, 8);
+    let rewards = "rewards = [{ kind = \"fluency\", weight = 0.25 }, { kind = \"faithfulness\", weight = 0.25 }, { kind = \"quality\", field = \"score\", range = [0, 5], weight = 0.5 }]";
+    let cfg = crate::common::rl_config(
+        &d.join("run"),
+        &data,
+        "per_device_train_batch_size = 8\nmax_steps = 2\nsave_steps = 0\nlearning_rate = 1e-4",
+        "grpo",
+        &format!("num_generations = 4\nmax_completion_length = 8\n{rewards}"),
+        "[tokenize]\nchat_format = \"role_markers\"\n[score_conditioning]\ntarget = 5\n",
+    );
+    align_pipeline::grpo::run_grpo::<Cpu>(&cfg, false, &Default::default()).unwrap();
+    let m = metrics(&d.join("run"));
+    assert_eq!(m.len(), 2);
+    for r in m {
+        let part = |k: &str| r.extra[&format!("rewards/{k}/mean")];
+        for k in ["fluency", "faithfulness", "quality"] {
+            assert!((0.0..=1.0).contains(&part(k)), "{k}: {}", part(k));
+        }
+        let sum = 0.25 * part("fluency") + 0.25 * part("faithfulness") + 0.5 * part("quality");
+        assert!((r.extra["reward"] - sum).abs() < 1e-6, "reward {} against the weighted sum {sum}", r.extra["reward"]);
+    }
+    let rows = std::fs::read_to_string(d.join("run/completions.jsonl")).unwrap();
+    let row: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    let prompt = row["prompt"].as_str().unwrap();
+    assert!(prompt.contains("<score>5</score>\n"), "the prompt asks for a 5: {prompt:?}");
+    std::fs::remove_dir_all(&d).ok();
+}
