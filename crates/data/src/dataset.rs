@@ -76,14 +76,45 @@ pub fn examples_as<'a>(
     accepts: &'a [SchemaKind],
     report: &'a mut SkipReport,
 ) -> Result<impl Iterator<Item = Result<Example>> + 'a> {
+    rows_as(cfg, accepts, report, |_, e| Ok(e))
+}
+
+/// The number in `column` of each row [`examples_as`] keeps, in its order (a per-row
+/// difficulty or score read from the file); a row without it, or with another type, is an
+/// error naming file, line and field.
+pub fn column_numbers(cfg: &DatasetConfig, accepts: &[SchemaKind], column: &str) -> Result<Vec<f64>> {
+    let mut report = SkipReport::default();
+    // The column's error is kept inside the row's value, so `skip_invalid` skips exactly
+    // the rows the examples skip.
+    let values = rows_as(cfg, accepts, &mut report, |r, _| {
+        Ok(match r.fields.get(column) {
+            Some(serde_json::Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => {
+                Ok(n.as_f64().unwrap_or(0.0))
+            }
+            Some(other) => Err(DataError::at(&r.location, Some(column), format!("expected a number, found {other}"))),
+            None => Err(DataError::at(&r.location, Some(column), "missing")),
+        })
+    })?;
+    values.map(|v| v.and_then(|x| x)).collect()
+}
+
+/// The rows `accepts` keeps (after `skip_invalid`, `skip` and `limit`), each as `keep`
+/// makes it from its record and its example.
+fn rows_as<'a, T: 'a>(
+    cfg: &'a DatasetConfig,
+    accepts: &'a [SchemaKind],
+    report: &'a mut SkipReport,
+    keep: impl Fn(&crate::source::Record, Example) -> Result<T> + 'a,
+) -> Result<impl Iterator<Item = Result<T>> + 'a> {
     let reader = RecordReader::open(&cfg.path)?;
     let parsed = reader.map(move |record| {
         record.and_then(|mut r| {
             map_columns(&mut r.fields, &cfg.columns);
-            match cfg.adapter {
+            let ex = match cfg.adapter {
                 Some(a) => a.apply(&r),
                 None => Example::from_record_as(&r, cfg.schema, accepts),
-            }
+            }?;
+            keep(&r, ex)
         })
     });
     let kept = parsed.filter_map(move |p| match p {

@@ -25,7 +25,7 @@ pub use adapters::{Adapter, MultipleChoice};
 pub use batch::{
     ForwardLayout, HostBatch, LossPositions, pack, pack_best_fit_decreasing, pack_placed, pad_left, pad_right,
 };
-pub use dataset::{DatasetConfig, SkipReport, examples, examples_as, load_examples, load_examples_as};
+pub use dataset::{DatasetConfig, SkipReport, column_numbers, examples, examples_as, load_examples, load_examples_as};
 pub use error::{DataError, Location, Result};
 pub use loader::{Curriculum, Loader, LoaderState};
 pub use schema::{ColumnMap, Content, Example, SchemaKind};

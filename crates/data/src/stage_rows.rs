@@ -11,7 +11,7 @@ use crate::{
 };
 
 /// The rows SFT trains on.
-const SFT_ROWS: &[SchemaKind] =
+pub const SFT_ROWS: &[SchemaKind] =
     &[SchemaKind::Text, SchemaKind::PromptCompletion, SchemaKind::Conversation, SchemaKind::ScoredConversation];
 const PAIR_ROWS: &[SchemaKind] = &[SchemaKind::Preference];
 const LABELLED_ROWS: &[SchemaKind] = &[SchemaKind::UnpairedPreference, SchemaKind::Preference];
@@ -94,6 +94,8 @@ pub struct SftRow {
     pub score: Option<f64>,
     /// The critique example of a scored conversation (not its reply).
     pub critique: bool,
+    /// The example it came from (0-based, after skip).
+    pub example: usize,
 }
 
 /// SFT rows: each example's sequence (conditioned on its score when `scored.condition`),
@@ -154,7 +156,7 @@ pub fn sft_rows(
     out.into_iter()
         .zip(origin)
         .map(|(x, (i, score, critique))| match x {
-            Tokenized::Sequence(seq) if seq.loss_tokens() > 0 => Ok(SftRow { seq, score, critique }),
+            Tokenized::Sequence(seq) if seq.loss_tokens() > 0 => Ok(SftRow { seq, score, critique, example: i }),
             Tokenized::Sequence(_) if critique => {
                 Err(refuse(data, i, "has no critique tokens to train on after truncation (raise max_length)"))
             }

@@ -292,3 +292,29 @@ fn prompt_only_rows() {
     assert!(e.contains("p.jsonl:1") && e.contains("prompt"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `column_numbers` reads a column of exactly the rows the examples keep: an invalid row
+/// skipped under `skip_invalid` is skipped there too, and `skip`/`limit` apply alike.
+#[test]
+fn column_numbers_follow_the_kept_rows() {
+    let dir = std::env::temp_dir().join(format!("align-columns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("rows.jsonl");
+    let row = |score: &str, d: u32| {
+        format!(
+            "{{\"conversation\": [{{\"role\": \"human\", \"content\": \"q\"}}, {{\"role\": \"assistant\", \"content\": \"a\"}}], \"meta_eval_score\": {score}, \"difficulty\": {d}}}\n"
+        )
+    };
+    std::fs::write(&f, [row("4", 2), row("\"high\"", 9), row("1", 5), row("3", 7)].concat()).unwrap();
+    let mut cfg = align_data::DatasetConfig::new(&f);
+    cfg.skip_invalid = true;
+    let (examples, report) = align_data::load_examples(&cfg).unwrap();
+    assert_eq!((examples.len(), report.skipped), (3, 1));
+    assert_eq!(align_data::column_numbers(&cfg, &[], "difficulty").unwrap(), vec![2.0, 5.0, 7.0]);
+    cfg.skip = 1;
+    cfg.limit = Some(1);
+    assert_eq!(align_data::column_numbers(&cfg, &[], "difficulty").unwrap(), vec![5.0]);
+    let err = align_data::column_numbers(&cfg, &[], "missing").unwrap_err().to_string();
+    assert!(err.contains("rows.jsonl:3") && err.contains("field `missing`"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -5,7 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use align_data::{HostBatch, ScoredSft, SftRow, TokenizedSequence, pack, pad_right, sft_rows};
+use align_data::stage_rows::SFT_ROWS;
+use align_data::{HostBatch, ScoredSft, SftRow, TokenizedSequence, column_numbers, pack, pad_right, sft_rows};
 use align_lora::LoraConfig;
 use align_losses::contrastive::info_nce_loss;
 use align_model::burn::module::AutodiffModule;
@@ -40,6 +41,8 @@ pub struct SftStage<B: AutodiffFusedOps> {
     /// The critique rows' weight in the loss (`[self_critique] weight`; 1 without it).
     pub critique_weight: f64,
     pub contrastive: Option<ContrastiveConfig>,
+    /// Each example's difficulty from `[curriculum] column`, when set.
+    pub column_difficulty: Option<Vec<f64>>,
 }
 
 impl<B: AutodiffFusedOps> SftStage<B> {
@@ -231,6 +234,9 @@ impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
         let difficulty = match c.measure {
             Measure::Length => self.train.iter().map(|r| r.seq.len() as f64).collect(),
             Measure::Loss => self.row_losses(&model.valid()),
+            Measure::Score if let Some(d) = &self.column_difficulty => {
+                self.train.iter().map(|r| d[r.example]).collect()
+            }
             Measure::Score => (self.train.iter().enumerate())
                 .map(|(i, r)| {
                     r.score.map(|s| c.max_score - s).with_context(|| {
@@ -309,6 +315,10 @@ impl StageMain for Sft<'_> {
             curriculum: cfg.curriculum.clone(),
             critique_weight: cfg.self_critique.as_ref().map_or(1.0, |c| c.weight),
             contrastive: cfg.contrastive.clone(),
+            column_difficulty: match cfg.curriculum.as_ref().and_then(|c| c.column.as_deref()) {
+                Some(column) => Some(column_numbers(&cfg.data, SFT_ROWS, column)?),
+                None => None,
+            },
         };
         train(&mut Rows(stage), start.model, &cfg.training, &cfg.output_dir, self.resume)?;
         Ok(cfg.output_dir.join("final"))

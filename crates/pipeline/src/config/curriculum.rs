@@ -13,7 +13,8 @@ pub enum Measure {
     /// The starting model's mean loss per loss token on it (computed once, before the first
     /// step): what the model already predicts well first.
     Loss,
-    /// `max_score − meta_eval_score` (scored conversations): the best-rated rows first.
+    /// `max_score − meta_eval_score` (scored conversations), or the `column`'s number: the
+    /// best-rated rows first.
     Score,
 }
 
@@ -44,6 +45,9 @@ pub struct CurriculumConfig {
     /// The top of the scores' scale, for `measure = "score"`. Default 5 (`meta_eval_score`'s
     /// 0–5).
     pub max_score: f64,
+    /// For `measure = "score"`: a numeric column of the data holding each row's difficulty,
+    /// read as it is, instead of `max_score − meta_eval_score` (SFT). Default none.
+    pub column: Option<String>,
 }
 
 impl Default for CurriculumConfig {
@@ -55,6 +59,7 @@ impl Default for CurriculumConfig {
             duration: 0.5,
             stages: 4,
             max_score: 5.0,
+            column: None,
         }
     }
 }
@@ -72,6 +77,9 @@ impl CurriculumConfig {
         }
         if self.pacing == Pacing::Step && self.stages < 2 {
             bail!("[curriculum] stages: step pacing needs at least 2, found {}", self.stages);
+        }
+        if self.column.is_some() && self.measure != Measure::Score {
+            bail!("[curriculum] column: a column's difficulty is read with measure = \"score\"");
         }
         if !self.max_score.is_finite() {
             bail!("[curriculum] max_score: must be a finite number, found {}", self.max_score);

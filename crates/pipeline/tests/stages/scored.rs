@@ -246,7 +246,8 @@ fn the_contrastive_loss_learns_to_pair_prompts_with_their_replies() {
 }
 
 /// `[curriculum] measure = "score"`: the best-rated rows (difficulty 5 − score = 0) come
-/// first; rows without a score are refused by name.
+/// first, or the rows a `column` rates easiest; rows without a score or the column are
+/// refused by name.
 #[test]
 fn a_score_curriculum_draws_the_best_rated_rows_first() {
     let d = tmp("scored-curriculum");
@@ -263,6 +264,31 @@ fn a_score_curriculum_draws_the_best_rated_rows_first() {
     assert_eq!(difficulty[0], 0.0);
     let late = difficulty[6..].iter().sum::<f64>() / 6.0;
     assert!(late > 1.0, "the second half draws all scores: mean difficulty {late}");
+
+    // Or a column's number as each row's difficulty: rows 30, 29, … 1 here, so the last
+    // rows come first.
+    let text = std::fs::read_to_string(&data).unwrap();
+    let with_column: String = text
+        .lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let mut row: serde_json::Value = serde_json::from_str(l).unwrap();
+            row["difficulty"] = serde_json::json!(30 - i);
+            format!("{row}\n")
+        })
+        .collect();
+    let column_data = d.join("column.jsonl");
+    std::fs::write(&column_data, with_column).unwrap();
+    let training = "[training]\nper_device_train_batch_size = 2\nlearning_rate = 1e-3\nmax_steps = 4\nlogging_steps = 1\nsave_steps = 0\n";
+    let curriculum = "[curriculum]\nmeasure = \"score\"\ncolumn = \"difficulty\"\ninitial = 0.3\nduration = 0.5\n";
+    let cfg = config(&d.join("column"), &column_data, &format!("{training}{curriculum}"));
+    run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
+    let first = metrics(&d.join("column"))[0].extra["curriculum/difficulty"];
+    assert!(first <= 9.0, "the first step draws from the 9 rows of difficulty 1–9: mean {first}");
+    // A row without the column is an error naming the file, the line and the field.
+    std::fs::write(&column_data, text).unwrap();
+    let err = format!("{:#}", run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap_err());
+    assert!(err.contains("column.jsonl:1") && err.contains("field `difficulty`"), "{err}");
 
     let plain = d.join("plain.jsonl");
     std::fs::write(&plain, "{\"prompt\": \"a\", \"completion\": \"b\"}\n").unwrap();
