@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use align_data::stage_rows::SFT_ROWS;
-use align_data::{HostBatch, ScoredSft, SftRow, TokenizedSequence, column_numbers, pack, pad_right, sft_rows};
+use align_data::{
+    HostBatch, LossPositions, ScoredSft, SftRow, TokenizedSequence, column_numbers, pack, pad_right, sft_rows,
+};
 use align_lora::LoraConfig;
 use align_losses::contrastive::info_nce_loss;
 use align_model::burn::module::AutodiffModule;
@@ -40,6 +42,8 @@ pub struct SftStage<B: AutodiffFusedOps> {
     pub curriculum: Option<CurriculumConfig>,
     /// The critique rows' weight in the loss (`[self_critique] weight`; 1 without it).
     pub critique_weight: f64,
+    /// Some training row is a critique (the loss weighs and logs them).
+    pub critiques: bool,
     pub contrastive: Option<ContrastiveConfig>,
     /// Each example's difficulty from `[curriculum] column`, when set.
     pub column_difficulty: Option<Vec<f64>>,
@@ -138,13 +142,24 @@ fn mean_pool<B: FusedOps>(
     Ok(w.matmul(hidden).squeeze_dim(1))
 }
 
-/// Σ −log p(target) over the loss tokens of a batch, and their count. The LM head runs on
-/// the loss positions alone (completion-only and assistant-only masks skip the rest).
-pub fn nll_sum<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> (Tensor<B, 1>, usize) {
+/// A batch's final hidden states, its loss positions, and the log-prob of each position's
+/// target. The LM head runs on the loss positions alone (completion-only and
+/// assistant-only masks skip the rest).
+fn loss_logprobs<B: FusedOps>(
+    model: &Transformer<B>,
+    batch: &HostBatch,
+    device: &B::Device,
+) -> (Tensor<B, 3>, LossPositions, Tensor<B, 1>) {
     let hidden = model.forward_hidden(&batch.to_device::<B>(device), None);
     let (targets, mask) = batch.shifted_targets();
     let at = batch.loss_positions(&targets, &mask);
-    let lp = model.logprobs_at(hidden, &at.rows, &at.targets, 1.0, false).logprobs;
+    let lp = model.logprobs_at(hidden.clone(), &at.rows, &at.targets, 1.0, false).logprobs;
+    (hidden, at, lp)
+}
+
+/// Σ −log p(target) over the loss tokens of a batch, and their count.
+pub fn nll_sum<B: FusedOps>(model: &Transformer<B>, batch: &HostBatch, device: &B::Device) -> (Tensor<B, 1>, usize) {
+    let (_, at, lp) = loss_logprobs(model, batch, device);
     (lp.sum().neg(), at.rows.len())
 }
 
@@ -168,16 +183,13 @@ impl<B: AutodiffFusedOps> RowStage<B> for SftStage<B> {
     ) -> Result<MicroLoss<B>> {
         let seqs: Vec<&TokenizedSequence> = micro.iter().map(|&i| &self.train[i].seq).collect();
         let batch = self.host_batch(&seqs)?;
-        let hidden = model.forward_hidden(&batch.to_device::<B>(&self.device), None);
-        let (targets, mask) = batch.shifted_targets();
-        let at = batch.loss_positions(&targets, &mask);
+        let (hidden, at, lp) = loss_logprobs(model, &batch, &self.device);
         if at.rows.len() != self.loss_tokens(micro) {
             bail!("the batch counted {} loss tokens but its loss covers {}", self.loss_tokens(micro), at.rows.len());
         }
-        let lp = model.logprobs_at(hidden.clone(), &at.rows, &at.targets, 1.0, false).logprobs;
         let mut metrics = vec![];
         // Every micro-batch logs the same metrics (the replicas compare their names).
-        let nll = if self.train.iter().any(|r| r.critique) {
+        let nll = if self.critiques {
             // Reply tokens weigh 1, critique tokens `critique_weight`; the reply and
             // critique losses are logged per token of each.
             let t = batch.shape[1];
@@ -286,6 +298,7 @@ impl StageMain for Sft<'_> {
         let critique = cfg.self_critique.as_ref().map(|c| c.task()).transpose()?;
         let scored = ScoredSft { condition: condition.as_ref(), critique: critique.as_ref() };
         let train_rows = sft_rows(&tok, &cfg.data, &tokenize, "train", scored)?;
+        let critiques = train_rows.iter().any(|r| r.critique);
         // Held-out rows are conditioned as training rows are, without critiques: eval_loss
         // stays the replies' loss.
         let eval_seqs = match &cfg.eval_data {
@@ -314,6 +327,7 @@ impl StageMain for Sft<'_> {
             device: device.clone(),
             curriculum: cfg.curriculum.clone(),
             critique_weight: cfg.self_critique.as_ref().map_or(1.0, |c| c.weight),
+            critiques,
             contrastive: cfg.contrastive.clone(),
             column_difficulty: match cfg.curriculum.as_ref().and_then(|c| c.column.as_deref()) {
                 Some(column) => Some(column_numbers(&cfg.data, SFT_ROWS, column)?),

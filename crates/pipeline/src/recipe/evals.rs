@@ -8,7 +8,8 @@ use std::path::Path;
 
 use align_data::scored::{CritiqueTask, DEFAULT_CRITIQUE_INSTRUCTION, DEFAULT_SCORE_FORMAT, ScoreCondition};
 use align_data::{
-    ChatFormat, Content, DatasetConfig, Example, ExampleTokenizer, GenerationPrompt, TokenizeConfig, generation_prompts,
+    ChatFormat, Content, DatasetConfig, Example, ExampleTokenizer, GenerationPrompt, TokenizeConfig,
+    generation_prompts, generation_prompts_conditioned,
 };
 use align_eval::write_jsonl;
 use align_model::FusedOps;
@@ -129,7 +130,8 @@ pub enum EvalSpec {
     ScoreConditioning {
         #[serde(default)]
         name: Option<String>,
-        /// Conversations (scored or not): the turns before the last reply are the prompt.
+        /// Rows with a prompt (a conversation's turns before its last reply), each
+        /// conditioned as the online stages' `[score_conditioning] target` conditions them.
         data: DatasetConfig,
         /// Default template.
         #[serde(default)]
@@ -356,14 +358,23 @@ pub fn run_eval<B: FusedOps>(
             let pre = load_pretrained::<B>(model, Heads::LM, device)?;
             let condition = ScoreCondition::new(format)?;
             let funcs = align_reward::build_terms::<B>(rewards, device)?;
+            let untruncated = TokenizeConfig {
+                chat_format: *chat_format,
+                max_length: None,
+                max_prompt_length: None,
+                ..Default::default()
+            };
             let mut reward = BTreeMap::new();
             for (side, target, path) in
                 [("high", *high, samples_path.clone()), ("low", *low, dir.join(format!("{name}.low.jsonl")))]
             {
-                let prompts = conversation_prompts(&pre.tokenizer, data, *chat_format, |messages| {
-                    let last = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(messages.len());
-                    condition.conversation(&messages[..last], target)
-                })?;
+                let prompts = generation_prompts_conditioned(
+                    &pre.tokenizer,
+                    data,
+                    &untruncated,
+                    &name,
+                    Some((&condition, target)),
+                )?;
                 let all = evaluate_prompts(
                     &pre.model,
                     &pre.tokenizer,
