@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use align_model::backend::{Autodiff, DeviceKind, OnDevice};
-use align_model::{FusedOps, Heads, load_pretrained};
+use align_model::quant::QuantFormat;
+use align_model::{BaseStorage, FusedOps, Heads, load_pretrained};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
@@ -30,6 +31,19 @@ pub const ROWS: &[Row] = &[
     Row { id: "sft-lora", label: "SFT LoRA r=16, 8 × 256", reference: "TRL SFTTrainer", training: true },
     Row { id: "sft-full", label: "SFT full, 8 × 256", reference: "TRL SFTTrainer", training: true },
     Row { id: "sft-lora-long", label: "SFT LoRA r=16, 2 × 2048", reference: "TRL SFTTrainer", training: true },
+    // QLoRA: the same step on a packed base (TRL's side is its f32-base LoRA step, as above).
+    Row {
+        id: "sft-lora-nf4",
+        label: "SFT LoRA r=16, 8 × 256, NF4 base",
+        reference: "TRL SFTTrainer (f32 base)",
+        training: true,
+    },
+    Row {
+        id: "sft-lora-gguf",
+        label: "SFT LoRA r=16, 8 × 256, GGUF Q4_1 base",
+        reference: "TRL SFTTrainer (f32 base)",
+        training: true,
+    },
     Row { id: "dpo-lora", label: "DPO LoRA, 4 pairs × ≤128", reference: "TRL DPOTrainer", training: true },
     Row { id: "dpo-lora-long", label: "DPO LoRA, 2 pairs × ≤1024", reference: "TRL DPOTrainer", training: true },
     Row {
@@ -63,15 +77,18 @@ pub fn align_row(device: DeviceKind, model: &Path, id: &str, reps: usize) -> Res
             let Row { model, id, reps } = self;
             let lm = || -> Result<_> { Ok(load_pretrained::<B>(model, Heads::LM, device)?.model) };
             type Ad<B> = Autodiff<B>;
+            use crate::bench_sft::align_step_seconds as sft_step;
+            use BaseStorage::Dense;
+            const NF4: BaseStorage = BaseStorage::Quantize(QuantFormat::Nf4 { double_quant: true });
             Ok(match id {
                 "prefill" => crate::bench::align_prefill_tps(&lm()?, 8, 128, reps),
                 "decode-b1" => crate::bench::align_decode_tps(&lm()?, 1, reps),
                 "decode-b8" => crate::bench::align_decode_tps(&lm()?, 8, reps),
-                "sft-lora" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 16, 8, 256, reps)?,
-                "sft-full" => 8.0 * 256.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 0, 8, 256, reps)?,
-                "sft-lora-long" => {
-                    2.0 * 2048.0 / crate::bench_sft::align_step_seconds::<Ad<B>>(model, 16, 2, 2048, reps)?
-                }
+                "sft-lora" => 8.0 * 256.0 / sft_step::<Ad<B>>(model, Dense, 16, 8, 256, reps)?,
+                "sft-full" => 8.0 * 256.0 / sft_step::<Ad<B>>(model, Dense, 0, 8, 256, reps)?,
+                "sft-lora-long" => 2.0 * 2048.0 / sft_step::<Ad<B>>(model, Dense, 16, 2, 2048, reps)?,
+                "sft-lora-nf4" => 8.0 * 256.0 / sft_step::<Ad<B>>(model, NF4, 16, 8, 256, reps)?,
+                "sft-lora-gguf" => 8.0 * 256.0 / sft_step::<Ad<B>>(model, BaseStorage::Gguf, 16, 8, 256, reps)?,
                 "dpo-lora" => crate::bench_dpo::align_tokens_per_second::<Ad<B>>(model, 4, 128, reps)?,
                 "dpo-lora-long" => crate::bench_dpo::align_tokens_per_second::<Ad<B>>(model, 2, 1024, reps)?,
                 "grpo" => crate::bench_grpo::align_tokens_per_second::<B>(model, reps)?,
@@ -84,13 +101,21 @@ pub fn align_row(device: DeviceKind, model: &Path, id: &str, reps: usize) -> Res
     Ok(json!({"tokens_per_s": tps, "peak_rss_mib": peak_rss_mib()?}))
 }
 
+/// Rows whose reference run is another row's: that row's id.
+fn reference_key(id: &str) -> &str {
+    match id {
+        "sft-lora-nf4" | "sft-lora-gguf" => "sft-lora",
+        other => other,
+    }
+}
+
 /// The reference side of row `id`: tokens/s and peak RSS from `bench_trl.py`.
 fn reference_row(p: &PeerSetup, id: &str, reps: usize) -> Result<(f64, f64, Value)> {
     let v = match id {
         "prefill" => crate::bench::peer_generate(p, 8, 128, 1, reps)?,
         "decode-b1" => crate::bench::peer_generate(p, 1, 32, 64, reps)?,
         "decode-b8" => crate::bench::peer_generate(p, 8, 32, 64, reps)?,
-        "sft-lora" => crate::bench_sft::trl_sft(p, 16, 8, 256, reps)?,
+        "sft-lora" | "sft-lora-nf4" | "sft-lora-gguf" => crate::bench_sft::trl_sft(p, 16, 8, 256, reps)?,
         "sft-full" => crate::bench_sft::trl_sft(p, 0, 8, 256, reps)?,
         "sft-lora-long" => crate::bench_sft::trl_sft(p, 16, 2, 2048, reps)?,
         "dpo-lora" => crate::bench_dpo::trl_dpo(p, 4, 128, reps)?,
@@ -142,6 +167,8 @@ pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Val
         bail!("--row {unknown:?}: no such row (rows: {})", ids.join(", "));
     }
     let mut rows = vec![];
+    // Rows that share a reference run (the QLoRA rows and sft-lora) measure it once.
+    let mut references: std::collections::BTreeMap<&str, (f64, f64, Value)> = Default::default();
     let mut table = vec![
         "| row (SmolLM2-135M, f32, CPU) | align tok/s | reference | reference tok/s | ratio | align peak RSS MiB | reference peak RSS MiB | RSS ratio |".to_string(),
         "|---|---|---|---|---|---|---|---|".to_string(),
@@ -151,12 +178,16 @@ pub fn run(peer: Option<&PeerSetup>, reps: usize, only: &[String]) -> Result<Val
         let ours = align_row_in_child(row.id, reps, DeviceKind::Cpu, None)?;
         let field = |k: &str| ours[k].as_f64().with_context(|| format!("xtask bench-row {}: no {k}", row.id));
         let (tps, rss) = (field("tokens_per_s")?, field("peak_rss_mib")?);
-        let theirs = match peer {
-            Some(p) => {
+        let shared = reference_key(row.id);
+        let theirs = match (peer, references.get(shared)) {
+            (Some(_), Some(done)) => Some(done.clone()),
+            (Some(p), None) => {
                 eprintln!("bench --all: {} ({})...", row.label, row.reference);
-                Some(reference_row(p, row.id, reps)?)
+                let measured = reference_row(p, row.id, reps)?;
+                references.insert(shared, measured.clone());
+                Some(measured)
             }
-            None => None,
+            (None, _) => None,
         };
         let line = match &theirs {
             Some((t, r, _)) => format!(

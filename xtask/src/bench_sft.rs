@@ -10,23 +10,25 @@ use align_lora::LoraConfig;
 use align_model::backend::{Autodiff, Cpu};
 use align_model::burn::optim::GradientsParams;
 use align_model::burn::tensor::Tensor;
-use align_model::{AutodiffFusedOps, Heads, Transformer, load_pretrained};
+use align_model::{AutodiffFusedOps, BaseStorage, Heads, Transformer, load_pretrained_stored};
 use align_pipeline::optim::{AdamW, AdamWConfig};
 use align_pipeline::sft::nll_sum;
 use anyhow::Result;
 use serde_json::{Value, json};
 
 /// Median seconds of an SFT step (forward, backward, AdamW) on `rows` × `len` tokens after
-/// one warm-up step; `lora_rank` 0 is full fine-tuning. `model`: a GGUF file or HF directory.
+/// one warm-up step; `lora_rank` 0 is full fine-tuning. `model`: a GGUF file or HF directory,
+/// its block projections stored as `storage` says (a packed base for QLoRA).
 pub fn align_step_seconds<B: AutodiffFusedOps>(
     model: &Path,
+    storage: BaseStorage,
     lora_rank: usize,
     rows: usize,
     len: usize,
     reps: usize,
 ) -> Result<f64> {
     let device = Default::default();
-    let mut model = load_pretrained::<B>(model, Heads::LM, &device)?.model;
+    let mut model = load_pretrained_stored::<B>(model, Heads::LM, storage, &device)?.model;
     if lora_rank > 0 {
         let cfg =
             LoraConfig { r: lora_rank, lora_alpha: 2.0 * lora_rank as f64, lora_dropout: 0.0, ..Default::default() };
@@ -88,7 +90,7 @@ pub fn run(gguf: &Path, peer: Option<&crate::bench::PeerSetup>, reps: usize) -> 
     println!("|---|---|---|---|");
     let mut report = json!({});
     for (name, rank) in [("LoRA r=16, all linear", 16usize), ("full fine-tuning", 0)] {
-        let secs = align_step_seconds::<Autodiff<Cpu>>(gguf, rank, 8, 256, reps)?;
+        let secs = align_step_seconds::<Autodiff<Cpu>>(gguf, BaseStorage::Dense, rank, 8, 256, reps)?;
         let ours = 8.0 * 256.0 / secs;
         let theirs = match peer {
             Some(peer) => {

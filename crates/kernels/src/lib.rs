@@ -33,6 +33,7 @@ mod flex_attention;
 pub mod lm_head;
 pub mod lora;
 pub mod matmul;
+pub mod quant;
 pub mod rope;
 pub mod sampling;
 
@@ -48,6 +49,7 @@ pub use elementwise::{rms_norm, swiglu};
 pub use lm_head::{HeadLogprobs, linear_logprobs};
 pub use lora::lora_linear;
 pub use matmul::matmul;
+pub use quant::{PackedMatrix, PackedWeight, QuantFormat, packed_linear};
 pub use rope::rope;
 pub use sampling::TokenSampling;
 
@@ -178,6 +180,18 @@ pub trait FusedOps: Backend {
         lm_head::prim(y)
     }
 
+    /// `x Wᵀ + scale·(x a) b` for `x: [n, in]` and a packed, frozen `W: [out, in]`
+    /// ([`quant`]), with the optional low-rank delta `(a: [in, r], b: [r, out], scale)`.
+    /// Generic: dequantise on the host, upload, and the dense product.
+    fn packed_linear(
+        x: FloatTensor<Self>,
+        w: &PackedWeight,
+        low_rank: Option<(FloatTensor<Self>, FloatTensor<Self>, f64)>,
+    ) -> FloatTensor<Self> {
+        let low_rank = low_rank.map(|(a, b, s)| (lm_head::float(a), lm_head::float(b), s));
+        lm_head::prim(quant::forward::<Self>(lm_head::float(x), w, low_rank).0)
+    }
+
     /// RoPE of `x: [batch, seq, heads, d]` with `cos, sin: [batch, seq, d]`; `inverse`
     /// rotates by the opposite angle.
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
@@ -279,6 +293,14 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
 
     fn rope(x: FloatTensor<Self>, cos: FloatTensor<Self>, sin: FloatTensor<Self>, inverse: bool) -> FloatTensor<Self> {
         rope::autodiff_rope::<B, C>(x, cos, sin, inverse)
+    }
+
+    fn packed_linear(
+        x: FloatTensor<Self>,
+        w: &PackedWeight,
+        low_rank: Option<(FloatTensor<Self>, FloatTensor<Self>, f64)>,
+    ) -> FloatTensor<Self> {
+        quant::autodiff_packed_linear::<B, C>(x, w, low_rank)
     }
 
     fn matmul(a: FloatTensor<Self>, b: FloatTensor<Self>) -> FloatTensor<Self> {

@@ -118,7 +118,7 @@ pub fn attach<B: Backend>(model: Transformer<B>, cfg: &LoraConfig, seed: u64) ->
         if !cfg.matches(&name)? {
             continue;
         }
-        let [d_in, d_out] = proj.linear.weight.dims();
+        let [d_in, d_out] = proj.dims();
         // A rank above the layer's smaller side adds parameters and no expressiveness.
         if cfg.r > d_in.min(d_out) {
             return Err(LoraError::Config(format!(
@@ -270,29 +270,38 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
 
 /// `W ← W + scale · A B` for every adapter (the adapters stay, marked merged, and no longer
 /// add their delta in forward). Exact inverse: [`unmerge`].
+///
+/// A packed (quantised) base is dequantised into a dense weight first: the merge is exact,
+/// and the projection stays dense afterwards (unmerging does not re-pack it).
 pub fn merge<B: Backend>(model: &mut Transformer<B>) {
+    let device = model.embed_tokens.val().device();
     for (_, proj) in model.projections_mut() {
-        if let Some(ad) = proj.adapter.as_mut()
+        if let Some(ad) = proj.adapter.as_ref()
             && !ad.merged
         {
             let delta = ad.a.val().matmul(ad.b.val()) * ad.scale;
-            let w = proj.linear.weight.val() + delta;
-            proj.linear.weight = Param::from_tensor(w.detach()).set_require_grad(false);
-            ad.merged = true;
+            let w = proj.base_weight(&device) + delta;
+            proj.set_base_weight(w);
+            if let Some(ad) = proj.adapter.as_mut() {
+                ad.merged = true;
+            }
         }
     }
 }
 
 /// Undo [`merge`].
 pub fn unmerge<B: Backend>(model: &mut Transformer<B>) {
+    let device = model.embed_tokens.val().device();
     for (_, proj) in model.projections_mut() {
-        if let Some(ad) = proj.adapter.as_mut()
+        if let Some(ad) = proj.adapter.as_ref()
             && ad.merged
         {
             let delta = ad.a.val().matmul(ad.b.val()) * ad.scale;
-            let w = proj.linear.weight.val() - delta;
-            proj.linear.weight = Param::from_tensor(w.detach()).set_require_grad(false);
-            ad.merged = false;
+            let w = proj.base_weight(&device) - delta;
+            proj.set_base_weight(w);
+            if let Some(ad) = proj.adapter.as_mut() {
+                ad.merged = false;
+            }
         }
     }
 }

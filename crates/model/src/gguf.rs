@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use align_kernels::PackedMatrix;
+use align_kernels::quant::GgmlBlock;
 use half::{bf16, f16};
 use memmap2::Mmap;
 
@@ -110,6 +112,18 @@ impl GgmlType {
             14 => GgmlType::Q6K,
             30 => GgmlType::BF16,
             _ => return None,
+        })
+    }
+
+    /// The quantised block type, for the types that have blocks.
+    pub fn block_type(self) -> Option<GgmlBlock> {
+        Some(match self {
+            GgmlType::Q4_0 => GgmlBlock::Q4_0,
+            GgmlType::Q4_1 => GgmlBlock::Q4_1,
+            GgmlType::Q8_0 => GgmlBlock::Q8_0,
+            GgmlType::Q4K => GgmlBlock::Q4K,
+            GgmlType::Q6K => GgmlBlock::Q6K,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => return None,
         })
     }
 
@@ -334,6 +348,16 @@ impl GgufFile {
             .ok_or_else(|| ModelError::format(&self.path, "metadata `general.architecture` missing"))
     }
 
+    /// A tensor's quantised blocks as stored, with its PyTorch-order shape; `None` when it
+    /// is absent or not block-quantised.
+    pub fn blocks(&self, name: &str) -> Option<(GgmlBlock, Vec<usize>, &[u8])> {
+        let info = self.tensors.get(name)?;
+        let ty = GgmlType::from_id(info.type_id)?;
+        let block = ty.block_type()?;
+        let n_bytes = tensor_bytes(info, ty)?;
+        Some((block, info.torch_shape(), &self.mmap[info.offset..info.offset + n_bytes]))
+    }
+
     /// Dequantise a tensor by its GGUF name, in PyTorch shape order.
     pub fn dequantize(&self, name: &str) -> Result<HostTensor> {
         let info = self
@@ -369,87 +393,17 @@ fn tensor_bytes(info: &GgufTensorInfo, ty: GgmlType) -> Option<usize> {
 
 /// Dequantise `n` elements of type `ty` from `bytes` (exactly the tensor's extent).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    let (_, block_bytes) = ty.block();
-    let h = |b: &[u8], i: usize| f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
     match ty {
-        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4")))),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-        GgmlType::Q8_0 => {
-            for b in bytes.chunks_exact(block_bytes) {
-                let d = h(b, 0);
-                out.extend(b[2..34].iter().map(|&q| d * (q as i8) as f32));
+        GgmlType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        GgmlType::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        GgmlType::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        _ => {
+            let mut out = vec![0f32; n];
+            if let Some(block) = ty.block_type() {
+                block.dequantize(bytes, &mut out);
             }
+            out
         }
-        // Q4_0 / Q4_1: element j is the low nibble of qs[j], element j+16 the high nibble.
-        GgmlType::Q4_0 => {
-            for b in bytes.chunks_exact(block_bytes) {
-                let d = h(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|&q| d * ((q & 0x0F) as i32 - 8) as f32));
-                out.extend(qs.iter().map(|&q| d * ((q >> 4) as i32 - 8) as f32));
-            }
-        }
-        GgmlType::Q4_1 => {
-            for b in bytes.chunks_exact(block_bytes) {
-                let (d, m) = (h(b, 0), h(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|&q| d * (q & 0x0F) as f32 + m));
-                out.extend(qs.iter().map(|&q| d * (q >> 4) as f32 + m));
-            }
-        }
-        // Q4_K: 256 elements in 8 sub-blocks of 32, each with a 6-bit scale and min packed
-        // into 12 bytes; super-block scales d and dmin.
-        GgmlType::Q4K => {
-            for b in bytes.chunks_exact(block_bytes) {
-                let (d, dmin) = (h(b, 0), h(b, 2));
-                let scales = &b[4..16];
-                let qs = &b[16..144];
-                for (j, q) in qs.chunks_exact(32).enumerate() {
-                    let (sc1, m1) = q4k_scale_min(2 * j, scales);
-                    let (sc2, m2) = q4k_scale_min(2 * j + 1, scales);
-                    let (d1, m1) = (d * sc1 as f32, dmin * m1 as f32);
-                    let (d2, m2) = (d * sc2 as f32, dmin * m2 as f32);
-                    out.extend(q.iter().map(|&x| d1 * (x & 0x0F) as f32 - m1));
-                    out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - m2));
-                }
-            }
-        }
-        // Q6_K: 256 elements; low 4 bits in ql, high 2 bits in qh, 16 signed 8-bit scales.
-        GgmlType::Q6K => {
-            for b in bytes.chunks_exact(block_bytes) {
-                let (ql, qh, sc) = (&b[0..128], &b[128..192], &b[192..208]);
-                let d = h(b, 208);
-                for half in 0..2 {
-                    let (ql, qh, sc) = (&ql[64 * half..], &qh[32 * half..], &sc[8 * half..]);
-                    let mut y = [0f32; 128];
-                    for l in 0..32 {
-                        let is = l / 16;
-                        let q1 = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i32 - 32;
-                        let q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                        let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                        let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                        let s = |k: usize| d * (sc[is + k] as i8) as f32;
-                        y[l] = s(0) * q1 as f32;
-                        y[l + 32] = s(2) * q2 as f32;
-                        y[l + 64] = s(4) * q3 as f32;
-                        y[l + 96] = s(6) * q4 as f32;
-                    }
-                    out.extend_from_slice(&y);
-                }
-            }
-        }
-    }
-    debug_assert_eq!(out.len(), n);
-    out
-}
-
-fn q4k_scale_min(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -611,15 +565,10 @@ impl WeightSource for GgufSource {
         let g = self.names.get(name).ok_or_else(|| ModelError::tensor(name, "not in the GGUF file"))?;
         let t = self.file.dequantize(g)?;
         let t = match self.permuted_heads(name) {
-            // Heads must split the rows into even halves: checked before the per-head loop,
-            // which a corrupt head count would otherwise run billions of times.
-            Some(n_head) if n_head == 0 || !t.shape[0].is_multiple_of(n_head) || (t.shape[0] / n_head) % 2 != 0 => {
-                return Err(ModelError::tensor(
-                    name,
-                    format!("{} rows do not split into {n_head} heads of even size (attention.head_count)", t.shape[0]),
-                ));
+            Some(n_head) => {
+                check_heads(name, t.shape[0], n_head)?;
+                unpermute_rows(&t, n_head)
             }
-            Some(n_head) => unpermute_rows(&t, n_head),
             None => t,
         };
         // GGUF stores GPT-2's Conv1D weights like nn.Linear ([out, in]); HF keeps Conv1D's [in, out].
@@ -632,6 +581,52 @@ impl WeightSource for GgufSource {
     fn names(&self) -> Vec<String> {
         self.names.keys().cloned().collect()
     }
+
+    fn load_packed(&mut self, name: &str, shape: &[usize; 2]) -> Option<Result<PackedMatrix>> {
+        let g = self.names.get(name)?;
+        let (block, torch_shape, bytes) = self.file.blocks(g)?;
+        let bad = |what: String| ModelError::tensor(name, what);
+        if torch_shape != shape {
+            return Some(Err(bad(format!("expected shape {shape:?}, found {torch_shape:?}"))));
+        }
+        let packed = match PackedMatrix::from_ggml(block, shape[0], shape[1], bytes.to_vec()) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(bad(e.to_string()))),
+        };
+        // llama.cpp permuted q/k rows; rows are whole blocks, so they are reordered as stored.
+        Some(match self.permuted_heads(name) {
+            Some(n_head) => check_heads(name, shape[0], n_head)
+                .and_then(|()| packed.permute_rows(&unpermute_order(shape[0], n_head)).map_err(|e| bad(e.to_string()))),
+            None => Ok(packed),
+        })
+    }
+}
+
+/// Heads must split the rows into even halves: checked before the per-head loops, which a
+/// corrupt head count would otherwise run billions of times.
+fn check_heads(name: &str, rows: usize, n_head: usize) -> Result<()> {
+    if n_head == 0 || !rows.is_multiple_of(n_head) || !(rows / n_head).is_multiple_of(2) {
+        return Err(ModelError::tensor(
+            name,
+            format!("{rows} rows do not split into {n_head} heads of even size (attention.head_count)"),
+        ));
+    }
+    Ok(())
+}
+
+/// [`unpermute_rows`] as a row order: row `i` of the result is row `order[i]` of the file.
+fn unpermute_order(rows: usize, n_head: usize) -> Vec<usize> {
+    let head_dim = rows / n_head;
+    let half = head_dim / 2;
+    let mut order = vec![0; rows];
+    for h in 0..n_head {
+        for i in 0..half {
+            for s in 0..2 {
+                order[h * head_dim + s * half + i] = h * head_dim + i * 2 + s;
+            }
+        }
+    }
+    order
 }
 
 #[cfg(test)]

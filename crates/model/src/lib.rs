@@ -27,6 +27,7 @@ pub mod weights;
 
 use std::path::Path;
 
+pub use align_kernels::quant;
 pub use align_kernels::{
     AutodiffFusedOps, FusedOps, HeadLogprobs, gpu_tests, lora_linear, masked_attention, rms_norm, rope, swiglu,
 };
@@ -36,10 +37,12 @@ use burn::tensor::backend::Backend;
 pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, HfHead, ModelConfig};
 pub use error::{ModelError, Result};
-pub use load::{Heads, RandomInit, build, export, init_random};
+pub use load::{BaseStorage, Heads, RandomInit, build, build_stored, export, init_random};
 pub use rng::SplitMix64;
 pub use tokenizer::Tokenizer;
-pub use transformer::{BlockContext, KvCache, LowRank, Proj, TokenBatch, Transformer, cast_float, spread_rows};
+pub use transformer::{
+    BlockContext, KvCache, LowRank, PackedLinear, Proj, TokenBatch, Transformer, cast_float, spread_rows,
+};
 pub use weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource};
 
 /// A network with its tokenizer, as loaded from disk.
@@ -51,12 +54,26 @@ pub struct Pretrained<B: Backend> {
 /// Load a model from a GGUF file or an HF directory (`config.json`, safetensors,
 /// `tokenizer.json`).
 pub fn load_pretrained<B: Backend>(path: &Path, heads: Heads, device: &B::Device) -> Result<Pretrained<B>> {
+    load_pretrained_stored(path, heads, BaseStorage::Dense, device)
+}
+
+/// [`load_pretrained`] with the block projections' base weights stored as `storage`
+/// says (quantised for QLoRA; see [`BaseStorage`]).
+pub fn load_pretrained_stored<B: Backend>(
+    path: &Path,
+    heads: Heads,
+    storage: BaseStorage,
+    device: &B::Device,
+) -> Result<Pretrained<B>> {
     if path.is_dir() {
+        if storage == BaseStorage::Gguf {
+            return Err(ModelError::format(path, "GGUF-native storage needs a GGUF file, not a directory"));
+        }
         let config_path = path.join("config.json");
         let config = ModelConfig::from_file(&config_path)?;
         let mut src = SafetensorsSource::open_dir(path)?;
         // A config error found while building names config.json; a tensor error, the checkpoint.
-        let model = build(&config, &mut src, heads, device).map_err(|e| match e {
+        let model = build_stored(&config, &mut src, heads, storage, device).map_err(|e| match e {
             ModelError::Config { .. } => e.in_file(&config_path),
             e => e.in_file(path),
         })?;
@@ -69,7 +86,7 @@ pub fn load_pretrained<B: Backend>(path: &Path, heads: Heads, device: &B::Device
         let tokenizer = Tokenizer::from_gguf(&file)?;
         check_vocab(&config, &tokenizer, path)?;
         let mut src = gguf::GgufSource::new(file, config.clone());
-        let model = build(&config, &mut src, heads, device).map_err(|e| e.in_file(path))?;
+        let model = build_stored(&config, &mut src, heads, storage, device).map_err(|e| e.in_file(path))?;
         Ok(Pretrained { model, tokenizer })
     }
 }

@@ -18,6 +18,7 @@ use crate::error::{ModelError, Result};
 use crate::names::{BlockPart, NameTable};
 use crate::transformer::{Attention, Block, Mlp, Norm, Proj, Transformer, rope_inv_freq};
 use crate::weights::{HostTensor, TensorMap, WeightSource};
+use align_kernels::{PackedMatrix, QuantFormat};
 
 /// Which heads to build besides the trunk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -37,6 +38,20 @@ impl Heads {
 struct Loader<'a, B: Backend> {
     src: &'a mut dyn WeightSource,
     device: &'a B::Device,
+    storage: BaseStorage,
+}
+
+/// How the block projections' base weights are stored. Anything but `Dense` is for a
+/// frozen base under LoRA (QLoRA): the weights take no gradient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseStorage {
+    /// f32, as every other tensor.
+    #[default]
+    Dense,
+    /// Quantised on load to this format.
+    Quantize(QuantFormat),
+    /// A GGUF file's own blocks as loaded (tensors stored in F32/F16/BF16 stay dense).
+    Gguf,
 }
 
 impl<B: Backend> Loader<'_, B> {
@@ -64,6 +79,64 @@ impl<B: Backend> Loader<'_, B> {
         Ok(Linear { weight: Self::param2(w, self.device), bias })
     }
 
+    /// A block projection: an HF `nn.Linear`, or GPT-2's Conv1D (`[in, out]` weight),
+    /// stored as `self.storage` says.
+    fn proj(&mut self, name: &str, d_in: usize, d_out: usize, bias: bool, conv1d: bool) -> Result<Proj<B>> {
+        let packed = match self.storage {
+            BaseStorage::Dense => None,
+            BaseStorage::Gguf => self.src.load_packed(&format!("{name}.weight"), &[d_out, d_in]).transpose()?,
+            BaseStorage::Quantize(format) => {
+                let w = if conv1d {
+                    self.host(&format!("{name}.weight"), &[d_in, d_out])?.transposed()
+                } else {
+                    self.host(&format!("{name}.weight"), &[d_out, d_in])?
+                };
+                Some(quantize(&format!("{name}.weight"), format, w)?)
+            }
+        };
+        match packed {
+            Some(w) => {
+                let bias = if bias { Some(self.vector(&format!("{name}.bias"), d_out)?) } else { None };
+                Ok(Proj::packed(w, bias))
+            }
+            None if conv1d => Ok(Proj::new(self.conv1d(name, d_in, d_out)?)),
+            None => Ok(Proj::new(self.linear(name, d_in, d_out, bias)?)),
+        }
+    }
+
+    /// GPT-2's fused Conv1D `c_attn` (`[in, 3·h]`, bias `[3·h]`) split into q, k and v
+    /// projections (column blocks of the weight, row blocks of the bias).
+    fn gpt2_qkv(&mut self, name: &str, h: usize) -> Result<(Proj<B>, Proj<B>, Proj<B>)> {
+        let bias = self.host(&format!("{name}.bias"), &[3 * h])?;
+        let biases: Vec<_> = (0..3).map(|j| Self::param1(bias.rows(j * h, h), self.device)).collect();
+        let bias = |j: usize| Some(biases[j].clone());
+        let weight = format!("{name}.weight");
+        // A GGUF's attn_qkv is `[3·h, h]` (nn.Linear's layout): q, k, v are row blocks.
+        if self.storage == BaseStorage::Gguf
+            && let Some(packed) = self.src.load_packed(&weight, &[3 * h, h]).transpose()?
+        {
+            let part = |j: usize| packed.rows_range(j * h, h).map_err(|e| ModelError::tensor(&weight, e.to_string()));
+            return Ok((
+                Proj::packed(part(0)?, bias(0)),
+                Proj::packed(part(1)?, bias(1)),
+                Proj::packed(part(2)?, bias(2)),
+            ));
+        }
+        let c_attn = self.host(&weight, &[h, 3 * h])?;
+        let part = |j: usize| -> Result<Proj<B>> {
+            let mut w = Vec::with_capacity(h * h);
+            for r in 0..h {
+                w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
+            }
+            let w = HostTensor::new(vec![h, h], w);
+            Ok(match self.storage {
+                BaseStorage::Quantize(format) => Proj::packed(quantize(&weight, format, w.transposed())?, bias(j)),
+                _ => Proj::new(Linear { weight: Self::param2(w, self.device), bias: bias(j) }),
+            })
+        };
+        Ok((part(0)?, part(1)?, part(2)?))
+    }
+
     /// A GPT-2 Conv1D (`[in, out]` weight and `[out]` bias).
     fn conv1d(&mut self, name: &str, d_in: usize, d_out: usize) -> Result<Linear<B>> {
         let w = self.host(&format!("{name}.weight"), &[d_in, d_out])?;
@@ -79,6 +152,13 @@ impl<B: Backend> Loader<'_, B> {
             center: layer_norm,
         })
     }
+}
+
+/// `w` (`[out, in]`) packed as `format`; an error names the tensor.
+fn quantize(name: &str, format: QuantFormat, w: HostTensor) -> Result<PackedMatrix> {
+    let [rows, cols] = [w.shape[0], w.shape[1]];
+    PackedMatrix::quantize(format, rows, cols, &w.data)
+        .map_err(|e| ModelError::tensor(name, format!("cannot be stored as {format}: {e}")))
 }
 
 /// A fresh linear layer `[d_in, d_out]` with N(0, std²) weights, as transformers
@@ -107,6 +187,17 @@ pub fn build<B: Backend>(
     heads: Heads,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
+    build_stored(config, src, heads, BaseStorage::Dense, device)
+}
+
+/// [`build`], with the block projections' base weights stored as `storage` says.
+pub fn build_stored<B: Backend>(
+    config: &ModelConfig,
+    src: &mut dyn WeightSource,
+    heads: Heads,
+    storage: BaseStorage,
+    device: &B::Device,
+) -> Result<Transformer<B>> {
     config.validate()?;
     let names = NameTable::of(config.architecture);
     let available = src.names();
@@ -122,7 +213,7 @@ pub fn build<B: Backend>(
         }
     }
     let mut tracked = Tracked { src, used: HashSet::new(), random };
-    let model = build_from(config, &mut tracked, heads, device)?;
+    let model = build_from(config, &mut tracked, heads, storage, device)?;
     let used = tracked.used;
     report_unused(config, heads, available.into_iter().filter(|n| !used.contains(n)).collect())?;
     Ok(model)
@@ -162,6 +253,11 @@ impl WeightSource for Tracked<'_> {
     fn names(&self) -> Vec<String> {
         self.src.names()
     }
+    fn load_packed(&mut self, name: &str, shape: &[usize; 2]) -> Option<Result<PackedMatrix>> {
+        let packed = self.src.load_packed(name, shape)?;
+        self.used.insert(name.to_string());
+        Some(packed)
+    }
 }
 
 /// Checkpoint tensors the network did not read: buffers transformers also ignores pass,
@@ -197,13 +293,14 @@ fn build_from<B: Backend>(
     config: &ModelConfig,
     src: &mut dyn WeightSource,
     heads: Heads,
+    storage: BaseStorage,
     device: &B::Device,
 ) -> Result<Transformer<B>> {
     let c = config;
     let names = NameTable::of(c.architecture);
     let gpt2 = c.architecture == Architecture::Gpt2;
     let (h, q_out, kv_out) = (c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim);
-    let mut l = Loader::<B> { src, device };
+    let mut l = Loader::<B> { src, device, storage };
 
     let embed_name = format!("{}.weight", names.trunk(names.embed.0));
     let embed_tokens = Loader::<B>::param2(l.host(&embed_name, &[c.vocab_size, h])?, device);
@@ -219,26 +316,14 @@ fn build_from<B: Backend>(
     for i in 0..c.num_hidden_layers {
         let at = |part| names.block(i, part);
         let block = if gpt2 {
-            let c_attn = l.host(&format!("{}.weight", at(BlockPart::Qkv)), &[h, 3 * h])?;
-            let c_attn_b = l.host(&format!("{}.bias", at(BlockPart::Qkv)), &[3 * h])?;
-            // Conv1D [in, 3*out]: q, k, v are column blocks; the bias is three row blocks.
-            let cols = |j: usize| {
-                let mut w = Vec::with_capacity(h * h);
-                for r in 0..h {
-                    w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
-                }
-                Proj::new(Linear {
-                    weight: Loader::<B>::param2(HostTensor::new(vec![h, h], w), device),
-                    bias: Some(Loader::<B>::param1(c_attn_b.rows(j * h, h), device)),
-                })
-            };
+            let (q_proj, k_proj, v_proj) = l.gpt2_qkv(&at(BlockPart::Qkv), h)?;
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, true)?,
                 self_attn: Attention {
-                    q_proj: cols(0),
-                    k_proj: cols(1),
-                    v_proj: cols(2),
-                    o_proj: Proj::new(l.conv1d(&at(BlockPart::O), h, h)?),
+                    q_proj,
+                    k_proj,
+                    v_proj,
+                    o_proj: l.proj(&at(BlockPart::O), h, h, true, true)?,
                     q_norm: None,
                     k_norm: None,
                     n_heads: c.num_attention_heads,
@@ -248,8 +333,8 @@ fn build_from<B: Backend>(
                 post_attention_layernorm: l.norm(&at(BlockPart::PostAttentionNorm), h, c.norm_eps, true)?,
                 mlp: Mlp {
                     gate_proj: None,
-                    up_proj: Proj::new(l.conv1d(&at(BlockPart::Up), h, c.intermediate_size)?),
-                    down_proj: Proj::new(l.conv1d(&at(BlockPart::Down), c.intermediate_size, h)?),
+                    up_proj: l.proj(&at(BlockPart::Up), h, c.intermediate_size, true, true)?,
+                    down_proj: l.proj(&at(BlockPart::Down), c.intermediate_size, h, true, true)?,
                 },
             }
         } else {
@@ -259,10 +344,10 @@ fn build_from<B: Backend>(
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, false)?,
                 self_attn: Attention {
-                    q_proj: Proj::new(l.linear(&at(BlockPart::Q), h, q_out, c.attention_bias)?),
-                    k_proj: Proj::new(l.linear(&at(BlockPart::K), h, kv_out, c.attention_bias)?),
-                    v_proj: Proj::new(l.linear(&at(BlockPart::V), h, kv_out, c.attention_bias)?),
-                    o_proj: Proj::new(l.linear(&at(BlockPart::O), q_out, h, c.attention_out_bias)?),
+                    q_proj: l.proj(&at(BlockPart::Q), h, q_out, c.attention_bias, false)?,
+                    k_proj: l.proj(&at(BlockPart::K), h, kv_out, c.attention_bias, false)?,
+                    v_proj: l.proj(&at(BlockPart::V), h, kv_out, c.attention_bias, false)?,
+                    o_proj: l.proj(&at(BlockPart::O), q_out, h, c.attention_out_bias, false)?,
                     q_norm: qk_norm(&mut l, BlockPart::QNorm)?,
                     k_norm: qk_norm(&mut l, BlockPart::KNorm)?,
                     n_heads: c.num_attention_heads,
@@ -271,9 +356,9 @@ fn build_from<B: Backend>(
                 },
                 post_attention_layernorm: l.norm(&at(BlockPart::PostAttentionNorm), h, c.norm_eps, false)?,
                 mlp: Mlp {
-                    gate_proj: Some(Proj::new(l.linear(&at(BlockPart::Gate), h, c.intermediate_size, c.mlp_bias)?)),
-                    up_proj: Proj::new(l.linear(&at(BlockPart::Up), h, c.intermediate_size, c.mlp_bias)?),
-                    down_proj: Proj::new(l.linear(&at(BlockPart::Down), c.intermediate_size, h, c.mlp_bias)?),
+                    gate_proj: Some(l.proj(&at(BlockPart::Gate), h, c.intermediate_size, c.mlp_bias, false)?),
+                    up_proj: l.proj(&at(BlockPart::Up), h, c.intermediate_size, c.mlp_bias, false)?,
+                    down_proj: l.proj(&at(BlockPart::Down), c.intermediate_size, h, c.mlp_bias, false)?,
                 },
             }
         };
@@ -325,6 +410,18 @@ fn to_host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Result<HostTensor> {
     Ok(HostTensor::new(shape, data))
 }
 
+/// A projection's base weight on the host, `[in, out]` (a packed one dequantised).
+fn proj_weight<B: Backend>(p: &Proj<B>) -> Result<HostTensor> {
+    match (&p.linear, &p.packed) {
+        (Some(l), _) => to_host(l.weight.val()),
+        (None, Some(packed)) => {
+            let [out, d_in] = packed.weight.0.shape();
+            Ok(HostTensor::new(vec![out, d_in], packed.weight.0.dequantize()).transposed())
+        }
+        (None, None) => Err(ModelError::tensor("<export>", "a projection without a weight")),
+    }
+}
+
 /// Every tensor of the network under its HF name, ready for `save_safetensors`.
 /// Tied checkpoints omit `lm_head.weight`, as transformers does.
 pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<TensorMap> {
@@ -339,6 +436,15 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
         let w = to_host(l.weight.val())?;
         put(format!("{name}.weight"), if transpose { w.transposed() } else { w });
         if let Some(b) = &l.bias {
+            put(format!("{name}.bias"), to_host(b.val())?);
+        }
+        Ok(())
+    };
+    // A block projection (a packed base is written dequantised).
+    let proj = |put: &mut dyn FnMut(String, HostTensor), name: &str, p: &Proj<B>, transpose: bool| -> Result<()> {
+        let w = proj_weight(p)?;
+        put(format!("{name}.weight"), if transpose { w.transposed() } else { w });
+        if let Some(b) = p.bias() {
             put(format!("{name}.bias"), to_host(b.val())?);
         }
         Ok(())
@@ -362,11 +468,7 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
         norm(&mut put, &at(BlockPart::PostAttentionNorm), &layer.post_attention_layernorm)?;
         if gpt2 {
             // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
-            let (q, k, v) = (
-                to_host(a.q_proj.linear.weight.val())?,
-                to_host(a.k_proj.linear.weight.val())?,
-                to_host(a.v_proj.linear.weight.val())?,
-            );
+            let (q, k, v) = (proj_weight(&a.q_proj)?, proj_weight(&a.k_proj)?, proj_weight(&a.v_proj)?);
             let (rows, cols) = (q.shape[0], q.shape[1]);
             let mut w = Vec::with_capacity(rows * cols * 3);
             for r in 0..rows {
@@ -376,29 +478,29 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
             }
             let qkv = at(BlockPart::Qkv);
             put(format!("{qkv}.weight"), HostTensor::new(vec![rows, 3 * cols], w));
-            let biases = [&a.q_proj.linear, &a.k_proj.linear, &a.v_proj.linear]
+            let biases = [&a.q_proj, &a.k_proj, &a.v_proj]
                 .iter()
-                .map(|l| l.bias.as_ref().map(|b| to_host(b.val())).transpose())
+                .map(|p| p.bias().map(|b| to_host(b.val())).transpose())
                 .collect::<Result<Option<Vec<_>>>>()?
                 .ok_or_else(|| ModelError::tensor(format!("{qkv}.bias"), "GPT-2 attention needs biases"))?;
             put(format!("{qkv}.bias"), HostTensor::concat_rows(&biases));
         } else {
-            linear(&mut put, &at(BlockPart::Q), &a.q_proj.linear, true)?;
-            linear(&mut put, &at(BlockPart::K), &a.k_proj.linear, true)?;
-            linear(&mut put, &at(BlockPart::V), &a.v_proj.linear, true)?;
+            proj(&mut put, &at(BlockPart::Q), &a.q_proj, true)?;
+            proj(&mut put, &at(BlockPart::K), &a.k_proj, true)?;
+            proj(&mut put, &at(BlockPart::V), &a.v_proj, true)?;
             for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
                 if let Some(n) = n {
                     norm(&mut put, &at(part), n)?;
                 }
             }
             if let Some(g) = &layer.mlp.gate_proj {
-                linear(&mut put, &at(BlockPart::Gate), &g.linear, true)?;
+                proj(&mut put, &at(BlockPart::Gate), g, true)?;
             }
         }
         // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
-        linear(&mut put, &at(BlockPart::O), &a.o_proj.linear, !gpt2)?;
-        linear(&mut put, &at(BlockPart::Up), &layer.mlp.up_proj.linear, !gpt2)?;
-        linear(&mut put, &at(BlockPart::Down), &layer.mlp.down_proj.linear, !gpt2)?;
+        proj(&mut put, &at(BlockPart::O), &a.o_proj, !gpt2)?;
+        proj(&mut put, &at(BlockPart::Up), &layer.mlp.up_proj, !gpt2)?;
+        proj(&mut put, &at(BlockPart::Down), &layer.mlp.down_proj, !gpt2)?;
     }
     norm(&mut put, &names.trunk(names.final_norm.0), &model.norm)?;
     match head {

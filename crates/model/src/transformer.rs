@@ -19,7 +19,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::module::embedding;
 use burn::tensor::{Bool, FloatDType, IndexingUpdateOp, Int, Tensor, TensorData};
 
-use align_kernels::{FusedOps, HeadLogprobs, lora_linear, masked_attention, rms_norm, swiglu};
+use align_kernels::{
+    FusedOps, HeadLogprobs, PackedMatrix, PackedWeight, lora_linear, masked_attention, packed_linear, rms_norm, swiglu,
+};
 
 use crate::config::{ModelConfig, RopeScaling};
 
@@ -103,12 +105,24 @@ pub fn linear<B: FusedOps>(layer: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
     y.reshape([b, t, n])
 }
 
-/// A projection inside a block: a linear layer plus, optionally, a trainable low-rank
-/// delta `scale · dropout(x) A B` (LoRA; align-lora attaches, saves and merges it).
+/// A projection inside a block: a base weight plus, optionally, a trainable low-rank
+/// delta `scale · dropout(x) A B` (LoRA; align-lora attaches, saves and merges it). The
+/// base is dense (`linear`, `[in, out]`, Burn's layout) or, frozen under LoRA, kept
+/// quantised (`packed`: QLoRA; `align_kernels::quant`). Exactly one of the two is set.
 #[derive(Module, Debug)]
 pub struct Proj<B: Backend> {
-    pub linear: Linear<B>,
+    pub linear: Option<Linear<B>>,
+    pub packed: Option<PackedLinear<B>>,
     pub adapter: Option<LowRank<B>>,
+}
+
+/// A frozen base kept quantised (`[out, in]` blocks), shared by every copy of the module,
+/// and its bias.
+#[derive(Module, Debug)]
+pub struct PackedLinear<B: Backend> {
+    #[module(skip)]
+    pub weight: PackedWeight,
+    pub bias: Option<Param<Tensor<B, 1>>>,
 }
 
 /// `scale · dropout(x) · a · b`, with `a: [in, r]`, `b: [r, out]`.
@@ -120,53 +134,111 @@ pub struct LowRank<B: Backend> {
     pub dropout: Dropout,
     /// Off: the projection is the base layer alone (e.g. the reference model under LoRA).
     pub enabled: bool,
-    /// The delta has been added into `linear.weight` (so it is not added again).
+    /// The delta has been added into the base weight (so it is not added again).
     pub merged: bool,
 }
 
 impl<B: Backend> Proj<B> {
+    /// A dense projection.
     pub fn new(linear: Linear<B>) -> Self {
-        Proj { linear, adapter: None }
+        Proj { linear: Some(linear), packed: None, adapter: None }
+    }
+
+    /// A frozen projection whose base stays quantised.
+    pub fn packed(weight: PackedMatrix, bias: Option<Param<Tensor<B, 1>>>) -> Self {
+        Proj { linear: None, packed: Some(PackedLinear { weight: PackedWeight::new(weight), bias }), adapter: None }
+    }
+
+    /// `[in, out]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match (&self.linear, &self.packed) {
+            (Some(l), _) => l.weight.dims(),
+            (None, Some(p)) => {
+                let [out, d_in] = p.weight.0.shape();
+                [d_in, out]
+            }
+            (None, None) => [0, 0],
+        }
+    }
+
+    /// The bias, dense or packed base alike.
+    pub fn bias(&self) -> Option<&Param<Tensor<B, 1>>> {
+        match (&self.linear, &self.packed) {
+            (Some(l), _) => l.bias.as_ref(),
+            (None, Some(p)) => p.bias.as_ref(),
+            (None, None) => None,
+        }
+    }
+
+    /// The base weight as a dense `[in, out]` tensor on `device` (dequantised when packed).
+    pub fn base_weight(&self, device: &B::Device) -> Tensor<B, 2> {
+        match (&self.linear, &self.packed) {
+            (Some(l), _) => l.weight.val(),
+            (None, Some(p)) => {
+                align_kernels::quant::dequantized::<B>(&p.weight, device, burn::tensor::DType::F32).transpose()
+            }
+            (None, None) => Tensor::zeros([0, 0], device),
+        }
+    }
+
+    /// Replace the base with a dense, frozen `w: [in, out]`, keeping the bias (a merge
+    /// into a packed base dequantises it).
+    pub fn set_base_weight(&mut self, w: Tensor<B, 2>) {
+        let bias = self.bias().cloned();
+        self.linear = Some(Linear { weight: Param::from_tensor(w.detach()).set_require_grad(false), bias });
+        self.packed = None;
+    }
+
+    /// Whether the base is stored quantised.
+    pub fn is_packed(&self) -> bool {
+        self.packed.is_some()
     }
 }
 
 impl<B: FusedOps> Proj<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.adapter {
-            // Without dropout and with a frozen base: one fused node (`align_kernels::lora_linear`).
-            Some(ad)
-                if ad.enabled
-                    && !ad.merged
-                    && ad.dropout.prob == 0.0
-                    && !self.linear.weight.val().is_require_grad() =>
-            {
-                let [b, t, d] = x.dims();
-                let y = lora_linear(x.reshape([b * t, d]), self.linear.weight.val(), ad.a.val(), ad.b.val(), ad.scale);
-                let y = match &self.linear.bias {
-                    Some(bias) => y + bias.val().unsqueeze(),
-                    None => y,
+        let [b, t, d] = x.dims();
+        let x = x.reshape([b * t, d]);
+        let active = self.adapter.as_ref().filter(|ad| ad.enabled && !ad.merged);
+        let (y, bias) = match (&self.linear, &self.packed) {
+            (Some(l), _) => {
+                let y = match active {
+                    // Without dropout and with a frozen base: one fused node (`lora_linear`).
+                    Some(ad) if ad.dropout.prob == 0.0 && !l.weight.val().is_require_grad() => {
+                        lora_linear(x, l.weight.val(), ad.a.val(), ad.b.val(), ad.scale)
+                    }
+                    // Composed from Burn ops (LoRA dropout, or a trainable base).
+                    Some(ad) => align_kernels::matmul(x.clone(), l.weight.val()) + low_rank(ad, x),
+                    None => align_kernels::matmul(x, l.weight.val()),
                 };
-                let n = y.dims()[1];
-                y.reshape([b, t, n])
+                (y, &l.bias)
             }
-            _ => self.forward_composed(x),
-        }
+            (None, Some(p)) => {
+                let y = match active {
+                    // The delta rides in the packed node, as in `lora_linear`.
+                    Some(ad) if ad.dropout.prob == 0.0 => {
+                        packed_linear(x, &p.weight, Some((ad.a.val(), ad.b.val(), ad.scale)))
+                    }
+                    Some(ad) => packed_linear(x.clone(), &p.weight, None) + low_rank(ad, x),
+                    None => packed_linear(x, &p.weight, None),
+                };
+                (y, &p.bias)
+            }
+            (None, None) => unreachable!("Proj::new and Proj::packed set one base"),
+        };
+        let y = match bias {
+            Some(bias) => y + bias.val().unsqueeze(),
+            None => y,
+        };
+        let n = y.dims()[1];
+        y.reshape([b, t, n])
     }
+}
 
-    /// The projection composed from Burn ops (LoRA dropout, or a trainable base).
-    fn forward_composed(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = linear(&self.linear, x.clone());
-        match &self.adapter {
-            Some(ad) if ad.enabled && !ad.merged => {
-                let [b, t, d] = x.dims();
-                let dropped = crate::rng::dropout::apply(x.reshape([b * t, d]), ad.dropout.prob);
-                let low = dropped.matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale;
-                let n = low.dims()[1];
-                y + low.reshape([b, t, n])
-            }
-            _ => y,
-        }
-    }
+/// `scale · dropout(x) A B` over `x: [n, in]`.
+fn low_rank<B: FusedOps>(ad: &LowRank<B>, x: Tensor<B, 2>) -> Tensor<B, 2> {
+    let dropped = crate::rng::dropout::apply(x, ad.dropout.prob);
+    dropped.matmul(ad.a.val()).matmul(ad.b.val()) * ad.scale
 }
 
 /// GPT-2's tanh approximation of GELU.
@@ -378,6 +450,22 @@ impl<B: Backend> Transformer<B> {
             }
         }
         out
+    }
+
+    /// How many block projections keep a packed (quantised) base, and its bytes.
+    pub fn packed_size(&self) -> (usize, usize) {
+        let mut found = (0, 0);
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            for p in
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.up_proj, &m.down_proj].into_iter().chain(&m.gate_proj)
+            {
+                if let Some(packed) = &p.packed {
+                    found = (found.0 + 1, found.1 + packed.weight.0.stored_bytes());
+                }
+            }
+        }
+        found
     }
 
     /// Turn every attached low-rank adapter on or off.

@@ -71,6 +71,11 @@ pub trait WeightSource {
     fn is_generated(&self) -> bool {
         false
     }
+    /// The tensor in the file's own quantised blocks, `[out, in]` = `shape`, where the file
+    /// stores it so (GGUF's block types); `None` for a dense tensor.
+    fn load_packed(&mut self, _name: &str, _shape: &[usize; 2]) -> Option<Result<align_kernels::PackedMatrix>> {
+        None
+    }
 
     /// Load a tensor and check its shape.
     fn load_shaped(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {

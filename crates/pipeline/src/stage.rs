@@ -8,7 +8,7 @@ use align_model::burn::backend::autodiff::checkpoint::strategy::BalancedCheckpoi
 use align_model::burn::module::{AutodiffModule, Param};
 use align_model::burn::tensor::FloatDType;
 use align_model::burn::tensor::backend::Backend;
-use align_model::{AutodiffFusedOps, FusedOps, Heads, Tokenizer, Transformer, load_pretrained};
+use align_model::{AutodiffFusedOps, BaseStorage, FusedOps, Heads, Tokenizer, Transformer, load_pretrained_stored};
 use anyhow::{Context, Result};
 
 use align_data::TokenizeConfig;
@@ -78,7 +78,12 @@ pub struct StartingModel<B: Backend> {
 /// Load `[model]` with `heads`, attach `[lora]` (seeded by the run's seed), and write the
 /// config to `output_dir/config.toml`.
 pub fn starting_model<B: FusedOps>(cfg: &StageConfig, heads: Heads, device: &B::Device) -> Result<StartingModel<B>> {
-    let pre = load_pretrained::<B>(&cfg.model.path, heads, device)?;
+    let storage = cfg.model.storage()?;
+    let pre = load_pretrained_stored::<B>(&cfg.model.path, heads, storage, device)?;
+    if storage != BaseStorage::Dense {
+        let (packed, bytes) = pre.model.packed_size();
+        tracing::info!(projections = packed, packed_mib = bytes as f64 / (1 << 20) as f64, ?storage, "quantised base");
+    }
     let tokenizer = pre.tokenizer;
     let pad_id = tokenizer
         .pad_token_id

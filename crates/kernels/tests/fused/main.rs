@@ -10,5 +10,6 @@ mod elementwise;
 mod lm_head;
 mod lora;
 mod matmul;
+mod packed;
 mod rope;
 mod sampling;

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use align_data::{DatasetConfig, TokenizeConfig};
 use align_lora::LoraConfig;
+use align_model::BaseStorage;
+use align_model::quant::{GgmlBlock, QuantFormat};
 
 pub use crate::distributed::DistributedConfig;
 use anyhow::{Context, Result, bail};
@@ -40,6 +42,71 @@ pub use training::TrainingArguments;
 pub struct ModelSpec {
     /// A GGUF file or an HF directory.
     pub path: PathBuf,
+    /// Keep the frozen base's block projections quantised under `[lora]` (QLoRA):
+    /// `"nf4"` (4-bit NormalFloat, bitsandbytes' layout), `"q8_0"`, `"q4_0"` (llama.cpp's
+    /// blocks, made on load), or `"gguf"` (a GGUF file's own Q4_0/Q4_1/Q8_0/Q4_K/Q6_K
+    /// blocks, as stored). Embeddings, norms and heads stay f32. Default none: f32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quantize: Option<Quantize>,
+    /// bitsandbytes' name for `quantize = "nf4"`. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub load_in_4bit: bool,
+    /// NF4: also quantise the per-block absmaxes (QLoRA's double quantisation,
+    /// bitsandbytes' `bnb_4bit_use_double_quant`). Default false, as bitsandbytes.
+    #[serde(default, alias = "bnb_4bit_use_double_quant", skip_serializing_if = "is_false")]
+    pub double_quant: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// `[model] quantize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quantize {
+    Nf4,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    Gguf,
+}
+
+impl ModelSpec {
+    /// A model spec of `path` alone (f32 base).
+    pub fn at(path: impl Into<PathBuf>) -> Self {
+        ModelSpec { path: path.into(), quantize: None, load_in_4bit: false, double_quant: false }
+    }
+
+    /// How the base's projections are stored, from `quantize` / `load_in_4bit`.
+    pub fn storage(&self) -> Result<BaseStorage> {
+        let quantize = match (self.quantize, self.load_in_4bit) {
+            (None, true) | (Some(Quantize::Nf4), _) => Some(Quantize::Nf4),
+            (Some(q), true) => {
+                bail!("[model] load_in_4bit = true means quantize = \"nf4\", but quantize = {q:?} is also set")
+            }
+            (q, false) => q,
+        };
+        if self.double_quant && quantize != Some(Quantize::Nf4) {
+            bail!("[model] double_quant: only NF4 has scales to double-quantise (set quantize = \"nf4\")");
+        }
+        Ok(match quantize {
+            None => BaseStorage::Dense,
+            Some(Quantize::Nf4) => BaseStorage::Quantize(QuantFormat::Nf4 { double_quant: self.double_quant }),
+            Some(Quantize::Q8_0) => BaseStorage::Quantize(QuantFormat::Ggml(GgmlBlock::Q8_0)),
+            Some(Quantize::Q4_0) => BaseStorage::Quantize(QuantFormat::Ggml(GgmlBlock::Q4_0)),
+            Some(Quantize::Gguf) => {
+                if self.path.is_dir() {
+                    bail!(
+                        "[model] quantize = \"gguf\" keeps a GGUF file's blocks, but path {} is a directory (use nf4, q8_0 or q4_0 for safetensors)",
+                        self.path.display()
+                    );
+                }
+                BaseStorage::Gguf
+            }
+        })
+    }
 }
 
 /// A training stage's config (TOML).
@@ -127,6 +194,11 @@ impl StageConfig {
         }
         self.training.validate()?;
         self.distributed.validate()?;
+        if self.model.storage()? != BaseStorage::Dense && self.lora.is_none() {
+            bail!(
+                "[model] quantize: a quantised base is frozen and only trains through adapters; add a [lora] section (QLoRA)"
+            );
+        }
         if let Some(c) = &self.curriculum {
             c.validate()?;
         }

@@ -12,6 +12,7 @@ mod packing;
 mod pipeline;
 mod ppo;
 mod preference;
+mod quantized;
 mod resume;
 mod rloo;
 mod robustness;
