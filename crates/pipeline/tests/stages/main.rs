@@ -18,3 +18,4 @@ mod robustness;
 mod score;
 mod scored;
 mod sft;
+mod tensorboard;
