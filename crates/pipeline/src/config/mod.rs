@@ -34,7 +34,7 @@ pub use ppo::PpoSettings;
 pub use preference::{DpoSettings, OrpoSettings, RewardSettings, SimpoSettings};
 pub use rloo::RlooSettings;
 pub use sft::{ContrastiveConfig, ScoreConditioningConfig, SelfCritiqueConfig};
-pub use training::TrainingArguments;
+pub use training::{ReportTo, TrainingArguments};
 
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

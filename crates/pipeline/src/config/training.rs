@@ -64,6 +64,80 @@ pub struct TrainingArguments {
     /// the run stops; a skipped update leaves the weights and the optimizer untouched and
     /// is counted as `skipped_updates` in metrics.jsonl. 0 stops at the first. Default 0.
     pub skip_nonfinite_steps: usize,
+    /// Where the logged rows go (TRL's `report_to`): a name or a list of `"jsonl"`,
+    /// `"tensorboard"`, `"all"` (both) and `"none"` (no dashboards). `metrics.jsonl` is
+    /// always written, whatever the list says: resume and the pipeline report read it.
+    /// `"tensorboard"` also writes each row as TensorBoard scalars, one tag per
+    /// metrics.jsonl key at the row's step, to `<output_dir>/events.out.tfevents.*`
+    /// (`tensorboard --logdir runs/` shows each stage as a run). Those files follow
+    /// metrics.jsonl whatever the list: a fresh run removes a former run's, a resume cuts
+    /// them back to the checkpoint's step. Default
+    /// `["jsonl", "tensorboard"]`: TRL's default is every installed integration, and this
+    /// one costs a few hundred bytes per logged row.
+    pub report_to: ReportTo,
+}
+
+/// `[training] report_to`: the dashboards fed besides `metrics.jsonl` (always written).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "ReportNames", into = "Vec<String>")]
+pub struct ReportTo {
+    /// TensorBoard event files in the output directory.
+    pub tensorboard: bool,
+}
+
+impl Default for ReportTo {
+    fn default() -> Self {
+        ReportTo { tensorboard: true }
+    }
+}
+
+/// The names `report_to` accepts.
+const REPORT_NAMES: &str = r#""jsonl", "tensorboard", "all", "none""#;
+
+/// `report_to` as written: one name (`"none"`, as TRL allows) or a list of them.
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = r#"[training] report_to: expected a name or a list of names ("jsonl", "tensorboard", "all", "none")"#
+)]
+enum ReportNames {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TryFrom<ReportNames> for ReportTo {
+    type Error = String;
+
+    fn try_from(names: ReportNames) -> Result<Self, String> {
+        let names = match names {
+            ReportNames::One(n) => vec![n],
+            ReportNames::Many(n) => n,
+        };
+        let mut report = ReportTo { tensorboard: false };
+        for name in &names {
+            match name.as_str() {
+                "jsonl" => {}
+                "tensorboard" | "all" => report.tensorboard = true,
+                // "none" with something else would say two contradicting things.
+                "none" if names.len() == 1 => {}
+                "none" => return Err(format!("[training] report_to: \"none\" stands alone, found {names:?}")),
+                other => {
+                    return Err(format!("[training] report_to: unknown value {other:?}; accepted: {REPORT_NAMES}"));
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+impl From<ReportTo> for Vec<String> {
+    fn from(r: ReportTo) -> Self {
+        let mut names = vec!["jsonl".to_string()];
+        if r.tensorboard {
+            names.push("tensorboard".into());
+        }
+        names
+    }
 }
 
 impl Default for TrainingArguments {
@@ -92,6 +166,7 @@ impl Default for TrainingArguments {
             adam_epsilon: 1e-8,
             weight_decay: 0.0,
             skip_nonfinite_steps: 0,
+            report_to: ReportTo::default(),
         }
     }
 }

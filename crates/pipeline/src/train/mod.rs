@@ -17,6 +17,7 @@
 //! Checkpoints fall between rounds, so nothing of a batch is ever saved.
 
 pub mod checkpoint;
+pub mod tensorboard;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -33,7 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use checkpoint::{checkpoints, export_policy, load_trainable, save_trainable};
 
-use crate::config::{CurriculumConfig, TrainingArguments};
+use crate::config::{CurriculumConfig, ReportTo, TrainingArguments};
 use crate::distributed::Replica;
 use crate::logfmt::{Sig, opt};
 use crate::optim::{AdamW, grad_norm, learning_rate};
@@ -451,7 +452,7 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
     }
     check_same_start::<B, _>(&replica, &model, &device)?;
     let resumed_at = resumed.map(|(at, _)| at);
-    let mut log = MetricsLog::open(output_dir, resumed_at, main)?;
+    let mut log = MetricsLog::open(output_dir, resumed_at, main, args.report_to)?;
     if main {
         stage.open_logs(output_dir, resumed_at)?;
     }
@@ -915,16 +916,18 @@ impl Window {
 }
 
 /// `metrics.jsonl`, fresh or, on resume, cut back to the checkpoint's step (what followed
-/// is rewritten). Replicas other than rank 0 keep no log (`file` none).
+/// is rewritten), and the dashboards of `report_to` beside it, each row written to all.
+/// Replicas other than rank 0 keep no log (`file` none).
 struct MetricsLog {
     rows: Vec<StepMetrics>,
     file: Option<std::fs::File>,
+    events: Option<tensorboard::EventLog>,
 }
 
 impl MetricsLog {
-    fn open(output_dir: &Path, resumed_at: Option<usize>, write: bool) -> Result<Self> {
+    fn open(output_dir: &Path, resumed_at: Option<usize>, write: bool, report_to: ReportTo) -> Result<Self> {
         if !write {
-            return Ok(MetricsLog { rows: vec![], file: None });
+            return Ok(MetricsLog { rows: vec![], file: None, events: None });
         }
         let path = output_dir.join("metrics.jsonl");
         let rows = match resumed_at {
@@ -938,16 +941,20 @@ impl MetricsLog {
             }
         };
         let file = std::fs::OpenOptions::new().append(true).open(&path).with_context(|| path.display().to_string())?;
-        Ok(MetricsLog { rows, file: Some(file) })
+        let events = tensorboard::EventLog::open(output_dir, resumed_at, report_to.tensorboard)?;
+        Ok(MetricsLog { rows, file: Some(file), events: Some(events) })
     }
 
-    /// Append a row (one write, flushed) and keep it.
+    /// Append a row (one write, flushed) to every log and keep it.
     fn push(&mut self, row: StepMetrics) -> Result<()> {
         let Some(file) = self.file.as_mut() else { return Ok(()) };
         let mut line = serde_json::to_string(&row)?;
         line.push('\n');
         file.write_all(line.as_bytes())?;
         file.flush()?;
+        if let Some(events) = self.events.as_mut() {
+            events.push(&row)?;
+        }
         self.rows.push(row);
         Ok(())
     }

@@ -19,3 +19,4 @@ mod robustness;
 mod score;
 mod scored;
 mod sft;
+mod tensorboard;
