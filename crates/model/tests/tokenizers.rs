@@ -1,6 +1,7 @@
 //! Tokenizer fixtures: llama.cpp's vocab test vectors (every `*.gguf.inp`/`*.gguf.out` pair
 //! in `fixtures/tokenizers/llama.cpp-vocab`, discovered, so adding a pair adds cases) and
-//! the Qwen3 `tokenizer.json` with its chat template, against transformers' outputs.
+//! the Qwen3 `tokenizer.json` with its chat template, against transformers' outputs; small
+//! SentencePiece GGUFs written here for byte fallback, special tokens and metadata errors.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +13,8 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers")
 }
 
+/// Every text of each vocabulary encodes to llama.cpp's ids (its `test-tokenizer-0`: no BOS,
+/// specials not parsed) and decodes back to itself.
 #[test]
 fn llama_cpp_vocab_vectors() {
     let dir = fixtures().join("llama.cpp-vocab");
@@ -21,7 +24,7 @@ fn llama_cpp_vocab_vectors() {
         .filter(|p| p.to_string_lossy().ends_with(".gguf.inp"))
         .collect();
     pairs.sort();
-    assert!(pairs.len() >= 3, "{pairs:?}");
+    assert!(pairs.len() >= 4, "{pairs:?}");
     let mut total = 0;
     for inp in pairs {
         let gguf = PathBuf::from(inp.to_string_lossy().trim_end_matches(".inp").to_string());
@@ -40,6 +43,10 @@ fn llama_cpp_vocab_vectors() {
             if got != want {
                 failures.push(format!("{text:?}: got {got:?}, want {want:?}"));
             }
+            let back = tok.decode(&got, false).unwrap();
+            if back != *text {
+                failures.push(format!("{text:?}: decodes to {back:?}"));
+            }
             total += 1;
         }
         assert!(
@@ -52,7 +59,176 @@ fn llama_cpp_vocab_vectors() {
         );
         assert_eq!(texts.len(), 46, "{}", inp.display());
     }
-    assert_eq!(total, 138);
+    assert_eq!(total, 184);
+}
+
+/// A GGUF metadata value for [`gguf_bytes`].
+enum Meta {
+    U32(u32),
+    Bool(bool),
+    Str(String),
+    Strs(Vec<String>),
+    F32s(Vec<f32>),
+    I32s(Vec<i32>),
+}
+
+/// A GGUF file of metadata only (no tensors).
+fn gguf_bytes(kv: &[(&str, Meta)]) -> Vec<u8> {
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.extend((kv.len() as u64).to_le_bytes());
+    fn string(b: &mut Vec<u8>, s: &str) {
+        b.extend((s.len() as u64).to_le_bytes());
+        b.extend(s.as_bytes());
+    }
+    fn array<T>(b: &mut Vec<u8>, item_type: u32, items: &[T], mut put: impl FnMut(&mut Vec<u8>, &T)) {
+        b.extend(9u32.to_le_bytes());
+        b.extend(item_type.to_le_bytes());
+        b.extend((items.len() as u64).to_le_bytes());
+        for item in items {
+            put(b, item);
+        }
+    }
+    for (k, v) in kv {
+        string(&mut b, k);
+        match v {
+            Meta::U32(n) => {
+                b.extend(4u32.to_le_bytes());
+                b.extend(n.to_le_bytes());
+            }
+            Meta::Bool(x) => {
+                b.extend(7u32.to_le_bytes());
+                b.push(*x as u8);
+            }
+            Meta::Str(s) => {
+                b.extend(8u32.to_le_bytes());
+                string(&mut b, s);
+            }
+            Meta::Strs(items) => array(&mut b, 8, items, |b, s| string(b, s)),
+            Meta::F32s(items) => array(&mut b, 6, items, |b, x| b.extend(x.to_le_bytes())),
+            Meta::I32s(items) => array(&mut b, 5, items, |b, x| b.extend(x.to_le_bytes())),
+        }
+    }
+    b
+}
+
+/// A small SentencePiece ("llama") vocabulary as GGUF metadata: `<unk>`, `<s>`, `</s>`, the
+/// 256 byte tokens, then `pieces` with their scores; `edit` replaces or adds keys.
+fn spm_metadata(pieces: &[(&str, f32)], edit: Vec<(&'static str, Meta)>) -> Vec<(&'static str, Meta)> {
+    let mut tokens: Vec<String> = ["<unk>", "<s>", "</s>"].map(String::from).to_vec();
+    let mut types = vec![2, 3, 3];
+    tokens.extend((0..=255u8).map(|b| format!("<0x{b:02X}>")));
+    types.extend([6; 256]);
+    let mut scores = vec![0.0; tokens.len()];
+    for (piece, score) in pieces {
+        tokens.push(piece.to_string());
+        types.push(1);
+        scores.push(*score);
+    }
+    let mut kv = vec![
+        ("tokenizer.ggml.model", Meta::Str("llama".into())),
+        ("tokenizer.ggml.tokens", Meta::Strs(tokens)),
+        ("tokenizer.ggml.scores", Meta::F32s(scores)),
+        ("tokenizer.ggml.token_type", Meta::I32s(types)),
+        ("tokenizer.ggml.bos_token_id", Meta::U32(1)),
+        ("tokenizer.ggml.eos_token_id", Meta::U32(2)),
+        ("tokenizer.ggml.unknown_token_id", Meta::U32(0)),
+    ];
+    for (key, value) in edit {
+        kv.retain(|(k, _)| *k != key);
+        kv.push((key, value));
+    }
+    kv
+}
+
+/// The tokenizer of a GGUF file holding `kv`, or the error loading it, with the file's path
+/// (removed once read).
+fn spm_tokenizer(name: &str, kv: &[(&str, Meta)]) -> (Result<Tokenizer, String>, PathBuf) {
+    let path = std::env::temp_dir().join(format!("align-spm-{}-{name}.gguf", std::process::id()));
+    std::fs::write(&path, gguf_bytes(kv)).unwrap();
+    let tok = Tokenizer::from_gguf(&GgufFile::open(&path).unwrap()).map_err(|e| e.to_string());
+    std::fs::remove_file(&path).ok();
+    (tok, path)
+}
+
+const FIRST_PIECE: u32 = 3 + 256;
+
+/// Pieces merge best score first (not in id order), and a character outside the vocabulary
+/// is spelt as its UTF-8 bytes, which decode back to it.
+#[test]
+fn sentencepiece_merges_by_score_and_falls_back_to_bytes() {
+    let pieces =
+        [("▁", -1.0), ("a", -2.0), ("b", -3.0), ("c", -4.0), ("▁a", -9.0), ("bc", -8.0), ("ab", -5.0), ("abc", -6.0)];
+    let (tok, _) = spm_tokenizer("merges", &spm_metadata(&pieces, vec![]));
+    let tok = tok.unwrap();
+    let id = |piece: &str| tok.token_to_id(piece).unwrap();
+    // "▁abc": `ab` (-5) beats `bc` (-8) and `▁a` (-9), then `abc` (-6); `▁abc` is no token.
+    assert_eq!(tok.encode("abc", false).unwrap(), [id("▁"), id("abc")]);
+    // "€" is not a token: its three bytes are.
+    let euro = tok.encode("a€", false).unwrap();
+    let bytes = [0xE2, 0x82, 0xAC].map(|b| 3 + b);
+    assert_eq!(euro, [vec![id("▁a")], bytes.to_vec()].concat());
+    assert_eq!(tok.decode(&euro, false).unwrap(), "a€");
+    assert_eq!(id("▁"), FIRST_PIECE);
+}
+
+/// BOS is added by default (llama.cpp's default for "llama" files) and where
+/// `tokenizer.ggml.add_bos_token` says so, EOS where `add_eos_token` does; without
+/// `add_space_prefix` no `▁` is prepended.
+#[test]
+fn sentencepiece_special_tokens_follow_the_metadata() {
+    let pieces = [("▁", -1.0), ("a", -2.0), ("▁a", -3.0)];
+    let (a, space_a) = (FIRST_PIECE + 1, FIRST_PIECE + 2);
+    let (tok, _) = spm_tokenizer("bos-default", &spm_metadata(&pieces, vec![]));
+    let tok = tok.unwrap();
+    assert_eq!(tok.encode("a", true).unwrap(), [1, space_a]);
+    assert_eq!(tok.encode("a", false).unwrap(), [space_a]);
+    assert_eq!((tok.bos_token_id, tok.eos_token_id), (Some(1), Some(2)));
+    assert_eq!(tok.decode(&[1, space_a], true).unwrap(), "a");
+
+    let edit =
+        vec![("tokenizer.ggml.add_bos_token", Meta::Bool(false)), ("tokenizer.ggml.add_eos_token", Meta::Bool(true))];
+    let (tok, _) = spm_tokenizer("eos-only", &spm_metadata(&pieces, edit));
+    assert_eq!(tok.unwrap().encode("a", true).unwrap(), [space_a, 2]);
+
+    let edit = vec![("tokenizer.ggml.add_space_prefix", Meta::Bool(false))];
+    let (tok, _) = spm_tokenizer("no-prefix", &spm_metadata(&pieces, edit));
+    let tok = tok.unwrap();
+    assert_eq!(tok.encode("a a", true).unwrap(), [1, a, space_a]);
+    assert_eq!(tok.decode(&[a, space_a], false).unwrap(), "a a");
+}
+
+/// Malformed SentencePiece metadata is an error naming the file and the key.
+#[test]
+fn sentencepiece_metadata_errors_name_the_file_and_key() {
+    let pieces = [("▁", -1.0), ("a", -2.0)];
+    let short = vec![0.0; 3 + 256 + 1];
+    let cases = [
+        ("scores-short", ("tokenizer.ggml.scores", Meta::F32s(short)), "tokenizer.ggml.scores"),
+        ("scores-text", ("tokenizer.ggml.scores", Meta::Str("0".into())), "tokenizer.ggml.scores"),
+        ("types-short", ("tokenizer.ggml.token_type", Meta::I32s(vec![1; 4])), "tokenizer.ggml.token_type"),
+        ("bos-text", ("tokenizer.ggml.bos_token_id", Meta::Str("<s>".into())), "tokenizer.ggml.bos_token_id"),
+        ("add-bos-number", ("tokenizer.ggml.add_bos_token", Meta::U32(1)), "tokenizer.ggml.add_bos_token"),
+    ];
+    for (name, edit, key) in cases {
+        let (tok, path) = spm_tokenizer(name, &spm_metadata(&pieces, vec![edit]));
+        let Err(e) = tok else { panic!("{name}: loaded") };
+        assert!(e.contains(key) && e.contains(&path.display().to_string()), "{name}: {e}");
+    }
+    let mut tokens: Vec<String> = (0..3 + 256 + 2).map(|i| format!("t{i}")).collect();
+    tokens[5] = "t4".into();
+    let (tok, path) =
+        spm_tokenizer("twice", &spm_metadata(&pieces, vec![("tokenizer.ggml.tokens", Meta::Strs(tokens))]));
+    let e = tok.expect_err("a token listed twice is refused");
+    assert!(
+        e.contains("tokenizer.ggml.tokens") && e.contains("\"t4\"") && e.contains(&path.display().to_string()),
+        "{e}"
+    );
+    // An id past the token list is dropped, as llama.cpp does.
+    let edit = vec![("tokenizer.ggml.padding_token_id", Meta::U32(100_000))];
+    let (tok, _) = spm_tokenizer("pad-past", &spm_metadata(&pieces, edit));
+    assert_eq!(tok.unwrap().pad_token_id, None);
 }
 
 #[test]
