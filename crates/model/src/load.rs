@@ -4,7 +4,7 @@
 //! `transformer.h.N.attn.c_attn.weight`, …), so what we save loads in transformers and what
 //! transformers saves loads here. HF `nn.Linear` weights are `[out, in]`; Burn's `Linear`
 //! keeps `[in, out]`, so matrices are transposed on the way in and out. GPT-2's Conv1D is
-//! already `[in, out]`, and its fused `c_attn` is split into q/k/v here and fused on save.
+//! already `[in, out]`; its fused `c_attn` stays one projection (`Attention::qkv_proj`).
 
 use std::collections::HashSet;
 
@@ -219,25 +219,14 @@ fn build_from<B: Backend>(
     for i in 0..c.num_hidden_layers {
         let at = |part| names.block(i, part);
         let block = if gpt2 {
-            let c_attn = l.host(&format!("{}.weight", at(BlockPart::Qkv)), &[h, 3 * h])?;
-            let c_attn_b = l.host(&format!("{}.bias", at(BlockPart::Qkv)), &[3 * h])?;
-            // Conv1D [in, 3*out]: q, k, v are column blocks; the bias is three row blocks.
-            let cols = |j: usize| {
-                let mut w = Vec::with_capacity(h * h);
-                for r in 0..h {
-                    w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
-                }
-                Proj::new(Linear {
-                    weight: Loader::<B>::param2(HostTensor::new(vec![h, h], w), device),
-                    bias: Some(Loader::<B>::param1(c_attn_b.rows(j * h, h), device)),
-                })
-            };
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, true)?,
                 self_attn: Attention {
-                    q_proj: cols(0),
-                    k_proj: cols(1),
-                    v_proj: cols(2),
+                    // Conv1D [in, 3 · out]: q, k, v are column blocks, split after the product.
+                    qkv_proj: Some(Proj::new(l.conv1d(&at(BlockPart::Qkv), h, 3 * h)?)),
+                    q_proj: None,
+                    k_proj: None,
+                    v_proj: None,
                     o_proj: Proj::new(l.conv1d(&at(BlockPart::O), h, h)?),
                     q_norm: None,
                     k_norm: None,
@@ -259,9 +248,10 @@ fn build_from<B: Backend>(
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, false)?,
                 self_attn: Attention {
-                    q_proj: Proj::new(l.linear(&at(BlockPart::Q), h, q_out, c.attention_bias)?),
-                    k_proj: Proj::new(l.linear(&at(BlockPart::K), h, kv_out, c.attention_bias)?),
-                    v_proj: Proj::new(l.linear(&at(BlockPart::V), h, kv_out, c.attention_bias)?),
+                    qkv_proj: None,
+                    q_proj: Some(Proj::new(l.linear(&at(BlockPart::Q), h, q_out, c.attention_bias)?)),
+                    k_proj: Some(Proj::new(l.linear(&at(BlockPart::K), h, kv_out, c.attention_bias)?)),
+                    v_proj: Some(Proj::new(l.linear(&at(BlockPart::V), h, kv_out, c.attention_bias)?)),
                     o_proj: Proj::new(l.linear(&at(BlockPart::O), q_out, h, c.attention_out_bias)?),
                     q_norm: qk_norm(&mut l, BlockPart::QNorm)?,
                     k_norm: qk_norm(&mut l, BlockPart::KNorm)?,
@@ -360,42 +350,26 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
         let at = |part| names.block(i, part);
         norm(&mut put, &at(BlockPart::InputNorm), &layer.input_layernorm)?;
         norm(&mut put, &at(BlockPart::PostAttentionNorm), &layer.post_attention_layernorm)?;
-        if gpt2 {
-            // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
-            let (q, k, v) = (
-                to_host(a.q_proj.linear.weight.val())?,
-                to_host(a.k_proj.linear.weight.val())?,
-                to_host(a.v_proj.linear.weight.val())?,
-            );
-            let (rows, cols) = (q.shape[0], q.shape[1]);
-            let mut w = Vec::with_capacity(rows * cols * 3);
-            for r in 0..rows {
-                for part in [&q, &k, &v] {
-                    w.extend_from_slice(&part.data[r * cols..(r + 1) * cols]);
-                }
-            }
-            let qkv = at(BlockPart::Qkv);
-            put(format!("{qkv}.weight"), HostTensor::new(vec![rows, 3 * cols], w));
-            let biases = [&a.q_proj.linear, &a.k_proj.linear, &a.v_proj.linear]
-                .iter()
-                .map(|l| l.bias.as_ref().map(|b| to_host(b.val())).transpose())
-                .collect::<Result<Option<Vec<_>>>>()?
-                .ok_or_else(|| ModelError::tensor(format!("{qkv}.bias"), "GPT-2 attention needs biases"))?;
-            put(format!("{qkv}.bias"), HostTensor::concat_rows(&biases));
-        } else {
-            linear(&mut put, &at(BlockPart::Q), &a.q_proj.linear, true)?;
-            linear(&mut put, &at(BlockPart::K), &a.k_proj.linear, true)?;
-            linear(&mut put, &at(BlockPart::V), &a.v_proj.linear, true)?;
-            for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
-                if let Some(n) = n {
-                    norm(&mut put, &at(part), n)?;
-                }
-            }
-            if let Some(g) = &layer.mlp.gate_proj {
-                linear(&mut put, &at(BlockPart::Gate), &g.linear, true)?;
+        // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
+        let qkv = [
+            (BlockPart::Qkv, &a.qkv_proj),
+            (BlockPart::Q, &a.q_proj),
+            (BlockPart::K, &a.k_proj),
+            (BlockPart::V, &a.v_proj),
+        ];
+        for (part, p) in qkv {
+            if let Some(p) = p {
+                linear(&mut put, &at(part), &p.linear, !gpt2)?;
             }
         }
-        // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
+        for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
+            if let Some(n) = n {
+                norm(&mut put, &at(part), n)?;
+            }
+        }
+        if let Some(g) = &layer.mlp.gate_proj {
+            linear(&mut put, &at(BlockPart::Gate), &g.linear, !gpt2)?;
+        }
         linear(&mut put, &at(BlockPart::O), &a.o_proj.linear, !gpt2)?;
         linear(&mut put, &at(BlockPart::Up), &layer.mlp.up_proj.linear, !gpt2)?;
         linear(&mut put, &at(BlockPart::Down), &layer.mlp.down_proj.linear, !gpt2)?;
