@@ -82,6 +82,9 @@ pub fn run(gguf: &Path, reps: usize) -> Result<Value> {
     let heads = |n: usize| Tensor::<B, 4>::random([ROWS, n, LEN, hd], Distribution::Normal(0.0, 1.0), &device);
     let layer = &model.layers[0];
     let (attn, mlp) = (&layer.self_attn, &layer.mlp);
+    let (Some(q_proj), Some(k_proj), Some(v_proj)) = (&attn.q_proj, &attn.k_proj, &attn.v_proj) else {
+        anyhow::bail!("profile: {} has no separate q/k/v projections (a Llama-family GGUF is needed)", gguf.display());
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut add = |name: &str, (f, b): (f64, f64), times: usize, composed: Option<(f64, f64)>| {
         eprintln!("profile: {name}: {:.1} ms forward, {:.1} ms backward (×{times})", f * 1e3, b * 1e3);
@@ -108,9 +111,9 @@ pub fn run(gguf: &Path, reps: usize) -> Result<Value> {
     add(
         "q, k, v, o projections (LoRA)",
         time_part(reps, &hidden, |x| {
-            let q = attn.q_proj.forward(x.clone());
-            let k = attn.k_proj.forward(x.clone());
-            let v = attn.v_proj.forward(x);
+            let q = q_proj.forward(x.clone());
+            let k = k_proj.forward(x.clone());
+            let v = v_proj.forward(x);
             // o_proj reads q's shape (nh · hd = d for SmolLM2); the sum keeps k and v in the graph.
             attn.o_proj.forward(q) + (k.sum() + v.sum()).reshape([1, 1, 1])
         }),

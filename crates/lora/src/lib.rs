@@ -6,6 +6,16 @@
 //! are frozen (no gradient, so no optimizer state); only A and B train and only they are
 //! saved (`adapter_config.json` + `adapter_model.safetensors`, keys
 //! `base_model.model.<module>.lora_A.weight`).
+//!
+//! GPT-2's block projections are Conv1D modules (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+//! `mlp.c_proj`), all of them targets (`"all-linear"` included), as in PEFT. PEFT marks such
+//! adapters `fan_in_fan_out: true`: the flag only says that the Conv1D base weight is stored
+//! `[in, out]`, so the merged delta is `(B A)ᵀ`; the adapter tensors themselves keep the
+//! `nn.Linear` layout (`A: [r, in]`, `B: [out, r]`). Our base weights are `[in, out]` for
+//! every architecture, so merging is the same product everywhere; the flag is written `true`
+//! for GPT-2 and, as PEFT does (it overrides the flag by module type), not needed on load.
+//! The fused `c_attn` is one module with one adapter, exactly as in PEFT: one `A` shared by
+//! q, k and v, and `B: [3 · hidden, r]` whose rows are the q, k and v blocks in that order.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +25,7 @@ use align_model::burn::nn::DropoutConfig;
 use align_model::burn::tensor::backend::Backend;
 use align_model::burn::tensor::{Tensor, TensorData};
 use align_model::weights::{HostTensor, SafetensorsSource, TensorMap, WeightSource, save_safetensors, write_atomic};
-use align_model::{LowRank, ModelError, Transformer};
+use align_model::{Architecture, LowRank, ModelError, Transformer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
@@ -188,7 +198,8 @@ pub fn save_peft<B: Backend>(model: &mut Transformer<B>, cfg: &LoraConfig, base_
         "target_modules": modules,
         "use_rslora": cfg.use_rslora,
         "bias": "none",
-        "fan_in_fan_out": false,
+        // GPT-2's projections are Conv1D: PEFT writes true for them (see the module doc).
+        "fan_in_fan_out": model.config.architecture == Architecture::Gpt2,
         "inference_mode": true,
         "init_lora_weights": true,
         "modules_to_save": null,
@@ -209,11 +220,12 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
     if field("peft_type").and_then(Value::as_str) != Some("LORA") {
         return Err(bad("peft_type", "only \"LORA\" adapters are supported"));
     }
-    for (k, unsupported) in [("use_dora", "DoRA"), ("fan_in_fan_out", "fan_in_fan_out (Conv1D) adapters")] {
-        if field(k).and_then(Value::as_bool) == Some(true) {
-            return Err(bad(k, &format!("{unsupported} is not supported")));
-        }
+    if field("use_dora").and_then(Value::as_bool) == Some(true) {
+        return Err(bad("use_dora", "DoRA is not supported"));
     }
+    // `fan_in_fan_out` (GPT-2's Conv1D) changes only how PEFT merges into its base weight,
+    // not the adapter tensors, and PEFT sets it from the module type whatever the file says:
+    // nothing to do here (see the module doc).
     if field("bias").and_then(Value::as_str).is_some_and(|b| b != "none") {
         return Err(bad("bias", "only \"none\" is supported"));
     }
@@ -236,7 +248,8 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
         },
         use_rslora: field("use_rslora").and_then(Value::as_bool).unwrap_or(false),
     };
-    let mut src = SafetensorsSource::open_files(&[dir.join("adapter_model.safetensors")])?;
+    let st_path = dir.join("adapter_model.safetensors");
+    let mut src = SafetensorsSource::open_files(std::slice::from_ref(&st_path))?;
     let (mut model, names) = attach(model, &cfg, 0)?;
     let device = model.embed_tokens.val().device();
     let mut found: BTreeMap<String, ()> = BTreeMap::new();
@@ -250,8 +263,8 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
         }
         let [d_in, r] = ad.a.dims();
         let d_out = ad.b.dims()[1];
-        let a = src.load_shaped(&ka, &[r, d_in])?.transposed();
-        let b = src.load_shaped(&kb, &[d_out, r])?.transposed();
+        let a = src.load_shaped(&ka, &[r, d_in]).map_err(|e| e.in_file(&st_path))?.transposed();
+        let b = src.load_shaped(&kb, &[d_out, r]).map_err(|e| e.in_file(&st_path))?.transposed();
         ad.a = param(a.data, [d_in, r], &device);
         ad.b = param(b.data, [r, d_out], &device);
         found.insert(name, ());
@@ -260,7 +273,7 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
         let module = key.strip_prefix("base_model.model.").and_then(|k| k.rsplit_once(".lora_")).map(|(m, _)| m);
         if module.is_none_or(|m| !found.contains_key(m)) {
             return Err(LoraError::Model(ModelError::format(
-                &dir.join("adapter_model.safetensors"),
+                &st_path,
                 format!("tensor `{key}` has no matching projection in the model (adapted: {} modules)", names.len()),
             )));
         }

@@ -4,7 +4,7 @@
 //! `transformer.h.N.attn.c_attn.weight`, …), so what we save loads in transformers and what
 //! transformers saves loads here. HF `nn.Linear` weights are `[out, in]`; Burn's `Linear`
 //! keeps `[in, out]`, so matrices are transposed on the way in and out. GPT-2's Conv1D is
-//! already `[in, out]`, and its fused `c_attn` is split into q/k/v here and fused on save.
+//! already `[in, out]`; its fused `c_attn` stays one projection (`Attention::qkv_proj`).
 
 use std::collections::HashSet;
 
@@ -102,39 +102,6 @@ impl<B: Backend> Loader<'_, B> {
             None if conv1d => Ok(Proj::new(self.conv1d(name, d_in, d_out)?)),
             None => Ok(Proj::new(self.linear(name, d_in, d_out, bias)?)),
         }
-    }
-
-    /// GPT-2's fused Conv1D `c_attn` (`[in, 3·h]`, bias `[3·h]`) split into q, k and v
-    /// projections (column blocks of the weight, row blocks of the bias).
-    fn gpt2_qkv(&mut self, name: &str, h: usize) -> Result<(Proj<B>, Proj<B>, Proj<B>)> {
-        let bias = self.host(&format!("{name}.bias"), &[3 * h])?;
-        let biases: Vec<_> = (0..3).map(|j| Self::param1(bias.rows(j * h, h), self.device)).collect();
-        let bias = |j: usize| Some(biases[j].clone());
-        let weight = format!("{name}.weight");
-        // A GGUF's attn_qkv is `[3·h, h]` (nn.Linear's layout): q, k, v are row blocks.
-        if self.storage == BaseStorage::Gguf
-            && let Some(packed) = self.src.load_packed(&weight, &[3 * h, h]).transpose()?
-        {
-            let part = |j: usize| packed.rows_range(j * h, h).map_err(|e| ModelError::tensor(&weight, e.to_string()));
-            return Ok((
-                Proj::packed(part(0)?, bias(0)),
-                Proj::packed(part(1)?, bias(1)),
-                Proj::packed(part(2)?, bias(2)),
-            ));
-        }
-        let c_attn = self.host(&weight, &[h, 3 * h])?;
-        let part = |j: usize| -> Result<Proj<B>> {
-            let mut w = Vec::with_capacity(h * h);
-            for r in 0..h {
-                w.extend_from_slice(&c_attn.data[r * 3 * h + j * h..r * 3 * h + (j + 1) * h]);
-            }
-            let w = HostTensor::new(vec![h, h], w);
-            Ok(match self.storage {
-                BaseStorage::Quantize(format) => Proj::packed(quantize(&weight, format, w.transposed())?, bias(j)),
-                _ => Proj::new(Linear { weight: Self::param2(w, self.device), bias: bias(j) }),
-            })
-        };
-        Ok((part(0)?, part(1)?, part(2)?))
     }
 
     /// A GPT-2 Conv1D (`[in, out]` weight and `[out]` bias).
@@ -316,13 +283,14 @@ fn build_from<B: Backend>(
     for i in 0..c.num_hidden_layers {
         let at = |part| names.block(i, part);
         let block = if gpt2 {
-            let (q_proj, k_proj, v_proj) = l.gpt2_qkv(&at(BlockPart::Qkv), h)?;
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, true)?,
                 self_attn: Attention {
-                    q_proj,
-                    k_proj,
-                    v_proj,
+                    // Conv1D [in, 3 · out]: q, k, v are column blocks, split after the product.
+                    qkv_proj: Some(l.proj(&at(BlockPart::Qkv), h, 3 * h, true, true)?),
+                    q_proj: None,
+                    k_proj: None,
+                    v_proj: None,
                     o_proj: l.proj(&at(BlockPart::O), h, h, true, true)?,
                     q_norm: None,
                     k_norm: None,
@@ -344,9 +312,10 @@ fn build_from<B: Backend>(
             Block {
                 input_layernorm: l.norm(&at(BlockPart::InputNorm), h, c.norm_eps, false)?,
                 self_attn: Attention {
-                    q_proj: l.proj(&at(BlockPart::Q), h, q_out, c.attention_bias, false)?,
-                    k_proj: l.proj(&at(BlockPart::K), h, kv_out, c.attention_bias, false)?,
-                    v_proj: l.proj(&at(BlockPart::V), h, kv_out, c.attention_bias, false)?,
+                    qkv_proj: None,
+                    q_proj: Some(l.proj(&at(BlockPart::Q), h, q_out, c.attention_bias, false)?),
+                    k_proj: Some(l.proj(&at(BlockPart::K), h, kv_out, c.attention_bias, false)?),
+                    v_proj: Some(l.proj(&at(BlockPart::V), h, kv_out, c.attention_bias, false)?),
                     o_proj: l.proj(&at(BlockPart::O), q_out, h, c.attention_out_bias, false)?,
                     q_norm: qk_norm(&mut l, BlockPart::QNorm)?,
                     k_norm: qk_norm(&mut l, BlockPart::KNorm)?,
@@ -466,38 +435,26 @@ pub fn export<B: Backend>(model: &Transformer<B>, head: HfHead) -> Result<Tensor
         let at = |part| names.block(i, part);
         norm(&mut put, &at(BlockPart::InputNorm), &layer.input_layernorm)?;
         norm(&mut put, &at(BlockPart::PostAttentionNorm), &layer.post_attention_layernorm)?;
-        if gpt2 {
-            // Re-fuse q/k/v into Conv1D c_attn [in, 3*out].
-            let (q, k, v) = (proj_weight(&a.q_proj)?, proj_weight(&a.k_proj)?, proj_weight(&a.v_proj)?);
-            let (rows, cols) = (q.shape[0], q.shape[1]);
-            let mut w = Vec::with_capacity(rows * cols * 3);
-            for r in 0..rows {
-                for part in [&q, &k, &v] {
-                    w.extend_from_slice(&part.data[r * cols..(r + 1) * cols]);
-                }
-            }
-            let qkv = at(BlockPart::Qkv);
-            put(format!("{qkv}.weight"), HostTensor::new(vec![rows, 3 * cols], w));
-            let biases = [&a.q_proj, &a.k_proj, &a.v_proj]
-                .iter()
-                .map(|p| p.bias().map(|b| to_host(b.val())).transpose())
-                .collect::<Result<Option<Vec<_>>>>()?
-                .ok_or_else(|| ModelError::tensor(format!("{qkv}.bias"), "GPT-2 attention needs biases"))?;
-            put(format!("{qkv}.bias"), HostTensor::concat_rows(&biases));
-        } else {
-            proj(&mut put, &at(BlockPart::Q), &a.q_proj, true)?;
-            proj(&mut put, &at(BlockPart::K), &a.k_proj, true)?;
-            proj(&mut put, &at(BlockPart::V), &a.v_proj, true)?;
-            for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
-                if let Some(n) = n {
-                    norm(&mut put, &at(part), n)?;
-                }
-            }
-            if let Some(g) = &layer.mlp.gate_proj {
-                proj(&mut put, &at(BlockPart::Gate), g, true)?;
+        // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
+        let qkv = [
+            (BlockPart::Qkv, &a.qkv_proj),
+            (BlockPart::Q, &a.q_proj),
+            (BlockPart::K, &a.k_proj),
+            (BlockPart::V, &a.v_proj),
+        ];
+        for (part, p) in qkv {
+            if let Some(p) = p {
+                proj(&mut put, &at(part), p, !gpt2)?;
             }
         }
-        // HF Linear weights are [out, in]; GPT-2's Conv1D keeps [in, out] as Burn does.
+        for (part, n) in [(BlockPart::QNorm, &a.q_norm), (BlockPart::KNorm, &a.k_norm)] {
+            if let Some(n) = n {
+                norm(&mut put, &at(part), n)?;
+            }
+        }
+        if let Some(g) = &layer.mlp.gate_proj {
+            proj(&mut put, &at(BlockPart::Gate), g, !gpt2)?;
+        }
         proj(&mut put, &at(BlockPart::O), &a.o_proj, !gpt2)?;
         proj(&mut put, &at(BlockPart::Up), &layer.mlp.up_proj, !gpt2)?;
         proj(&mut put, &at(BlockPart::Down), &layer.mlp.down_proj, !gpt2)?;

@@ -86,8 +86,8 @@ pub const GPT2: NameTable = NameTable {
         (BlockPart::Up, "mlp.c_fc", "ffn_up"),
         (BlockPart::Down, "mlp.c_proj", "ffn_down"),
     ],
-    // c_attn is split into q/k/v on load, so PEFT's GPT-2 targets are the unfused ones.
-    lora_targets: &[BlockPart::O, BlockPart::Up, BlockPart::Down],
+    // PEFT's GPT-2 targets: the fused c_attn (one adapter for q, k and v), c_proj, c_fc, c_proj.
+    lora_targets: &[BlockPart::Qkv, BlockPart::O, BlockPart::Up, BlockPart::Down],
 };
 
 impl NameTable {

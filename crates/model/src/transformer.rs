@@ -57,11 +57,19 @@ impl<B: FusedOps> Norm<B> {
 }
 
 /// Multi-head attention with grouped key/value heads and rotary (or no) positions.
+///
+/// Queries, keys and values come from three projections (the Llama family) or from one
+/// fused projection (GPT-2's Conv1D `c_attn`, `[q | k | v]` along its output), as the
+/// checkpoint holds them: a LoRA adapter on `c_attn` is then one module, as in PEFT (one `A`
+/// shared by q, k and v, `B`'s output rows q, k, v in that order).
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Proj<B>,
-    pub k_proj: Proj<B>,
-    pub v_proj: Proj<B>,
+    /// GPT-2's fused `c_attn` (`[hidden, 3 · heads · head_dim]`); `None` for the Llama family.
+    pub qkv_proj: Option<Proj<B>>,
+    /// The Llama family's separate projections; `None` when `qkv_proj` is fused.
+    pub q_proj: Option<Proj<B>>,
+    pub k_proj: Option<Proj<B>>,
+    pub v_proj: Option<Proj<B>>,
     pub o_proj: Proj<B>,
     /// Qwen3's RMSNorm over each head of q and k.
     pub q_norm: Option<Norm<B>>,
@@ -426,8 +434,8 @@ impl<B: Backend> Transformer<B> {
     }
 
     /// Every block projection with its HF module name (`model.layers.3.self_attn.q_proj`;
-    /// GPT-2: `transformer.h.3.attn.c_proj`, `mlp.c_fc`, `mlp.c_proj` — its fused `c_attn`
-    /// is split here, so q/k/v are not addressable by an HF name).
+    /// GPT-2: `transformer.h.3.attn.c_attn`, the fused q/k/v, `attn.c_proj`, `mlp.c_fc`,
+    /// `mlp.c_proj`).
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Proj<B>)> {
         use crate::names::{BlockPart, NameTable};
         let names = NameTable::of(self.config.architecture);
@@ -435,9 +443,10 @@ impl<B: Backend> Transformer<B> {
         for (i, l) in self.layers.iter_mut().enumerate() {
             let (a, m) = (&mut l.self_attn, &mut l.mlp);
             let parts = [
-                (BlockPart::Q, Some(&mut a.q_proj)),
-                (BlockPart::K, Some(&mut a.k_proj)),
-                (BlockPart::V, Some(&mut a.v_proj)),
+                (BlockPart::Qkv, a.qkv_proj.as_mut()),
+                (BlockPart::Q, a.q_proj.as_mut()),
+                (BlockPart::K, a.k_proj.as_mut()),
+                (BlockPart::V, a.v_proj.as_mut()),
                 (BlockPart::O, Some(&mut a.o_proj)),
                 (BlockPart::Gate, m.gate_proj.as_mut()),
                 (BlockPart::Up, Some(&mut m.up_proj)),
@@ -457,9 +466,9 @@ impl<B: Backend> Transformer<B> {
         let mut found = (0, 0);
         for l in &self.layers {
             let (a, m) = (&l.self_attn, &l.mlp);
-            for p in
-                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.up_proj, &m.down_proj].into_iter().chain(&m.gate_proj)
-            {
+            let optional = [&a.qkv_proj, &a.q_proj, &a.k_proj, &a.v_proj, &m.gate_proj];
+            let all = [&a.o_proj, &m.up_proj, &m.down_proj].into_iter().chain(optional.into_iter().flatten());
+            for p in all {
                 if let Some(packed) = &p.packed {
                     found = (found.0 + 1, found.1 + packed.weight.0.stored_bytes());
                 }
@@ -651,9 +660,24 @@ impl<B: FusedOps> Attention<B> {
             };
             y.swap_dims(1, 2)
         };
-        let q = split(self.q_proj.forward(x.clone()), nh, self.q_norm.as_ref(), true);
-        let k = split(self.k_proj.forward(x.clone()), nkv, self.k_norm.as_ref(), true);
-        let v = split(self.v_proj.forward(x), nkv, None, false);
+        let (q, k, v) = match (&self.q_proj, &self.k_proj, &self.v_proj, &self.qkv_proj) {
+            (Some(q), Some(k), Some(v), _) => (
+                split(q.forward(x.clone()), nh, self.q_norm.as_ref(), true),
+                split(k.forward(x.clone()), nkv, self.k_norm.as_ref(), true),
+                split(v.forward(x), nkv, None, false),
+            ),
+            // GPT-2: one product, its output columns q | k | v.
+            (.., Some(qkv)) => {
+                let y = qkv.forward(x);
+                let (nq, nk) = (nh * hd, nkv * hd);
+                (
+                    split(y.clone().narrow(2, 0, nq), nh, self.q_norm.as_ref(), true),
+                    split(y.clone().narrow(2, nq, nk), nkv, self.k_norm.as_ref(), true),
+                    split(y.narrow(2, nq + nk, nk), nkv, None, false),
+                )
+            }
+            _ => unreachable!("attention is built with q, k and v projections or a fused one"),
+        };
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {

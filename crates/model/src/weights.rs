@@ -38,21 +38,6 @@ impl HostTensor {
         HostTensor::new(vec![c, r], out)
     }
 
-    /// Rows `[start, start+len)` of a 2-D tensor, or elements of a 1-D one.
-    pub fn rows(&self, start: usize, len: usize) -> HostTensor {
-        let width: usize = self.shape[1..].iter().product();
-        let mut shape = self.shape.clone();
-        shape[0] = len;
-        HostTensor::new(shape, self.data[start * width..(start + len) * width].to_vec())
-    }
-
-    /// Stack along dimension 0.
-    pub fn concat_rows(parts: &[HostTensor]) -> HostTensor {
-        let mut shape = parts[0].shape.clone();
-        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
-        HostTensor::new(shape, parts.iter().flat_map(|p| p.data.iter().copied()).collect())
-    }
-
     fn le_bytes(&self) -> Vec<u8> {
         self.data.iter().flat_map(|x| x.to_le_bytes()).collect()
     }

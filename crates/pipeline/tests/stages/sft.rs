@@ -104,7 +104,42 @@ fn packed_lora_sft_writes_a_peft_adapter() {
     .model;
     let (adapted, cfg) = align_lora::load_peft(base, &final_dir).unwrap();
     assert_eq!(cfg.r, 4);
-    assert!(adapted.layers[0].self_attn.q_proj.adapter.is_some());
+    assert!(adapted.layers[0].self_attn.q_proj.as_ref().is_some_and(|p| p.adapter.is_some()));
+    std::fs::remove_dir_all(&d).ok();
+}
+
+/// LoRA SFT on GPT-2, whose projections are Conv1D: `target_modules = ["c_attn"]` (the fused
+/// q/k/v, one adapter per block, with dropout) and `"all-linear"` train, and `final/` is a PEFT
+/// adapter of the Conv1D modules (`fan_in_fan_out`) that loads back.
+#[test]
+fn gpt2_lora_sft_trains_the_fused_c_attn() {
+    let d = tmp("sft-lora-gpt2");
+    let gpt2 = root().join("fixtures/models/gpt2");
+    for (name, targets, dropout, adapted) in [("c_attn", "[\"c_attn\"]", 0.05, 2), ("all", "\"all-linear\"", 0.0, 8)] {
+        let run = d.join(name);
+        // stage_head's model is llama-tied: this one runs on the GPT-2 fixture.
+        let text = config(
+            &run,
+            &format!("[training]\nper_device_train_batch_size = 4\nlearning_rate = 1e-2\nmax_steps = 12\nlogging_steps = 1\nsave_steps = 0\nlr_scheduler_type = \"constant\"\n[lora]\nr = 4\nlora_alpha = 8\nlora_dropout = {dropout}\ntarget_modules = {targets}\n"),
+        )
+        .replace(&root().join("fixtures/models/llama-tied").display().to_string(), &gpt2.display().to_string());
+        let cfg: SftConfig = toml::from_str(&text).unwrap();
+        let final_dir = run_sft::<Cpu>(&cfg, false, &Default::default()).unwrap();
+        let m = metrics(&run);
+        assert!(m.last().unwrap().loss.unwrap() < m.first().unwrap().loss.unwrap() - 0.1, "{name}: {m:?}");
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(final_dir.join("adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(config["fan_in_fan_out"], true, "{name}");
+        let base =
+            align_model::load_pretrained::<Cpu>(&gpt2, align_model::Heads::LM, &Default::default()).unwrap().model;
+        let (mut trained, _) = align_lora::load_peft(base, &final_dir).unwrap();
+        let names: Vec<String> =
+            trained.projections_mut().into_iter().filter(|(_, p)| p.adapter.is_some()).map(|(n, _)| n).collect();
+        assert_eq!(names.len(), adapted, "{name}: {names:?}");
+        let c_attn = trained.layers[1].self_attn.qkv_proj.as_ref().unwrap().adapter.as_ref().unwrap();
+        let b: Vec<f32> = c_attn.b.val().into_data().to_vec().unwrap();
+        assert!(b.iter().any(|x| x.abs() > 1e-4), "{name}: c_attn's B trained");
+    }
     std::fs::remove_dir_all(&d).ok();
 }
 
