@@ -103,29 +103,32 @@ fn gguf_native_base_matches_the_dequantised_base() {
 #[test]
 fn a_quantised_base_is_the_dense_base_of_its_values() {
     let device = Default::default();
-    let dir = fixtures().join("models/llama-untied");
-    let hf = align_model::load_pretrained::<Cpu>(&dir, Heads::LM, &device).unwrap();
-    let tmp = std::env::temp_dir().join(format!("align-packed-{}", std::process::id()));
-    for format in [
-        QuantFormat::Nf4 { double_quant: false },
-        QuantFormat::Nf4 { double_quant: true },
-        QuantFormat::Ggml(GgmlBlock::Q8_0),
-        QuantFormat::Ggml(GgmlBlock::Q4_0),
-    ] {
-        let q = load_pretrained_stored::<Cpu>(&dir, Heads::LM, BaseStorage::Quantize(format), &device).unwrap();
-        assert_eq!(q.model.packed_size().0, 14, "{format}");
-        // The export dequantises: loaded back dense, it computes what the packed base does.
-        save_pretrained(&q.model, Some(&q.tokenizer), align_model::HfHead::CausalLm, &tmp).unwrap();
-        let back = align_model::load_pretrained::<Cpu>(&tmp, Heads::LM, &device).unwrap().model;
-        let diff = rel_diff(&logits(&q.model, &IDS), &logits(&back, &IDS));
-        assert!(diff < 1e-5, "{format}: packed vs its dense export {diff}");
-        // The tiny checkpoint's weights are N(0, 0.1²) noise, which 4 bits keep only roughly.
-        let error = rel_diff(&logits(&q.model, &IDS), &logits(&hf.model, &IDS));
-        let bound = if format == QuantFormat::Ggml(GgmlBlock::Q8_0) { 0.02 } else { 0.5 };
-        eprintln!("{format}: logits' quantisation error {error}");
-        assert!(error > 0.0 && error < bound, "{format}: quantisation error {error}");
+    // Llama: 7 projections per layer; GPT-2: c_attn (fused q/k/v), c_proj, c_fc, c_proj.
+    for (model, projections) in [("llama-untied", 14), ("gpt2", 8)] {
+        let dir = fixtures().join("models").join(model);
+        let hf = align_model::load_pretrained::<Cpu>(&dir, Heads::LM, &device).unwrap();
+        let tmp = std::env::temp_dir().join(format!("align-packed-{model}-{}", std::process::id()));
+        for format in [
+            QuantFormat::Nf4 { double_quant: false },
+            QuantFormat::Nf4 { double_quant: true },
+            QuantFormat::Ggml(GgmlBlock::Q8_0),
+            QuantFormat::Ggml(GgmlBlock::Q4_0),
+        ] {
+            let q = load_pretrained_stored::<Cpu>(&dir, Heads::LM, BaseStorage::Quantize(format), &device).unwrap();
+            assert_eq!(q.model.packed_size().0, projections, "{model} {format}");
+            // The export dequantises: loaded back dense, it computes what the packed base does.
+            save_pretrained(&q.model, Some(&q.tokenizer), align_model::HfHead::CausalLm, &tmp).unwrap();
+            let back = align_model::load_pretrained::<Cpu>(&tmp, Heads::LM, &device).unwrap().model;
+            let diff = rel_diff(&logits(&q.model, &IDS), &logits(&back, &IDS));
+            assert!(diff < 1e-5, "{model} {format}: packed vs its dense export {diff}");
+            // The tiny checkpoints' weights are noise, which 4 bits keep only roughly.
+            let error = rel_diff(&logits(&q.model, &IDS), &logits(&hf.model, &IDS));
+            let bound = if format == QuantFormat::Ggml(GgmlBlock::Q8_0) { 0.02 } else { 0.5 };
+            eprintln!("{model} {format}: logits' quantisation error {error}");
+            assert!(error > 0.0 && error < bound, "{model} {format}: quantisation error {error}");
+        }
+        std::fs::remove_dir_all(&tmp).ok();
     }
-    std::fs::remove_dir_all(&tmp).ok();
 }
 
 #[test]
