@@ -401,13 +401,19 @@ impl PackedMatrix {
         assert_eq!(out.len(), self.rows * self.cols, "dequantize_into: output size");
         match &self.storage {
             Storage::Nf4 { codes, absmax } => {
+                // A block of 64 values is 32 whole bytes (blocks start at even values): two
+                // codes per byte, one scale per block.
                 out.par_chunks_mut(NF4_BLOCK * 64).enumerate().for_each(|(chunk, out)| {
                     let first = chunk * 64;
                     for (k, y) in out.chunks_mut(NF4_BLOCK).enumerate() {
-                        let scale = absmax.get(first + k);
-                        let start = (first + k) * NF4_BLOCK;
-                        for (j, y) in y.iter_mut().enumerate() {
-                            *y = NF4_CODE[nibble(codes, start + j) as usize] * scale;
+                        let block = first + k;
+                        let scale = absmax.get(block);
+                        let bytes = &codes[block * NF4_BLOCK / 2..];
+                        for (pair, &byte) in y.chunks_mut(2).zip(bytes) {
+                            pair[0] = NF4_CODE[(byte >> 4) as usize] * scale;
+                            if let Some(second) = pair.get_mut(1) {
+                                *second = NF4_CODE[(byte & 0x0F) as usize] * scale;
+                            }
                         }
                     }
                 });

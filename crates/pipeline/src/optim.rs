@@ -91,6 +91,33 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for NormVisitor<'_, B> {
 
 use align_model::burn::tensor::ElementConversion;
 
+/// Collects the paths of the trainable parameters (the keys of [`AdamW::state`]).
+struct TrainablePaths {
+    path: Path,
+    found: std::collections::BTreeSet<String>,
+}
+
+impl<B: AutodiffBackend> ModuleVisitor<B> for TrainablePaths {
+    fn enter_module(&mut self, name: &str, _container: &str) {
+        self.path.enter(name);
+    }
+    fn exit_module(&mut self, _name: &str, _container: &str) {
+        self.path.exit();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        if param.val().is_require_grad() {
+            self.found.insert(self.path.key());
+        }
+    }
+}
+
+/// The paths of `model`'s trainable parameters, as the optimizer keys their moments.
+pub fn trainable_paths<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M) -> std::collections::BTreeSet<String> {
+    let mut v = TrainablePaths { path: Path::default(), found: Default::default() };
+    model.visit(&mut v);
+    v.found
+}
+
 /// The global L2 norm of the gradients (what `max_grad_norm` clips).
 pub fn grad_norm<B: AutodiffBackend, M: AutodiffModule<B>>(model: &M, grads: &GradientsParams) -> f64 {
     let mut v = NormVisitor::<B> { grads, sum: 0.0, _b: std::marker::PhantomData };

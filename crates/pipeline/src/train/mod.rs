@@ -442,6 +442,15 @@ pub fn train<B: AutodiffBackend, S: Stage<B>>(
         }
         model = align_model::cast_float(stage.load_weights(model, dir)?, dtype);
         checkpoint::load_optimizer::<B>(&mut optimizer, &dir.join("optimizer.safetensors"), &device)?;
+        // Moments under a path the model does not train would be dropped silently and the
+        // parameter restarted from zero moments: a checkpoint of another model or version.
+        let trainable = crate::optim::trainable_paths(&model);
+        if let Some(stray) = optimizer.state.keys().find(|k| !trainable.contains(*k)) {
+            bail!(
+                "{}: optimizer moments for `{stray}`, which this model does not train (a checkpoint of another model, [lora] targets or align version): resume with the config that wrote it, or start afresh",
+                dir.join("optimizer.safetensors").display()
+            );
+        }
         optimizer.step = state.optimizer_steps.unwrap_or((at * updates) as u64);
         loader.restore(state.loader);
         stage.restore(state.stage)?;

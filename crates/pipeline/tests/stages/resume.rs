@@ -61,3 +61,26 @@ fn every_pairwise_stage_resumes_to_the_same_numbers() {
     }
     std::fs::remove_dir_all(&d).ok();
 }
+
+#[test]
+fn moments_the_model_does_not_train_are_refused_on_resume() {
+    use align_model::WeightSource;
+    // A checkpoint whose optimizer keys another layout (e.g. written by another version):
+    // resuming would restart that parameter's moments from zero without a word.
+    let d = tmp("stray-moments");
+    let cfg = config(&d.join("run"), "[dpo]\n");
+    run_preference::<Cpu>(&cfg, PairwiseStage::Dpo, false, &Default::default()).unwrap();
+    std::fs::remove_dir_all(d.join("run/final")).unwrap();
+    let step = d.join("run/checkpoints/step-2/optimizer.safetensors");
+    let mut src = align_model::SafetensorsSource::open_files(std::slice::from_ref(&step)).unwrap();
+    let mut renamed = align_model::TensorMap::default();
+    for name in src.names() {
+        let t = src.load(&name).unwrap();
+        renamed.0.insert(name.replace("self_attn.q_proj.linear.weight", "self_attn.c_attn.linear.weight"), t);
+    }
+    drop(src);
+    align_model::weights::save_safetensors(&renamed, &step).unwrap();
+    let err = format!("{:#}", run_preference::<Cpu>(&cfg, PairwiseStage::Dpo, true, &Default::default()).unwrap_err());
+    assert!(err.contains("optimizer.safetensors") && err.contains("c_attn") && err.contains("does not train"), "{err}");
+    std::fs::remove_dir_all(&d).ok();
+}
