@@ -891,6 +891,29 @@ fn compare_trees(reference: &Path, run: &Path) -> Comparison {
     let (want, got) = (files(reference), files(run));
     let (leftover, got): (BTreeSet<String>, BTreeSet<String>) = got.into_iter().partition(|f| is_leftover(run, f));
     cmp.leftovers = leftover.into_iter().collect();
+    // TensorBoard files are named and stamped by wall time: compared per directory as the
+    // scalars they hold, timings left out, like metrics.jsonl.
+    let events = |files: &BTreeSet<String>| -> BTreeSet<String> {
+        files.iter().filter(|f| f.contains("tfevents")).map(|f| parent_of(f)).collect()
+    };
+    for dir in events(&want).union(&events(&got)) {
+        match (logged_scalars(&reference.join(dir)), logged_scalars(&run.join(dir))) {
+            (Ok(a), Ok(b)) if a == b => {}
+            (Ok(a), Ok(b)) => {
+                let tag = a.keys().chain(b.keys()).find(|k| a.get(*k) != b.get(*k)).cloned().unwrap_or_default();
+                cmp.differences.push(format!(
+                    "{dir}/events.out.tfevents.*: `{tag}` is {:?}, the reference {:?}",
+                    b.get(&tag),
+                    a.get(&tag)
+                ));
+            }
+            (Err(e), _) | (_, Err(e)) => cmp.differences.push(format!("{dir}/events.out.tfevents.*: {e:#}")),
+        }
+    }
+    let (want, got): (BTreeSet<String>, BTreeSet<String>) = (
+        want.into_iter().filter(|f| !f.contains("tfevents")).collect(),
+        got.into_iter().filter(|f| !f.contains("tfevents")).collect(),
+    );
     for f in want.difference(&got) {
         cmp.differences.push(format!("{f} is missing"));
     }
@@ -906,6 +929,18 @@ fn compare_trees(reference: &Path, run: &Path) -> Comparison {
         }
     }
     cmp
+}
+
+/// The directory part of a relative path (`""` at the top).
+fn parent_of(rel: &str) -> String {
+    rel.rsplit_once('/').map_or(String::new(), |(dir, _)| dir.to_string())
+}
+
+/// A run directory's TensorBoard scalars without the timing tags.
+fn logged_scalars(dir: &Path) -> Result<BTreeMap<String, Vec<(i64, f32)>>> {
+    let mut scalars = align_pipeline::train::tensorboard::logged_scalars(dir)?;
+    scalars.retain(|tag, _| !is_timing(tag));
+    Ok(scalars)
 }
 
 /// A temporary file (`*.tmp`, or `write_atomic`'s `*.tmp<pid>`), something under a `*.tmp`

@@ -430,20 +430,6 @@ impl PackedMatrix {
         }
     }
 
-    /// Rows `[start, start + len)` (ggml formats, whose rows are whole blocks: GPT-2's
-    /// fused q/k/v split without dequantising).
-    pub fn rows_range(&self, start: usize, len: usize) -> Result<Self, QuantError> {
-        let Storage::Ggml { block, bytes } = &self.storage else {
-            return Err(QuantError("NF4 blocks span rows: quantise the rows separately".into()));
-        };
-        if start + len > self.rows {
-            return Err(QuantError(format!("rows {start}..{} of {}", start + len, self.rows)));
-        }
-        let row_bytes = bytes.len() / self.rows.max(1);
-        let bytes = bytes[start * row_bytes..(start + len) * row_bytes].to_vec();
-        Ok(PackedMatrix { rows: len, cols: self.cols, storage: Storage::Ggml { block: *block, bytes } })
-    }
-
     /// The rows in a new order: row `i` of the result is row `order[i]` (ggml formats).
     pub fn permute_rows(&self, order: &[usize]) -> Result<Self, QuantError> {
         let Storage::Ggml { block, bytes } = &self.storage else {
@@ -745,17 +731,16 @@ mod tests {
     }
 
     #[test]
-    fn rows_are_selected_and_permuted_as_blocks() {
+    fn rows_are_permuted_as_blocks() {
         let values: Vec<f32> = (0..4 * 32).map(|i| i as f32 / 10.0).collect();
         let p = PackedMatrix::quantize(QuantFormat::Ggml(GgmlBlock::Q8_0), 4, 32, &values).unwrap();
         let d = p.dequantize();
-        let mid = p.rows_range(1, 2).unwrap().dequantize();
-        assert_eq!(mid, d[32..96]);
         let swapped = p.permute_rows(&[3, 2, 1, 0]).unwrap().dequantize();
         assert_eq!(swapped[..32], d[96..]);
-        assert!(p.rows_range(3, 2).is_err());
+        assert_eq!(swapped[96..], d[..32]);
+        assert!(p.permute_rows(&[0, 1, 2]).is_err());
         let nf4 = PackedMatrix::quantize(QuantFormat::Nf4 { double_quant: false }, 4, 32, &values).unwrap();
-        assert!(nf4.rows_range(0, 1).is_err());
+        assert!(nf4.permute_rows(&[0, 1, 2, 3]).is_err());
     }
 
     #[test]

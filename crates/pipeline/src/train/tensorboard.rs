@@ -68,6 +68,23 @@ fn read_events(path: &Path) -> Result<Vec<Event>> {
     Ok(events)
 }
 
+/// Every scalar the event files of `dir` hold, tag → `[(step, value)]` in the order written:
+/// what a run logged, without file names or wall times (the soak test compares runs so).
+pub fn logged_scalars(dir: &Path) -> Result<std::collections::BTreeMap<String, Vec<(i64, f32)>>> {
+    let mut out: std::collections::BTreeMap<String, Vec<(i64, f32)>> = Default::default();
+    for path in event_files(dir) {
+        for event in read_events(&path)? {
+            let Some(What::Summary(summary)) = event.what else { continue };
+            for v in summary.value {
+                if let Some(tfrecord::protobuf::summary::value::Value::SimpleValue(x)) = v.value {
+                    out.entry(v.tag).or_default().push((event.step, x));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The scalars of a row: every numeric field of its metrics.jsonl line but `step`, under
 /// the same key (serialised, so a field added to [`StepMetrics`] is logged here too).
 fn scalars(row: &StepMetrics) -> Result<Vec<(String, f32)>> {
