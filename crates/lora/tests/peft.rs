@@ -336,3 +336,31 @@ fn gpt2_adapter_with_a_wrong_c_attn_shape_names_file_and_tensor() {
     assert!(err.contains(key) && err.contains("adapter_model.safetensors") && err.contains("[192, 4]"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A PEFT adapter on a quantised (QLoRA) base, Llama and GPT-2: merging dequantises the
+/// packed projections into dense ones and computes what the packed base plus the adapter
+/// did; the merged model exports and reloads as a plain checkpoint.
+#[test]
+fn adapters_on_a_packed_base_merge_into_dense_weights() {
+    use align_model::quant::QuantFormat;
+    use align_model::{BaseStorage, HfHead, load_pretrained_stored, save_pretrained};
+    let nf4 = BaseStorage::Quantize(QuantFormat::Nf4 { double_quant: true });
+    for (model, adapter) in [("llama-untied", "llama-untied-lora"), ("gpt2", "gpt2-lora")] {
+        let device = Default::default();
+        let pre = load_pretrained_stored::<Cpu>(&root().join("models").join(model), Heads::LM, nf4, &device).unwrap();
+        let packed = pre.model.packed_size().0;
+        assert!(packed > 0);
+        let (m, _) = load_peft(pre.model, &root().join("adapters").join(adapter)).unwrap();
+        let ids = [5u32, 77, 123, 9, 300, 42, 8];
+        let adapted = logits(&m, &ids);
+        let merged = merge_and_unload(m);
+        assert_eq!(merged.packed_size().0, 0, "{model}: every adapted projection is dense once merged");
+        let d = max_diff(&logits(&merged, &ids), &adapted);
+        assert!(d < 1e-4, "{model}: merged vs packed + adapter {d}");
+        let dir = std::env::temp_dir().join(format!("align-qlora-merge-{model}-{}", std::process::id()));
+        save_pretrained(&merged, Some(&pre.tokenizer), HfHead::CausalLm, &dir).unwrap();
+        let back = load_pretrained::<Cpu>(&dir, Heads::LM, &device).unwrap().model;
+        assert!(max_diff(&logits(&back, &ids), &adapted) < 1e-4, "{model}: the export reloads");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -112,3 +112,24 @@ fn quantisation_keys_are_checked() {
         parse(keys, LORA).unwrap();
     }
 }
+
+#[test]
+fn grpo_samples_and_trains_on_a_packed_base() {
+    // Online RL under QLoRA: rollouts run on the packed base (the inner backend's copy),
+    // the reference is the packed base with the adapters off.
+    let d = tmp("qlora-grpo");
+    let f = d.join("prompts.jsonl");
+    let rows: String =
+        (0..8).map(|i| format!("{{\"prompt\": \"Question {i}: what comes next?\", \"answer\": \"{i}\"}}\n")).collect();
+    std::fs::write(&f, rows).unwrap();
+    let training = "per_device_train_batch_size = 4\nlearning_rate = 5e-2\nmax_steps = 4\neval_steps = 4";
+    let grpo = "num_generations = 4\nmax_completion_length = 8\nstop_strings = [\"e\"]\nrewards = [{ kind = \"length\", max_tokens = 8, cache_tokens = 8 }]\nbeta = 0.1";
+    let mut cfg = crate::common::rl_config(&d.join("run"), &f, training, "grpo", grpo, LORA);
+    cfg.model.quantize = Some(align_pipeline::config::Quantize::Q8_0);
+    align_pipeline::grpo::run_grpo::<Cpu>(&cfg, false, &Default::default()).unwrap();
+    let m = metrics(&d.join("run"));
+    assert!(m[0].extra["kl"].abs() < 1e-6, "policy = reference before the first update: {:?}", m[0].extra["kl"]);
+    assert!(m[3].extra["kl"] > 1e-6, "{:?}", m[3].extra["kl"]);
+    assert!(d.join("run/final/adapter_model.safetensors").exists());
+    std::fs::remove_dir_all(&d).ok();
+}
