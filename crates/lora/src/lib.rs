@@ -287,34 +287,25 @@ pub fn load_peft<B: Backend>(model: Transformer<B>, dir: &Path) -> Result<(Trans
 /// A packed (quantised) base is dequantised into a dense weight first: the merge is exact,
 /// and the projection stays dense afterwards (unmerging does not re-pack it).
 pub fn merge<B: Backend>(model: &mut Transformer<B>) {
-    let device = model.embed_tokens.val().device();
-    for (_, proj) in model.projections_mut() {
-        if let Some(ad) = proj.adapter.as_ref()
-            && !ad.merged
-        {
-            let delta = ad.a.val().matmul(ad.b.val()) * ad.scale;
-            let w = proj.base_weight(&device) + delta;
-            proj.set_base_weight(w);
-            if let Some(ad) = proj.adapter.as_mut() {
-                ad.merged = true;
-            }
-        }
-    }
+    fold_adapters(model, true);
 }
 
 /// Undo [`merge`].
 pub fn unmerge<B: Backend>(model: &mut Transformer<B>) {
+    fold_adapters(model, false);
+}
+
+/// Add (`into`) or subtract every adapter's delta `scale · A B` to or from its base weight,
+/// where it is not already so.
+fn fold_adapters<B: Backend>(model: &mut Transformer<B>, into: bool) {
     let device = model.embed_tokens.val().device();
     for (_, proj) in model.projections_mut() {
-        if let Some(ad) = proj.adapter.as_ref()
-            && ad.merged
-        {
-            let delta = ad.a.val().matmul(ad.b.val()) * ad.scale;
-            let w = proj.base_weight(&device) - delta;
-            proj.set_base_weight(w);
-            if let Some(ad) = proj.adapter.as_mut() {
-                ad.merged = false;
-            }
+        let Some(ad) = proj.adapter.as_ref().filter(|ad| ad.merged != into) else { continue };
+        let delta = ad.a.val().matmul(ad.b.val()) * ad.scale;
+        let w = if into { proj.base_weight(&device) + delta } else { proj.base_weight(&device) - delta };
+        proj.set_base_weight(w);
+        if let Some(ad) = proj.adapter.as_mut() {
+            ad.merged = into;
         }
     }
 }

@@ -129,14 +129,10 @@ impl GgmlType {
 
     /// (elements per block, bytes per block)
     fn block(self) -> (usize, usize) {
-        match self {
-            GgmlType::F32 => (1, 4),
-            GgmlType::F16 | GgmlType::BF16 => (1, 2),
-            GgmlType::Q4_0 => (32, 18),
-            GgmlType::Q4_1 => (32, 20),
-            GgmlType::Q8_0 => (32, 34),
-            GgmlType::Q4K => (256, 144),
-            GgmlType::Q6K => (256, 210),
+        match self.block_type() {
+            Some(block) => block.size(),
+            None if self == GgmlType::F32 => (1, 4),
+            None => (1, 2), // F16, BF16
         }
     }
 }

@@ -196,11 +196,6 @@ impl<B: Backend> Proj<B> {
         self.linear = Some(Linear { weight: Param::from_tensor(w.detach()).set_require_grad(false), bias });
         self.packed = None;
     }
-
-    /// Whether the base is stored quantised.
-    pub fn is_packed(&self) -> bool {
-        self.packed.is_some()
-    }
 }
 
 impl<B: FusedOps> Proj<B> {

@@ -74,11 +74,6 @@ pub enum Quantize {
 }
 
 impl ModelSpec {
-    /// A model spec of `path` alone (f32 base).
-    pub fn at(path: impl Into<PathBuf>) -> Self {
-        ModelSpec { path: path.into(), quantize: None, load_in_4bit: false, double_quant: false }
-    }
-
     /// How the base's projections are stored, from `quantize` / `load_in_4bit`.
     pub fn storage(&self) -> Result<BaseStorage> {
         let quantize = match (self.quantize, self.load_in_4bit) {
